@@ -1,0 +1,24 @@
+//! The `meshlite.v1` protocol.
+//!
+//! - [`v1`]: the wire types generated from `proto/meshlite/v1/mesh.proto` (checked in
+//!   under `src/gen/`, kept fresh by `tests/generated.rs`), with the gRPC client.
+//! - [`server`]: the generated gRPC server, which sends [`v1::UpdateFrame`]s.
+//! - [`model`]: validated domain types; agents convert wire types at the edge with
+//!   `TryFrom` and never handle prost structs past it.
+
+/// Generated wire types and client.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod v1 {
+    include!("gen/messages/meshlite.v1.rs");
+}
+
+/// Generated gRPC server (sends pre-encoded `UpdateFrame`s).
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod server {
+    include!("gen/server/meshlite.v1.rs");
+}
+
+pub mod hash;
+pub mod model;
+
+pub use hash::{InventoryDigest, content_hash};

@@ -80,8 +80,11 @@ mod tests {
             namespace: "default".into(),
             name: name.into(),
             cluster_ips: vec!["198.19.0.1".into()],
-            annotations: [("b".to_string(), "2".to_string()), ("a".to_string(), "1".to_string())]
-                .into(),
+            annotations: [
+                ("b".to_string(), "2".to_string()),
+                ("a".to_string(), "1".to_string()),
+            ]
+            .into(),
             ..Default::default()
         })
     }
@@ -91,7 +94,10 @@ mod tests {
         // Pinned: a change here means every agent's inventory stops matching after upgrade.
         assert_eq!(content_hash(&svc("web")), content_hash(&svc("web")));
         assert_ne!(content_hash(&svc("web")), content_hash(&svc("web2")));
-        assert_eq!(format!("{:016x}", content_hash(&svc("web"))), "0c9223c507537810");
+        assert_eq!(
+            format!("{:016x}", content_hash(&svc("web"))),
+            "0c9223c507537810"
+        );
     }
 
     #[test]

@@ -164,7 +164,9 @@ pub enum ResourceKey {
 
 /// A key string that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid resource key {key:?}: expected service/<ns>/<name>, endpointslice/<ns>/<name> or node/<name>")]
+#[error(
+    "invalid resource key {key:?}: expected service/<ns>/<name>, endpointslice/<ns>/<name> or node/<name>"
+)]
 pub struct InvalidKey {
     pub key: String,
 }
@@ -383,9 +385,7 @@ impl FromStr for ResourceKey {
         }
         match (kind, b) {
             ("service", Some(name)) if !name.is_empty() => Ok(Self::service(a, name)),
-            ("endpointslice", Some(name)) if !name.is_empty() => {
-                Ok(Self::endpoint_slice(a, name))
-            }
+            ("endpointslice", Some(name)) if !name.is_empty() => Ok(Self::endpoint_slice(a, name)),
             ("node", None) => Ok(Self::node(a)),
             _ => Err(bad()),
         }

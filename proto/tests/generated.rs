@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 
 fn generate(out: &Path) -> anyhow_free::Result {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let fds = protox::compile([root.join("proto/meshlite/v1/mesh.proto")], [root.join("proto")])?;
+    let fds = protox::compile(
+        [root.join("proto/meshlite/v1/mesh.proto")],
+        [root.join("proto")],
+    )?;
 
     // Messages and the client.
     let messages = out.join("messages");
@@ -48,7 +51,10 @@ fn files(dir: &Path) -> Vec<(PathBuf, String)> {
         entries.sort();
         for p in entries {
             let rel = p.strip_prefix(dir).expect("under dir").to_path_buf();
-            out.push((rel, std::fs::read_to_string(&p).expect("read generated file")));
+            out.push((
+                rel,
+                std::fs::read_to_string(&p).expect("read generated file"),
+            ));
         }
     }
     out
@@ -69,7 +75,10 @@ fn generated_code_is_up_to_date() {
         }
         return;
     }
-    assert!(checked_in.exists(), "src/gen missing: run MESHLITE_REGENERATE=1 cargo test -p meshlite-proto --test generated");
+    assert!(
+        checked_in.exists(),
+        "src/gen missing: run MESHLITE_REGENERATE=1 cargo test -p meshlite-proto --test generated"
+    );
     let current = files(&checked_in);
     assert_eq!(
         current.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),

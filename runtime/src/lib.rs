@@ -7,6 +7,14 @@
 //! - [`backoff`]: the one jittered exponential backoff.
 //! - [`telemetry`]: tracing setup.
 
+pub mod admin;
+pub mod backoff;
 pub mod snapshot;
+pub mod subscriber;
+pub mod telemetry;
+pub mod tls;
 
 pub use snapshot::{ChangeSet, Snapshot};
+pub use subscriber::{
+    Applied, ApplyError, Handler, Role, Subscriber, SubscriberConfig, UpdateInfo,
+};

@@ -125,7 +125,9 @@ impl Snapshot {
 
     /// Every (key string, hash) pair, for an inventory.
     pub fn inventory(&self) -> impl Iterator<Item = (&str, u64)> {
-        self.entries.values().map(|e| (e.key_string.as_str(), e.hash))
+        self.entries
+            .values()
+            .map(|e| (e.key_string.as_str(), e.hash))
     }
 
     /// All keys held.
@@ -333,7 +335,11 @@ mod tests {
         );
         assert_eq!(
             ch.services,
-            [ServiceName::new("default", "a"), ServiceName::new("default", "b")].into()
+            [
+                ServiceName::new("default", "a"),
+                ServiceName::new("default", "b")
+            ]
+            .into()
         );
         assert_eq!(s.slices_for(&ServiceName::new("default", "a")).count(), 0);
         assert_eq!(s.slices_for(&ServiceName::new("default", "b")).count(), 1);
@@ -347,7 +353,12 @@ mod tests {
     fn same_hash_is_not_a_change() {
         let mut s = Snapshot::new();
         let mut undo = Vec::new();
-        s.apply(vec![(1, svc("a"))], vec![], &mut ChangeSet::default(), &mut undo);
+        s.apply(
+            vec![(1, svc("a"))],
+            vec![],
+            &mut ChangeSet::default(),
+            &mut undo,
+        );
         let mut ch = ChangeSet::default();
         s.apply(vec![(1, svc("a"))], vec![], &mut ch, &mut undo);
         assert!(ch.is_empty());

@@ -60,7 +60,11 @@ fn port(field: &'static str, p: u32) -> Result<u16, ConvertError> {
 }
 
 fn opt_port(field: &'static str, p: u32) -> Result<Option<u16>, ConvertError> {
-    if p == 0 { Ok(None) } else { port(field, p).map(Some) }
+    if p == 0 {
+        Ok(None)
+    } else {
+        port(field, p).map(Some)
+    }
 }
 
 fn non_empty(field: &'static str, s: &str) -> Result<String, ConvertError> {
@@ -155,14 +159,8 @@ impl TryFrom<&v1::Service> for Service {
             session_affinity_timeout: s
                 .session_affinity_client_ip
                 .then_some(s.session_affinity_timeout_seconds),
-            external_traffic_policy: policy(
-                "externalTrafficPolicy",
-                s.external_traffic_policy,
-            )?,
-            internal_traffic_policy: policy(
-                "internalTrafficPolicy",
-                s.internal_traffic_policy,
-            )?,
+            external_traffic_policy: policy("externalTrafficPolicy", s.external_traffic_policy)?,
+            internal_traffic_policy: policy("internalTrafficPolicy", s.internal_traffic_policy)?,
             health_check_node_port: opt_port("healthCheckNodePort", s.health_check_node_port)?,
             external_name: opt_string(&s.external_name),
             publish_not_ready_addresses: s.publish_not_ready_addresses,
@@ -388,7 +386,10 @@ mod tests {
             namespace: "default".into(),
             name: "web".into(),
             kind: ServiceType::LoadBalancer,
-            cluster_ips: vec!["198.19.0.1".parse().unwrap(), "2001:db8::1".parse().unwrap()],
+            cluster_ips: vec![
+                "198.19.0.1".parse().unwrap(),
+                "2001:db8::1".parse().unwrap(),
+            ],
             headless: false,
             ports: vec![
                 ServicePort {
@@ -470,7 +471,10 @@ mod tests {
         wire.ports[0].port = 70000;
         assert!(matches!(
             Service::try_from(&wire),
-            Err(ConvertError::InvalidPort { field: "ports.port", value: 70000 })
+            Err(ConvertError::InvalidPort {
+                field: "ports.port",
+                value: 70000
+            })
         ));
         let mut wire = v1::Service::from(&full_service());
         wire.ports[0].protocol = 9;

@@ -1,0 +1,141 @@
+//! PEM loading for the rustls mTLS on every stream, with one explicit crypto
+//! provider (ring). Files are re-read on every use, so rotated certificates take
+//! effect on the next connection without a restart.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+
+/// Reading or parsing certificates and keys.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: no PEM certificate found")]
+    NoCertificate { path: PathBuf },
+    #[error("{path}: no PEM private key found")]
+    NoKey { path: PathBuf },
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+/// The one crypto provider every TLS config uses.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Installs ring as the process default; harmless if one is installed already.
+pub fn install_default_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Server side: our certificate and key, and the CA that signs agent certificates.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+/// Agent side: the CA that signs the control plane's certificate, and our identity.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Name to verify in the server certificate; default: the endpoint's host.
+    pub server_name: Option<String>,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Reads every certificate in a PEM file.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(path)?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::Invalid {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Reads the first private key in a PEM file.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = read(path)?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| TlsError::Invalid {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?
+        .ok_or_else(|| TlsError::NoKey {
+            path: path.to_path_buf(),
+        })
+}
+
+impl ServerTls {
+    /// Builds a rustls server config that requires a client certificate signed by
+    /// `client_ca` and speaks HTTP/2 only.
+    pub fn load(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in load_certs(&self.client_ca)? {
+            roots.add(c).map_err(|e| TlsError::Invalid {
+                path: self.client_ca.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| TlsError::Invalid {
+                path: self.client_ca.clone(),
+                reason: e.to_string(),
+            })?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Invalid {
+                path: self.cert.clone(),
+                reason: e.to_string(),
+            })?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(load_certs(&self.cert)?, load_key(&self.key)?)
+            .map_err(|e| TlsError::Invalid {
+                path: self.cert.clone(),
+                reason: e.to_string(),
+            })?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+impl ClientTls {
+    /// Builds tonic's client TLS config from the files as they are now.
+    pub fn load(&self) -> Result<tonic::transport::ClientTlsConfig, TlsError> {
+        let ca = read(&self.ca)?;
+        let cert = read(&self.cert)?;
+        let key = read(&self.key)?;
+        let mut cfg = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            .identity(tonic::transport::Identity::from_pem(cert, key));
+        if let Some(name) = &self.server_name {
+            cfg = cfg.domain_name(name.clone());
+        }
+        Ok(cfg)
+    }
+}

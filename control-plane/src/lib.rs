@@ -1,7 +1,232 @@
 //! The meshlite control plane.
 //!
-//! `source` (kube | file) -> `normalize` -> [`store::Store`] -> `server` (gRPC fan-out).
+//! ```text
+//! source (kube | file) -> normalize -> store (key -> encoded resource, hash, seq)
+//!                                        |  publisher (debounce)
+//!                                        v
+//!                       server: one stream per agent, O(1) state each, deltas cut from the store
+//! ```
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshlite_runtime::admin::{self, Readiness};
+use meshlite_runtime::tls::ReloadingServerConfig;
+use prometheus_client::registry::Registry;
+use tracing::{info, warn};
+
+pub mod config;
 pub mod manifests;
+pub mod metrics;
 pub mod normalize;
+pub mod server;
+pub mod source;
+pub mod status;
 pub mod store;
+
+use config::Config;
+use metrics::{KindLabels, Metrics};
+use server::{Agents, AllowAll, MeshService, StreamConfig};
+use source::SourceSpec;
+use store::{Kind, Store};
+
+/// Failures that stop the control plane.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Tls(#[from] meshlite_runtime::tls::TlsError),
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
+    #[error("kubernetes client: {0}")]
+    Kube(String),
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("write {path}: {source}")]
+    AddressesFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running control plane's handles, for in-process tests and harnesses.
+#[derive(Clone)]
+pub struct Handle {
+    pub store: Arc<Store>,
+    pub agents: Agents,
+    pub metrics: Metrics,
+    pub grpc_addr: std::net::SocketAddr,
+    pub admin_addr: std::net::SocketAddr,
+}
+
+/// Starts everything and returns once listening; the servers run until `shutdown`
+/// resolves.
+///
+/// # Errors
+/// Invalid configuration, unreadable TLS files, a port that cannot be bound, or no
+/// Kubernetes client configuration.
+pub async fn start(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(Handle, tokio::task::JoinHandle<Result<(), Error>>), Error> {
+    let tls = config.validate()?;
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let store = Arc::new(Store::new(config.tombstone_retention, Kind::ALL));
+    tokio::spawn(store.clone().run_publisher(config.debounce));
+
+    match &config.source {
+        SourceSpec::File(dir) => {
+            let src = source::file::FileSource::new(
+                dir.clone(),
+                config.file_poll_interval,
+                store.clone(),
+                metrics.clone(),
+            );
+            tokio::spawn(src.run());
+        }
+        SourceSpec::Kube => {
+            let client = kube_client(&config).await?;
+            source::kube::spawn(client, store.clone(), metrics.clone());
+        }
+    }
+
+    let readiness = Readiness::new();
+    let synced = readiness.block("watches-synced");
+    {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store.wait_ready().await;
+            info!(version = store.version(), "all sources synced; serving");
+            synced.release();
+        });
+    }
+    tokio::spawn(refresh_gauges(store.clone(), metrics.clone()));
+
+    let agents = Agents::default();
+    let tls = match tls {
+        Some(t) => Some(Arc::new(ReloadingServerConfig::new(t)?)),
+        None => {
+            warn!(
+                "--insecure: agents connect over PLAINTEXT gRPC without authentication; use only for local demos"
+            );
+            None
+        }
+    };
+    let grpc = admin::bind("gRPC", &config.listen).await?;
+    let admin_listener = admin::bind("admin", &config.admin_listen).await?;
+    let grpc_addr = grpc
+        .local_addr()
+        .map_err(|source| admin::AdminError::Bind {
+            addr: config.listen.clone(),
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| admin::AdminError::Bind {
+            addr: config.admin_listen.clone(),
+            source,
+        })?;
+
+    let service = MeshService::new(
+        store.clone(),
+        StreamConfig {
+            chunk_bytes: config.chunk_bytes,
+            send_timeout: config.send_timeout,
+            ..StreamConfig::default()
+        },
+        metrics.clone(),
+        agents.clone(),
+        Box::new(AllowAll),
+    )
+    .into_server(config.max_message_bytes);
+
+    let health_store = store.clone();
+    let health: admin::HealthCheck = Arc::new(move || {
+        if health_store.is_ready() {
+            Ok(format!("ok: version {}", health_store.version()))
+        } else {
+            // Not synced yet is not unhealthy: liveness stays up while lists run.
+            Ok(format!(
+                "ok: waiting for {:?}",
+                health_store.pending_kinds()
+            ))
+        }
+    });
+    let router = admin::router(Arc::new(registry), readiness, health)
+        .merge(status::router(agents.clone(), store.clone()));
+
+    if let Some(path) = &config.addresses_file {
+        admin::write_addresses(path, &[("grpc", grpc_addr), ("admin", admin_addr)]).map_err(
+            |source| Error::AddressesFile {
+                path: path.clone(),
+                source,
+            },
+        )?;
+    }
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    tokio::spawn(admin::serve(admin_listener, router, wait(stop_rx.clone())));
+    let grpc_metrics = metrics.clone();
+    let max_streams = config.max_concurrent_streams;
+    let task = tokio::spawn(async move {
+        server::transport::serve(grpc, tls, service, max_streams, grpc_metrics, wait(stop_rx))
+            .await
+            .map_err(Error::from)
+    });
+    Ok((
+        Handle {
+            store,
+            agents,
+            metrics,
+            grpc_addr,
+            admin_addr,
+        },
+        task,
+    ))
+}
+
+async fn kube_client(config: &Config) -> Result<kube::Client, Error> {
+    let kcfg = match &config.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| Error::Kube(e.to_string()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| Error::Kube(e.to_string()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| Error::Kube(e.to_string()))?,
+    };
+    info!(cluster = %kcfg.cluster_url, "kubernetes API");
+    kube::Client::try_from(kcfg).map_err(|e| Error::Kube(e.to_string()))
+}
+
+async fn refresh_gauges(store: Arc<Store>, metrics: Metrics) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        for k in Kind::ALL {
+            metrics
+                .resources
+                .get_or_create(&KindLabels { kind: k.into() })
+                .set(i64::try_from(store.count(k)).unwrap_or(i64::MAX));
+        }
+        metrics
+            .tombstones
+            .set(i64::try_from(store.tombstones()).unwrap_or(i64::MAX));
+        metrics
+            .version
+            .set(i64::try_from(store.version()).unwrap_or(i64::MAX));
+    }
+}

@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
-use meshlite_proto::model::Resource;
+use meshlite_proto::model::{Resource, ResourceKey};
 
 use crate::normalize;
 
@@ -41,6 +41,8 @@ pub struct Manifests {
     pub objects: Vec<Object>,
     /// `path: reason` for every skipped object or dropped field.
     pub warnings: Vec<String>,
+    /// Objects of a known kind that failed to normalize: their last good state is kept.
+    pub rejected: Vec<ResourceKey>,
 }
 
 impl Manifests {
@@ -88,6 +90,7 @@ pub fn load_dir(dir: &Path) -> Result<Manifests, ManifestError> {
         let m = load_file(&path)?;
         all.objects.extend(m.objects);
         all.warnings.extend(m.warnings);
+        all.rejected.extend(m.rejected);
     }
     Ok(all)
 }
@@ -140,6 +143,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Manifests, ManifestError> {
 fn object(at: &str, doc: serde_json::Value, out: &mut Manifests) {
     let api_version = doc.get("apiVersion").and_then(|v| v.as_str()).unwrap_or("");
     let kind = doc.get("kind").and_then(|v| v.as_str()).unwrap_or("");
+    let key = identity(api_version, kind, &doc);
     let result = match (api_version, kind) {
         ("v1", "Service") => serde_json::from_value::<core::Service>(doc)
             .map_err(|e| e.to_string())
@@ -177,7 +181,27 @@ fn object(at: &str, doc: serde_json::Value, out: &mut Manifests) {
                 .extend(warnings.into_iter().map(|w| format!("{at}: {key}: {w}")));
             out.objects.push(Object { resource, trigger });
         }
-        Err(e) => out.warnings.push(format!("{at}: {e}")),
+        Err(e) => {
+            out.warnings.push(format!("{at}: {e}"));
+            out.rejected.extend(key);
+        }
+    }
+}
+
+/// The stream key an object would have, from its kind and metadata alone.
+fn identity(api_version: &str, kind: &str, doc: &serde_json::Value) -> Option<ResourceKey> {
+    let meta = doc.get("metadata")?;
+    let name = meta.get("name")?.as_str().filter(|n| !n.is_empty())?;
+    let ns = meta
+        .get("namespace")
+        .and_then(|n| n.as_str())
+        .filter(|n| !n.is_empty())
+        .unwrap_or("default");
+    match (api_version, kind) {
+        ("v1", "Service") => Some(ResourceKey::service(ns, name)),
+        ("discovery.k8s.io/v1", "EndpointSlice") => Some(ResourceKey::endpoint_slice(ns, name)),
+        ("v1", "Node") => Some(ResourceKey::node(name)),
+        _ => None,
     }
 }
 
@@ -190,7 +214,11 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/seed");
         let m = load_dir(&dir).unwrap();
         assert!(m.warnings.is_empty(), "{:?}", m.warnings);
-        let keys: Vec<String> = m.objects.iter().map(|o| o.resource.key().to_string()).collect();
+        let keys: Vec<String> = m
+            .objects
+            .iter()
+            .map(|o| o.resource.key().to_string())
+            .collect();
         assert_eq!(
             keys,
             [
@@ -207,7 +235,10 @@ mod tests {
     #[test]
     fn broken_yaml_names_the_file() {
         let err = parse(Path::new("/m/bad.yaml"), "kind: Service\n  - : [").unwrap_err();
-        assert!(err.to_string().starts_with("/m/bad.yaml: invalid YAML"), "{err}");
+        assert!(
+            err.to_string().starts_with("/m/bad.yaml: invalid YAML"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -222,6 +253,13 @@ mod tests {
         assert!(m.warnings[0].contains("apps/v1 Deployment is not used"));
         assert!(m.warnings[1].contains("invalid IP \"300.0.0.1\""));
         assert!(m.warnings[2].starts_with("m.yaml (document 4)"));
+        assert_eq!(
+            m.rejected,
+            vec![
+                ResourceKey::service("default", "bad"),
+                ResourceKey::service("default", "typed")
+            ]
+        );
     }
 
     #[test]

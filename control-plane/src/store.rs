@@ -364,7 +364,11 @@ impl Store {
         let version = {
             let mut inner = self.write();
             let from = inner.published_seq;
-            let keys: Vec<Arc<str>> = inner.log.range(from + 1..).map(|(_, k)| k.clone()).collect();
+            let keys: Vec<Arc<str>> = inner
+                .log
+                .range(from + 1..)
+                .map(|(_, k)| k.clone())
+                .collect();
             for k in keys {
                 if let Some(e) = inner.entries.get_mut(&k) {
                     e.published.get_or_insert(now);
@@ -416,10 +420,12 @@ impl Store {
             }
             if let Some(e) = inner.entries.get(key) {
                 d.upserts.push(e.bytes.clone());
-                d.causes.push(cause_to_wire(key, &e.cause, e.published, false));
+                d.causes
+                    .push(cause_to_wire(key, &e.cause, e.published, false));
             } else if let Some(t) = inner.tombstones.get(key) {
                 d.removals.push(key.to_string());
-                d.causes.push(cause_to_wire(key, &t.cause, t.published, true));
+                d.causes
+                    .push(cause_to_wire(key, &t.cause, t.published, true));
             }
         }
         Some(d)
@@ -448,9 +454,9 @@ impl Store {
         d
     }
 
-    /// The inventory digest of the view: what an agent holding exactly the view
-    /// reports in its Hello.
-    pub fn digest(&self, view: &View) -> InventoryDigest {
+    /// The inventory digest of the view (what an agent holding exactly the view
+    /// reports in its Hello) and the version it describes, read together.
+    pub fn digest(&self, view: &View) -> (InventoryDigest, u64) {
         let inner = self.read();
         let mut d = inner.shared_digest;
         if let View::Node(name) = view {
@@ -459,7 +465,7 @@ impl Store {
                 d.add(&key, e.hash);
             }
         }
-        d
+        (d, inner.seq)
     }
 }
 

@@ -12,9 +12,28 @@ pub mod backoff;
 pub mod snapshot;
 pub mod subscriber;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod tls;
 
 pub use snapshot::{ChangeSet, Snapshot};
 pub use subscriber::{
     Applied, ApplyError, Handler, Role, Subscriber, SubscriberConfig, UpdateInfo,
 };
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+    tracing::info!("shutdown signal received");
+}

@@ -349,10 +349,11 @@ impl<H: Handler> Subscriber<H> {
     /// ACK or NACK to send.
     async fn apply(&mut self, p: Pending) -> v1::agent_message::Msg {
         let started = tokio::time::Instant::now();
-        let nack = |error: String, rejected: Vec<String>, want_full: bool| {
+        // A NACK reports the version the agent holds after handling the update.
+        let nack = |held: u64, error: String, rejected: Vec<String>, want_full: bool| {
             v1::agent_message::Msg::Nack(v1::Nack {
                 nonce: p.nonce.clone(),
-                version: p.version,
+                version: held,
                 error,
                 rejected,
                 want_full,
@@ -367,6 +368,7 @@ impl<H: Handler> Subscriber<H> {
                 "delta for a version we do not hold; asking for a full snapshot"
             );
             return nack(
+                self.snapshot.version(),
                 format!(
                     "base version {} does not match applied version {}",
                     p.base_version,
@@ -426,7 +428,7 @@ impl<H: Handler> Subscriber<H> {
                 self.snapshot.set_version(old_epoch, old_version);
                 self.metrics.nack("apply");
                 warn!(version = p.version, error = %e, "apply failed; kept last good version");
-                nack(e.0, rejected, false)
+                nack(old_version, e.0, rejected, false)
             }
             Ok(applied) => {
                 self.applied_once = true;
@@ -452,7 +454,12 @@ impl<H: Handler> Subscriber<H> {
                         ?rejected,
                         "rejected resources; applied the rest"
                     );
-                    return nack("some resources were rejected".into(), rejected, false);
+                    return nack(
+                        p.version,
+                        "some resources were rejected".into(),
+                        rejected,
+                        false,
+                    );
                 }
                 v1::agent_message::Msg::Ack(v1::Ack {
                     nonce: p.nonce,

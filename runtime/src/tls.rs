@@ -139,3 +139,55 @@ impl ClientTls {
         Ok(cfg)
     }
 }
+
+/// A server config that follows its files: on each new connection the files' modification
+/// times are checked and, if any changed, the config is rebuilt. A rebuild that fails
+/// (half-written file during rotation) is logged and the previous config kept.
+#[derive(Debug)]
+pub struct ReloadingServerConfig {
+    tls: ServerTls,
+    state: std::sync::Mutex<(
+        Vec<Option<std::time::SystemTime>>,
+        Arc<rustls::ServerConfig>,
+    )>,
+}
+
+impl ReloadingServerConfig {
+    /// # Errors
+    /// The files cannot be loaded now.
+    pub fn new(tls: ServerTls) -> Result<Self, TlsError> {
+        let config = tls.load()?;
+        let stamps = stamps(&tls);
+        Ok(Self {
+            tls,
+            state: std::sync::Mutex::new((stamps, config)),
+        })
+    }
+
+    /// The current config, reloaded first if the files changed.
+    pub fn current(&self) -> Arc<rustls::ServerConfig> {
+        // The guarded data is replaced whole; a poisoned lock still holds a valid config.
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = stamps(&self.tls);
+        if now != state.0 {
+            match self.tls.load() {
+                Ok(c) => {
+                    tracing::info!(cert = %self.tls.cert.display(), "reloaded TLS certificate");
+                    *state = (now, c);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "TLS files changed but do not load; keeping the previous certificate");
+                    state.0 = now;
+                }
+            }
+        }
+        state.1.clone()
+    }
+}
+
+fn stamps(tls: &ServerTls) -> Vec<Option<std::time::SystemTime>> {
+    [&tls.cert, &tls.key, &tls.client_ca]
+        .iter()
+        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .collect()
+}

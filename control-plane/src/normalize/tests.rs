@@ -44,7 +44,13 @@ status:
     let v = n.value;
     assert_eq!(v.namespace, "shop");
     assert_eq!(v.kind, ServiceType::LoadBalancer);
-    assert_eq!(v.cluster_ips, vec!["198.19.0.10".parse::<IpAddr>().unwrap(), "2001:db8::10".parse().unwrap()]);
+    assert_eq!(
+        v.cluster_ips,
+        vec![
+            "198.19.0.10".parse::<IpAddr>().unwrap(),
+            "2001:db8::10".parse().unwrap()
+        ]
+    );
     assert!(!v.headless);
     assert_eq!(v.ports.len(), 3);
     assert_eq!(v.ports[0].target_port, TargetPort::Name("web".into()));
@@ -53,21 +59,41 @@ status:
     assert_eq!(v.ports[1].protocol, Protocol::Udp);
     assert_eq!(v.ports[1].target_port, TargetPort::Number(5353));
     assert_eq!(v.ports[2].protocol, Protocol::Sctp);
-    assert_eq!(v.ports[2].target_port, TargetPort::Number(9999), "targetPort defaults to port");
-    assert_eq!(v.external_ips, vec!["198.19.1.1".parse::<IpAddr>().unwrap()]);
-    assert_eq!(v.load_balancer_ips, vec!["198.19.2.1".parse::<IpAddr>().unwrap()]);
-    assert_eq!(v.load_balancer_source_ranges, vec!["198.18.0.0/16".parse::<IpNet>().unwrap()]);
+    assert_eq!(
+        v.ports[2].target_port,
+        TargetPort::Number(9999),
+        "targetPort defaults to port"
+    );
+    assert_eq!(
+        v.external_ips,
+        vec!["198.19.1.1".parse::<IpAddr>().unwrap()]
+    );
+    assert_eq!(
+        v.load_balancer_ips,
+        vec!["198.19.2.1".parse::<IpAddr>().unwrap()]
+    );
+    assert_eq!(
+        v.load_balancer_source_ranges,
+        vec!["198.18.0.0/16".parse::<IpNet>().unwrap()]
+    );
     assert_eq!(v.session_affinity_timeout, Some(600));
     assert_eq!(v.external_traffic_policy, TrafficPolicy::Local);
     assert_eq!(v.internal_traffic_policy, TrafficPolicy::Local);
     assert_eq!(v.health_check_node_port, Some(31000));
     assert!(v.publish_not_ready_addresses);
-    assert_eq!(v.annotations.len(), 1, "only meshlite.io/ annotations are carried");
+    assert_eq!(
+        v.annotations.len(),
+        1,
+        "only meshlite.io/ annotations are carried"
+    );
 }
 
 #[test]
 fn headless_and_external_name() {
-    let h = service(&svc("metadata: {name: h}\nspec: {clusterIP: None, ports: [{port: 80}]}")).unwrap();
+    let h = service(&svc(
+        "metadata: {name: h}\nspec: {clusterIP: None, ports: [{port: 80}]}",
+    ))
+    .unwrap();
     assert!(h.value.headless);
     assert!(h.value.cluster_ips.is_empty());
     assert_eq!(h.value.namespace, "default");
@@ -81,7 +107,10 @@ fn headless_and_external_name() {
 
 #[test]
 fn session_affinity_defaults_to_three_hours() {
-    let s = service(&svc("metadata: {name: a}\nspec: {clusterIP: 198.19.0.1, sessionAffinity: ClientIP}")).unwrap();
+    let s = service(&svc(
+        "metadata: {name: a}\nspec: {clusterIP: 198.19.0.1, sessionAffinity: ClientIP}",
+    ))
+    .unwrap();
     assert_eq!(s.value.session_affinity_timeout, Some(10_800));
 }
 
@@ -121,14 +150,21 @@ spec:
 
 #[test]
 fn invalid_primary_cluster_ip_rejects_the_service() {
-    let e = service(&svc("metadata: {name: web, namespace: ns}\nspec: {clusterIP: 198.19.0.999}")).unwrap_err();
-    assert_eq!(e.to_string(), "Service ns/web: spec.clusterIP: invalid IP \"198.19.0.999\"");
+    let e = service(&svc(
+        "metadata: {name: web, namespace: ns}\nspec: {clusterIP: 198.19.0.999}",
+    ))
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Service ns/web: spec.clusterIP: invalid IP \"198.19.0.999\""
+    );
     assert!(service(&svc("metadata: {name: web}\nspec: {type: Weird}")).is_err());
 }
 
 #[test]
 fn endpoint_slice_every_field() {
-    let s = slice(r#"
+    let s = slice(
+        r#"
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata:
@@ -148,7 +184,8 @@ endpoints:
   hostname: web-0
   targetRef: {kind: Pod, name: web-0, namespace: shop}
 - addresses: [198.18.0.2]
-"#);
+"#,
+    );
     let n = endpoint_slice(&s).unwrap();
     assert!(n.warnings.is_empty(), "{:?}", n.warnings);
     let v = n.value;
@@ -165,14 +202,21 @@ endpoints:
     assert_eq!(e.hostname.as_deref(), Some("web-0"));
     assert_eq!(e.target_pod.as_deref(), Some("web-0"));
     let e = &v.endpoints[1];
-    assert!(e.ready && e.serving && !e.terminating, "unset conditions mean ready and serving");
+    assert!(
+        e.ready && e.serving && !e.terminating,
+        "unset conditions mean ready and serving"
+    );
     let t = trigger_time(&s.metadata).unwrap();
-    assert_eq!(t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(), 1_795_687_200);
+    assert_eq!(
+        t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(),
+        1_795_687_200
+    );
 }
 
 #[test]
 fn bad_slice_parts_are_dropped_with_reasons() {
-    let n = endpoint_slice(&slice(r#"
+    let n = endpoint_slice(&slice(
+        r#"
 metadata: {name: s, labels: {kubernetes.io/service-name: web}}
 addressType: IPv4
 ports: [{name: a, port: 80}, {name: a, port: 81}, {name: b}]
@@ -180,7 +224,8 @@ endpoints:
 - addresses: ["2001:db8::1"]
 - addresses: [bad]
 - addresses: [198.18.0.1, "2001:db8::2"]
-"#))
+"#,
+    ))
     .unwrap();
     assert_eq!(n.value.ports.len(), 1);
     assert_eq!(n.value.endpoints.len(), 1);
@@ -195,19 +240,30 @@ endpoints:
 #[test]
 fn unusable_slices_are_rejected() {
     let no_label = slice("metadata: {name: s}\naddressType: IPv4\nendpoints: []");
-    assert!(endpoint_slice(&no_label).unwrap_err().reason.contains("kubernetes.io/service-name"));
-    let fqdn = slice("metadata: {name: s, labels: {kubernetes.io/service-name: w}}\naddressType: FQDN\nendpoints: []");
+    assert!(
+        endpoint_slice(&no_label)
+            .unwrap_err()
+            .reason
+            .contains("kubernetes.io/service-name")
+    );
+    let fqdn = slice(
+        "metadata: {name: s, labels: {kubernetes.io/service-name: w}}\naddressType: FQDN\nendpoints: []",
+    );
     assert!(endpoint_slice(&fqdn).is_err());
 }
 
 #[test]
 fn huge_slices_are_capped() {
-    let mut s = slice("metadata: {name: s, labels: {kubernetes.io/service-name: w}}\naddressType: IPv4\nendpoints: []");
+    let mut s = slice(
+        "metadata: {name: s, labels: {kubernetes.io/service-name: w}}\naddressType: IPv4\nendpoints: []",
+    );
     for i in 0..1500u32 {
-        s.endpoints.get_or_insert_default().push(discovery::Endpoint {
-            addresses: vec![format!("198.18.{}.{}", i / 250, i % 250 + 1)],
-            ..Default::default()
-        });
+        s.endpoints
+            .get_or_insert_default()
+            .push(discovery::Endpoint {
+                addresses: vec![format!("198.18.{}.{}", i / 250, i % 250 + 1)],
+                ..Default::default()
+            });
     }
     let n = endpoint_slice(&s).unwrap();
     assert_eq!(n.value.endpoints.len(), MAX_ENDPOINTS_PER_SLICE);
@@ -216,7 +272,8 @@ fn huge_slices_are_capped() {
 
 #[test]
 fn node_fields() {
-    let n: core::Node = serde_saphyr::from_str(r#"
+    let n: core::Node = serde_saphyr::from_str(
+        r#"
 metadata: {name: n1, labels: {topology.kubernetes.io/zone: z1}}
 spec: {podCIDR: 198.18.1.0/24}
 status:
@@ -224,11 +281,18 @@ status:
   - {type: InternalIP, address: 198.18.0.1}
   - {type: Hostname, address: n1}
   - {type: ExternalIP, address: bad}
-"#)
+"#,
+    )
     .unwrap();
     let v = node(&n).unwrap();
     assert_eq!(v.value.zone.as_deref(), Some("z1"));
-    assert_eq!(v.value.addresses, vec!["198.18.0.1".parse::<IpAddr>().unwrap()]);
-    assert_eq!(v.value.pod_cidrs, vec!["198.18.1.0/24".parse::<IpNet>().unwrap()]);
+    assert_eq!(
+        v.value.addresses,
+        vec!["198.18.0.1".parse::<IpAddr>().unwrap()]
+    );
+    assert_eq!(
+        v.value.pod_cidrs,
+        vec!["198.18.1.0/24".parse::<IpNet>().unwrap()]
+    );
     assert_eq!(v.warnings.len(), 1);
 }

@@ -15,7 +15,10 @@ fn slice(name: &str, svc: &str, ips: &[&str]) -> Resource {
         service_name: svc.into(),
         address_family: AddressFamily::Ipv4,
         ports: vec![],
-        endpoints: ips.iter().map(|ip| Endpoint::ready(ip.parse::<IpAddr>().unwrap())).collect(),
+        endpoints: ips
+            .iter()
+            .map(|ip| Endpoint::ready(ip.parse::<IpAddr>().unwrap()))
+            .collect(),
     })
 }
 
@@ -68,9 +71,16 @@ fn revisions_advance_per_change_and_unchanged_content_is_not_a_change() {
 #[test]
 fn delta_has_only_changed_keys_and_tombstones() {
     let s = store();
-    s.apply(vec![up(svc("a", "198.19.0.1")), up(svc("b", "198.19.0.2")), up(slice("a-1", "a", &["198.18.0.1"]))]);
+    s.apply(vec![
+        up(svc("a", "198.19.0.1")),
+        up(svc("b", "198.19.0.2")),
+        up(slice("a-1", "a", &["198.18.0.1"])),
+    ]);
     let v = s.version();
-    s.apply(vec![up(slice("a-1", "a", &["198.18.0.2"])), del(ResourceKey::service("default", "b"))]);
+    s.apply(vec![
+        up(slice("a-1", "a", &["198.18.0.2"])),
+        del(ResourceKey::service("default", "b")),
+    ]);
     let d = s.delta(v, &View::Dns).unwrap();
     assert_eq!(keys(&d), vec!["endpointslice/default/a-1"]);
     assert_eq!(d.removals, vec!["service/default/b"]);
@@ -100,9 +110,16 @@ fn resurrected_key_is_an_upsert_not_a_removal() {
 #[test]
 fn views_filter_nodes() {
     let s = store();
-    s.apply(vec![up(svc("a", "198.19.0.1")), up(node("n1")), up(node("n2"))]);
+    s.apply(vec![
+        up(svc("a", "198.19.0.1")),
+        up(node("n1")),
+        up(node("n2")),
+    ]);
     assert_eq!(keys(&s.full(&View::Dns)), vec!["service/default/a"]);
-    assert_eq!(keys(&s.full(&View::Node("n1".into()))), vec!["service/default/a", "node/n1"]);
+    assert_eq!(
+        keys(&s.full(&View::Node("n1".into()))),
+        vec!["service/default/a", "node/n1"]
+    );
     let d = s.delta(0, &View::Node("n2".into())).unwrap();
     assert_eq!(keys(&d), vec!["service/default/a", "node/n2"]);
 }
@@ -110,23 +127,39 @@ fn views_filter_nodes() {
 #[test]
 fn full_orders_services_before_slices() {
     let s = store();
-    s.apply(vec![up(slice("a-1", "a", &["198.18.0.1"])), up(svc("z", "198.19.0.3")), up(svc("a", "198.19.0.1"))]);
+    s.apply(vec![
+        up(slice("a-1", "a", &["198.18.0.1"])),
+        up(svc("z", "198.19.0.3")),
+        up(svc("a", "198.19.0.1")),
+    ]);
     assert_eq!(
         keys(&s.full(&View::Dns)),
-        vec!["service/default/a", "service/default/z", "endpointslice/default/a-1"]
+        vec![
+            "service/default/a",
+            "service/default/z",
+            "endpointslice/default/a-1"
+        ]
     );
 }
 
 #[test]
 fn sync_deletes_only_what_is_gone_and_keeps_invalid() {
     let s = store();
-    s.apply(vec![up(svc("a", "198.19.0.1")), up(svc("b", "198.19.0.2")), up(svc("c", "198.19.0.3")), up(node("n1"))]);
+    s.apply(vec![
+        up(svc("a", "198.19.0.1")),
+        up(svc("b", "198.19.0.2")),
+        up(svc("c", "198.19.0.3")),
+        up(node("n1")),
+    ]);
     let v = s.version();
     // Re-list: a unchanged, b gone, c failed to normalize (kept), d new. Nodes untouched.
     let keep: HashSet<ResourceKey> = [ResourceKey::service("default", "c")].into();
     let a = s.sync(
         &[Kind::Service],
-        vec![(svc("a", "198.19.0.1"), Cause::observed_now(None)), (svc("d", "198.19.0.4"), Cause::observed_now(None))],
+        vec![
+            (svc("a", "198.19.0.1"), Cause::observed_now(None)),
+            (svc("d", "198.19.0.4"), Cause::observed_now(None)),
+        ],
         &keep,
     );
     assert_eq!((a.upserted, a.removed, a.unchanged), (1, 1, 1));
@@ -136,7 +169,10 @@ fn sync_deletes_only_what_is_gone_and_keeps_invalid() {
     // The same re-list again changes nothing.
     let a = s.sync(
         &[Kind::Service],
-        vec![(svc("a", "198.19.0.1"), Cause::observed_now(None)), (svc("d", "198.19.0.4"), Cause::observed_now(None))],
+        vec![
+            (svc("a", "198.19.0.1"), Cause::observed_now(None)),
+            (svc("d", "198.19.0.4"), Cause::observed_now(None)),
+        ],
         &keep,
     );
     assert!(!a.changed());
@@ -159,7 +195,11 @@ fn tombstones_expire_and_old_versions_fall_back() {
 #[test]
 fn inventory_diff_sends_only_differences() {
     let s = store();
-    s.apply(vec![up(svc("a", "198.19.0.1")), up(svc("b", "198.19.0.2")), up(node("n1"))]);
+    s.apply(vec![
+        up(svc("a", "198.19.0.1")),
+        up(svc("b", "198.19.0.2")),
+        up(node("n1")),
+    ]);
     let full = s.full(&View::Node("n1".into()));
     let mut inv: HashMap<String, u64> = full
         .upserts
@@ -177,7 +217,7 @@ fn inventory_diff_sends_only_differences() {
     for (k, h) in &inv {
         dig.add(k, *h);
     }
-    assert_eq!(dig, s.digest(&view));
+    assert_eq!(dig, s.digest(&view).0);
 
     inv.insert("service/default/gone".into(), 7);
     inv.insert("service/default/a".into(), 1);
@@ -194,7 +234,11 @@ async fn publisher_waits_for_sync_then_debounces() {
     tokio::spawn(s.clone().run_publisher(Duration::from_millis(5)));
     s.apply(vec![up(svc("a", "198.19.0.1"))]);
     tokio::time::sleep(Duration::from_millis(30)).await;
-    assert_eq!(*rx.borrow_and_update(), 0, "nothing is published before sync");
+    assert_eq!(
+        *rx.borrow_and_update(),
+        0,
+        "nothing is published before sync"
+    );
     s.mark_synced(Kind::Service);
     rx.changed().await.unwrap();
     assert_eq!(*rx.borrow_and_update(), 1);

@@ -1,0 +1,204 @@
+//! The control plane's configuration: flags, each also read from `MESHLITE_<FLAG>`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use meshlite_runtime::tls::ServerTls;
+
+use crate::source::SourceSpec;
+
+/// meshlite control plane: watches the Kubernetes API once and streams versioned,
+/// incremental snapshots to node and DNS agents over gRPC with mutual TLS.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "meshlite-control-plane",
+    version,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Lists connected agents: node, role, version held, lag, last apply duration.
+    Status {
+        /// The control plane's admin address.
+        #[arg(long, env = "MESHLITE_ADMIN_ADDRESS", default_value = "127.0.0.1:9090")]
+        admin: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Every knob of the server.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Where cluster state comes from: `kube` (in-cluster or kubeconfig) or `file:<dir>`.
+    #[arg(long, env = "MESHLITE_SOURCE", default_value = "kube")]
+    pub source: SourceSpec,
+    /// Kubeconfig for `--source kube` (default: in-cluster, then $KUBECONFIG, then ~/.kube/config).
+    #[arg(long, env = "MESHLITE_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// gRPC listen address for agents (`:port` = all interfaces; port 0 picks one).
+    #[arg(long, env = "MESHLITE_LISTEN", default_value = "0.0.0.0:7443")]
+    pub listen: String,
+    /// HTTP address for /metrics, /healthz, /readyz and /agents.
+    #[arg(long, env = "MESHLITE_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    pub admin_listen: String,
+    /// Server certificate (PEM).
+    #[arg(long, env = "MESHLITE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, env = "MESHLITE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA that signs agents' client certificates (PEM).
+    #[arg(long, env = "MESHLITE_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
+    /// Serve plaintext gRPC without client authentication. For local demos only.
+    #[arg(long, env = "MESHLITE_INSECURE")]
+    pub insecure: bool,
+    /// Wait this long after a change for more before publishing (coalescing).
+    #[arg(long, env = "MESHLITE_DEBOUNCE", default_value = "10ms", value_parser = humantime::parse_duration)]
+    pub debounce: Duration,
+    /// How long removals are remembered for delta resume.
+    #[arg(long, env = "MESHLITE_TOMBSTONE_RETENTION", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub tombstone_retention: Duration,
+    /// Poll interval of `--source file:`.
+    #[arg(long, env = "MESHLITE_FILE_POLL_INTERVAL", default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub file_poll_interval: Duration,
+    /// Largest update chunk sent (keep under agents' 4 MiB receive limit).
+    #[arg(long, env = "MESHLITE_CHUNK_BYTES", default_value_t = 3 * 1024 * 1024)]
+    pub chunk_bytes: usize,
+    /// Largest message accepted from an agent.
+    #[arg(long, env = "MESHLITE_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+    /// Most concurrent agent streams per connection (HTTP/2 setting).
+    #[arg(long, env = "MESHLITE_MAX_CONCURRENT_STREAMS", default_value_t = 16)]
+    pub max_concurrent_streams: u32,
+    /// Drop an agent whose connection accepts no data for this long.
+    #[arg(long, env = "MESHLITE_SEND_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub send_timeout: Duration,
+    /// Write the bound addresses as JSON here once listening.
+    #[arg(long, env = "MESHLITE_ADDRESSES_FILE")]
+    pub addresses_file: Option<PathBuf>,
+    #[arg(long, env = "MESHLITE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Validate the configuration, print it and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--tls-cert, --tls-key and --client-ca are required unless --insecure is given")]
+    MissingTls,
+    #[error("--insecure cannot be combined with --tls-cert/--tls-key/--client-ca")]
+    InsecureWithTls,
+    #[error("{flag}: {reason}")]
+    Invalid { flag: &'static str, reason: String },
+}
+
+impl Config {
+    /// Checks the combination of flags; returns the TLS settings (None: insecure).
+    ///
+    /// # Errors
+    /// Conflicting or missing flags.
+    pub fn validate(&self) -> Result<Option<ServerTls>, ConfigError> {
+        meshlite_runtime::admin::parse_listen(&self.listen).map_err(|e| ConfigError::Invalid {
+            flag: "--listen",
+            reason: e.to_string(),
+        })?;
+        meshlite_runtime::admin::parse_listen(&self.admin_listen).map_err(|e| {
+            ConfigError::Invalid {
+                flag: "--admin-listen",
+                reason: e.to_string(),
+            }
+        })?;
+        if self.chunk_bytes < 64 * 1024 {
+            return Err(ConfigError::Invalid {
+                flag: "--chunk-bytes",
+                reason: "must be at least 65536".into(),
+            });
+        }
+        let tls = (&self.tls_cert, &self.tls_key, &self.client_ca);
+        match (self.insecure, tls) {
+            (true, (None, None, None)) => Ok(None),
+            (true, _) => Err(ConfigError::InsecureWithTls),
+            (false, (Some(cert), Some(key), Some(ca))) => Ok(Some(ServerTls {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: ca.clone(),
+            })),
+            (false, _) => Err(ConfigError::MissingTls),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("meshlite-control-plane").chain(args.iter().copied()))
+            .unwrap()
+    }
+
+    #[test]
+    fn defaults_and_contract_flags() {
+        let c = parse(&[
+            "--source",
+            "file:examples/seed",
+            "--insecure",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .config;
+        assert_eq!(c.source, SourceSpec::File("examples/seed".into()));
+        assert_eq!(c.debounce, Duration::from_millis(10));
+        assert!(c.validate().unwrap().is_none());
+        let c = parse(&["--tls-cert", "c", "--tls-key", "k", "--client-ca", "ca"]).config;
+        assert_eq!(c.source, SourceSpec::Kube);
+        assert!(c.validate().unwrap().is_some());
+    }
+
+    #[test]
+    fn invalid_combinations() {
+        assert_eq!(
+            parse(&[]).config.validate().unwrap_err(),
+            ConfigError::MissingTls
+        );
+        assert_eq!(
+            parse(&["--insecure", "--tls-cert", "c"])
+                .config
+                .validate()
+                .unwrap_err(),
+            ConfigError::InsecureWithTls
+        );
+        assert!(
+            parse(&["--insecure", "--listen", "nope"])
+                .config
+                .validate()
+                .is_err()
+        );
+        assert!(Cli::try_parse_from(["x", "--source", "ftp:x"]).is_err());
+    }
+
+    #[test]
+    fn status_subcommand() {
+        let c = parse(&["status", "--admin", "127.0.0.1:1"]);
+        assert!(matches!(c.command, Some(Command::Status { .. })));
+    }
+}

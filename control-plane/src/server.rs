@@ -1,0 +1,567 @@
+//! The gRPC fan-out: one bidirectional stream per agent.
+//!
+//! Per subscriber the server keeps O(1) state: the version the agent holds, at most
+//! one update in flight (nonce, version, send time), and whether it must resend. It
+//! keeps no queue: while an update is unacknowledged, changes accumulate in the
+//! store, and the ACK triggers one delta from the acked version to the newest; a
+//! slow agent gets one bigger, coalesced delta later.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use meshlite_proto::server::mesh_server;
+use meshlite_proto::v1;
+use meshlite_runtime::backoff::Backoff;
+use meshlite_runtime::subscriber::to_nanos;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::metrics::{Metrics, RoleLabel, RoleLabels, UpdateKind, UpdateLabels};
+use crate::store::{Delta, Store, View};
+
+pub mod agents;
+mod frames;
+pub mod transport;
+
+pub use agents::{AgentInfo, Agents};
+pub use frames::frames;
+
+/// Stream-serving knobs.
+#[derive(Debug, Clone)]
+pub struct StreamConfig {
+    /// Largest update chunk, under the 4 MiB gRPC default of every client.
+    pub chunk_bytes: usize,
+    /// Longest wait to hand one chunk to a stuck connection before dropping it.
+    pub send_timeout: Duration,
+    /// Longest wait for the agent's Hello.
+    pub hello_timeout: Duration,
+    /// Retry delays after a NACKed (failed) apply.
+    pub nack_backoff: Backoff,
+    /// Most inventory entries accepted from one agent.
+    pub max_inventory: usize,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self {
+            chunk_bytes: 3 * 1024 * 1024,
+            send_timeout: Duration::from_secs(30),
+            hello_timeout: Duration::from_secs(10),
+            nack_backoff: Backoff::default(),
+            max_inventory: 4_000_000,
+        }
+    }
+}
+
+/// Decides whether a peer may subscribe as what its Hello says.
+pub trait Authorizer: Send + Sync + 'static {
+    /// # Errors
+    /// A reason to refuse the stream (`PermissionDenied`).
+    fn authorize(&self, peer: &Peer, hello: &v1::Hello) -> Result<(), String>;
+}
+
+/// What the transport knows about the caller.
+#[derive(Debug, Clone, Default)]
+pub struct Peer {
+    pub addr: Option<std::net::SocketAddr>,
+    /// DER of the verified client certificate chain (empty in `--insecure` mode).
+    pub certs: Vec<Vec<u8>>,
+}
+
+/// Accepts everyone: `--insecure` mode and tests.
+#[derive(Debug, Clone, Copy)]
+pub struct AllowAll;
+
+impl Authorizer for AllowAll {
+    fn authorize(&self, _: &Peer, _: &v1::Hello) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// The `meshlite.v1.Mesh` service.
+#[derive(Clone)]
+pub struct MeshService {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    store: Arc<Store>,
+    config: StreamConfig,
+    metrics: Metrics,
+    agents: Agents,
+    authorizer: Box<dyn Authorizer>,
+}
+
+// === impl MeshService ===
+
+impl MeshService {
+    pub fn new(
+        store: Arc<Store>,
+        config: StreamConfig,
+        metrics: Metrics,
+        agents: Agents,
+        authorizer: Box<dyn Authorizer>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Shared {
+                store,
+                config,
+                metrics,
+                agents,
+                authorizer,
+            }),
+        }
+    }
+
+    /// The tonic service, with the decoding limit applied.
+    pub fn into_server(self, max_message_bytes: usize) -> mesh_server::MeshServer<Self> {
+        mesh_server::MeshServer::new(self).max_decoding_message_size(max_message_bytes)
+    }
+}
+
+#[tonic::async_trait]
+impl mesh_server::Mesh for MeshService {
+    type StreamStream = ReceiverStream<Result<v1::UpdateFrame, Status>>;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<v1::AgentMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let peer = Peer {
+            addr: request.remote_addr(),
+            certs: request
+                .peer_certs()
+                .map(|c| c.iter().map(|c| c.as_ref().to_vec()).collect())
+                .unwrap_or_default(),
+        };
+        let mut inbound = request.into_inner();
+        let shared = self.inner.clone();
+
+        let hello = match tokio::time::timeout(shared.config.hello_timeout, inbound.next()).await {
+            Ok(Some(Ok(v1::AgentMessage {
+                msg: Some(v1::agent_message::Msg::Hello(h)),
+            }))) => h,
+            Ok(Some(Err(s))) => return Err(s),
+            Err(_) => {
+                shared.metrics.refused("hello_timeout");
+                return Err(Status::deadline_exceeded("no Hello within the timeout"));
+            }
+            _ => {
+                shared.metrics.refused("no_hello");
+                return Err(Status::invalid_argument(
+                    "the first message must be a Hello",
+                ));
+            }
+        };
+        let view = match (v1::Role::try_from(hello.role), hello.node_name.is_empty()) {
+            (Ok(v1::Role::Node), false) => View::Node(hello.node_name.clone()),
+            (Ok(v1::Role::Node), true) => {
+                shared.metrics.refused("no_node_name");
+                return Err(Status::invalid_argument(
+                    "a node agent's Hello must name its node",
+                ));
+            }
+            (Ok(v1::Role::Dns), _) => View::Dns,
+            _ => {
+                shared.metrics.refused("bad_role");
+                return Err(Status::invalid_argument("Hello.role must be NODE or DNS"));
+            }
+        };
+        if let Err(reason) = shared.authorizer.authorize(&peer, &hello) {
+            shared.metrics.refused("unauthorized");
+            warn!(peer = ?peer.addr, node = %hello.node_name, role = hello.role, %reason, "refused subscription");
+            return Err(Status::permission_denied(reason));
+        }
+
+        let (tx, rx) = mpsc::channel(2);
+        let span = info_span!("stream", node = %hello.node_name, role = ?view_role(&view));
+        tokio::spawn(
+            async move {
+                let reason = Subscription::new(shared.clone(), hello, view, tx)
+                    .run(inbound)
+                    .await;
+                shared.metrics.ended(reason.as_str());
+                info!(reason = reason.as_str(), "stream ended");
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+fn view_role(view: &View) -> RoleLabel {
+    match view {
+        View::Node(_) => RoleLabel::Node,
+        View::Dns => RoleLabel::Dns,
+    }
+}
+
+/// Why a stream ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndReason {
+    AgentClosed,
+    AgentError(String),
+    SendTimeout,
+    Protocol(String),
+}
+
+impl EndReason {
+    fn as_str(&self) -> &'static str {
+        match self {
+            EndReason::AgentClosed => "agent_closed",
+            EndReason::AgentError(_) => "agent_error",
+            EndReason::SendTimeout => "send_timeout",
+            EndReason::Protocol(_) => "protocol",
+        }
+    }
+}
+
+/// The per-agent state machine.
+struct Subscription {
+    shared: Arc<Shared>,
+    hello: v1::Hello,
+    view: View,
+    tx: mpsc::Sender<Result<v1::UpdateFrame, Status>>,
+    /// The version the agent holds (None until known: after a full snapshot's ACK).
+    holds: Option<u64>,
+    in_flight: Option<InFlight>,
+    /// Next update must be a full snapshot.
+    need_full: bool,
+    /// Waiting for the agent's inventory.
+    inventory: Option<HashMap<String, u64>>,
+    retry_at: Option<Instant>,
+    nack_backoff: Backoff,
+    nonce: u64,
+    agent: Arc<AgentInfo>,
+}
+
+struct InFlight {
+    nonce: String,
+    version: u64,
+    sent: Instant,
+}
+
+/// What to send next.
+enum Plan {
+    Send {
+        delta: Delta,
+        base: u64,
+        kind: UpdateKind,
+    },
+    RequestInventory,
+    Nothing,
+}
+
+impl Subscription {
+    fn new(
+        shared: Arc<Shared>,
+        hello: v1::Hello,
+        view: View,
+        tx: mpsc::Sender<Result<v1::UpdateFrame, Status>>,
+    ) -> Self {
+        let agent = shared.agents.register(&hello, view_role(&view));
+        Self {
+            nack_backoff: shared.config.nack_backoff.clone(),
+            shared,
+            hello,
+            view,
+            tx,
+            holds: None,
+            in_flight: None,
+            need_full: false,
+            inventory: None,
+            retry_at: None,
+            nonce: 0,
+            agent,
+        }
+    }
+
+    async fn run(mut self, mut inbound: Streaming<v1::AgentMessage>) -> EndReason {
+        let store = self.shared.store.clone();
+        // Never publish a partial view: wait until every watch has synced.
+        if !store.is_ready() {
+            debug!("waiting for the store to sync");
+            tokio::select! {
+                () = store.wait_ready() => {}
+                () = self.tx.closed() => return EndReason::AgentClosed,
+            }
+        }
+        let gauge = self
+            .shared
+            .metrics
+            .subscribers
+            .get_or_create(&RoleLabels {
+                role: view_role(&self.view),
+            })
+            .clone();
+        gauge.inc();
+        let _dec = scopeguard(move || {
+            gauge.dec();
+        });
+
+        let first = self.resume_plan();
+        if let Err(r) = self.execute(first).await {
+            return r;
+        }
+        let mut published = store.subscribe();
+        loop {
+            if self.in_flight.is_none() && self.inventory.is_none() {
+                let due = self.retry_at.is_none_or(|t| Instant::now() >= t);
+                if due {
+                    self.retry_at = None;
+                    let plan = self.next_plan();
+                    if let Err(r) = self.execute(plan).await {
+                        return r;
+                    }
+                }
+            }
+            let idle = self.in_flight.is_none() && self.inventory.is_none();
+            let retry = self.retry_at;
+            tokio::select! {
+                msg = inbound.next() => match msg {
+                    None => return EndReason::AgentClosed,
+                    Some(Err(s)) => return EndReason::AgentError(s.message().to_string()),
+                    Some(Ok(m)) => if let Err(r) = self.on_message(m).await {
+                        return r;
+                    },
+                },
+                changed = published.changed(), if idle && retry.is_none() => {
+                    if changed.is_err() {
+                        return EndReason::Protocol("store closed".into());
+                    }
+                }
+                () = sleep_until_opt(retry), if retry.is_some() => {}
+            }
+        }
+    }
+
+    /// The first update: resume by version, by digest or by inventory if we can,
+    /// a full snapshot otherwise.
+    fn resume_plan(&mut self) -> Plan {
+        let store = &self.shared.store;
+        let h = &self.hello;
+        if h.applied_version == 0 || h.applied_count == 0 {
+            return self.full_plan();
+        }
+        if h.epoch == store.epoch()
+            && let Some(delta) = store.delta(h.applied_version, &self.view)
+        {
+            let kind = if delta.upserts.is_empty() && delta.removals.is_empty() {
+                UpdateKind::Unchanged
+            } else {
+                UpdateKind::Delta
+            };
+            return Plan::Send {
+                delta,
+                base: h.applied_version,
+                kind,
+            };
+        }
+        let (digest, version) = store.digest(&self.view);
+        if digest.sum == h.applied_digest && digest.count == h.applied_count {
+            return Plan::Send {
+                delta: Delta {
+                    version,
+                    ..Delta::default()
+                },
+                base: h.applied_version,
+                kind: UpdateKind::Unchanged,
+            };
+        }
+        Plan::RequestInventory
+    }
+
+    fn full_plan(&mut self) -> Plan {
+        self.need_full = false;
+        Plan::Send {
+            delta: self.shared.store.full(&self.view),
+            base: 0,
+            kind: UpdateKind::Full,
+        }
+    }
+
+    fn next_plan(&mut self) -> Plan {
+        if self.need_full {
+            return self.full_plan();
+        }
+        let Some(holds) = self.holds else {
+            return Plan::Nothing;
+        };
+        if self.shared.store.version() <= holds {
+            return Plan::Nothing;
+        }
+        match self.shared.store.delta(holds, &self.view) {
+            Some(d) if d.upserts.is_empty() && d.removals.is_empty() => {
+                // Nothing in this agent's view changed: it is current as it is.
+                self.holds = Some(d.version);
+                self.agent.set_version(d.version);
+                Plan::Nothing
+            }
+            Some(delta) => Plan::Send {
+                delta,
+                base: holds,
+                kind: UpdateKind::Delta,
+            },
+            // Behind the tombstone window: compare inventories.
+            None => Plan::RequestInventory,
+        }
+    }
+
+    async fn execute(&mut self, plan: Plan) -> Result<(), EndReason> {
+        match plan {
+            Plan::Nothing => Ok(()),
+            Plan::RequestInventory => {
+                debug!("requesting inventory");
+                self.inventory = Some(HashMap::new());
+                let frame = v1::UpdateFrame {
+                    epoch: self.shared.store.epoch(),
+                    inventory_request: true,
+                    last_chunk: true,
+                    sent_unix_nanos: to_nanos(SystemTime::now()),
+                    ..Default::default()
+                };
+                self.send_frame(frame).await
+            }
+            Plan::Send { delta, base, kind } => {
+                self.nonce += 1;
+                let nonce = self.nonce.to_string();
+                let version = delta.version;
+                let chunks = frames(
+                    self.shared.store.epoch(),
+                    base,
+                    &nonce,
+                    delta,
+                    self.shared.config.chunk_bytes,
+                );
+                let mut bytes = 0;
+                for mut f in chunks {
+                    f.sent_unix_nanos = to_nanos(SystemTime::now());
+                    bytes += prost::Message::encoded_len(&f);
+                    self.send_frame(f).await?;
+                }
+                self.shared.metrics.update_bytes_sent.inc_by(bytes as u64);
+                self.shared
+                    .metrics
+                    .updates_sent
+                    .get_or_create(&UpdateLabels { kind })
+                    .inc();
+                debug!(version, base, bytes, "sent update");
+                self.in_flight = Some(InFlight {
+                    nonce,
+                    version,
+                    sent: Instant::now(),
+                });
+                Ok(())
+            }
+        }
+    }
+
+    async fn send_frame(&self, frame: v1::UpdateFrame) -> Result<(), EndReason> {
+        match tokio::time::timeout(self.shared.config.send_timeout, self.tx.send(Ok(frame))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(EndReason::AgentClosed),
+            Err(_) => Err(EndReason::SendTimeout),
+        }
+    }
+
+    async fn on_message(&mut self, m: v1::AgentMessage) -> Result<(), EndReason> {
+        use v1::agent_message::Msg;
+        match m.msg {
+            Some(Msg::Ack(ack)) => {
+                let Some(f) = self.in_flight.take_if(|f| f.nonce == ack.nonce) else {
+                    debug!(nonce = %ack.nonce, "ACK for an update not in flight; ignored");
+                    return Ok(());
+                };
+                self.shared.metrics.acks.inc();
+                self.shared
+                    .metrics
+                    .ack_latency
+                    .observe(f.sent.elapsed().as_secs_f64());
+                self.holds = Some(f.version);
+                self.nack_backoff.reset();
+                self.agent.acked(&ack);
+                Ok(())
+            }
+            Some(Msg::Nack(nack)) => {
+                let Some(f) = self.in_flight.take_if(|f| f.nonce == nack.nonce) else {
+                    return Ok(());
+                };
+                self.shared.metrics.nacks.inc();
+                self.agent.nacked(&nack);
+                warn!(
+                    version = f.version,
+                    holds = nack.version,
+                    error = %nack.error,
+                    rejected = ?nack.rejected,
+                    want_full = nack.want_full,
+                    "agent NACKed update"
+                );
+                if nack.want_full {
+                    self.need_full = true;
+                    self.holds = None;
+                } else {
+                    // The agent reports what it holds now: the update's version when
+                    // only some resources were rejected (the rest applied), its
+                    // previous version when the apply failed and rolled back.
+                    self.holds = Some(nack.version);
+                    self.agent.set_version(nack.version);
+                    if nack.version < f.version {
+                        self.retry_at = Some(Instant::now() + self.nack_backoff.next_delay());
+                    }
+                }
+                Ok(())
+            }
+            Some(Msg::Inventory(inv)) => {
+                let Some(map) = self.inventory.as_mut() else {
+                    return Err(EndReason::Protocol("inventory not requested".into()));
+                };
+                if map.len() + inv.entries.len() > self.shared.config.max_inventory {
+                    return Err(EndReason::Protocol("inventory too large".into()));
+                }
+                map.extend(inv.entries.into_iter().map(|e| (e.key, e.hash)));
+                if inv.last_chunk {
+                    let map = self.inventory.take().unwrap_or_default();
+                    let delta = self.shared.store.diff_inventory(&self.view, &map);
+                    let kind = if delta.upserts.is_empty() && delta.removals.is_empty() {
+                        UpdateKind::Unchanged
+                    } else {
+                        UpdateKind::Inventory
+                    };
+                    let base = self.hello.applied_version;
+                    self.execute(Plan::Send { delta, base, kind }).await?;
+                }
+                Ok(())
+            }
+            Some(Msg::Hello(_)) => Err(EndReason::Protocol("second Hello".into())),
+            None => Err(EndReason::Protocol("empty message".into())),
+        }
+    }
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs a closure on drop.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,488 @@
+//! In-process gRPC over real mTLS (certificates minted per test): the stream's
+//! full/delta/coalescing/resume/NACK behaviour, seen from a real subscriber or a
+//! raw client.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshlite_proto::model::{AddressFamily, Endpoint, EndpointSlice, Resource, Service};
+use meshlite_proto::v1;
+use meshlite_runtime::backoff::Backoff;
+use meshlite_runtime::subscriber::{Role, Status, Subscriber, SubscriberConfig, SubscriberMetrics};
+use meshlite_runtime::testing::{RecordingHandler, TestPki, assert_eventually};
+use meshlite_runtime::tls::{ClientTls, ReloadingServerConfig};
+use prometheus_client::registry::Registry;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::StreamExt;
+
+use super::*;
+use crate::metrics::Metrics;
+use crate::store::{Cause, Change, Kind, Store};
+
+const T: Duration = Duration::from_secs(10);
+
+fn svc(i: usize) -> Resource {
+    let ip: IpAddr = format!("198.19.{}.{}", i / 250, i % 250 + 1)
+        .parse()
+        .unwrap();
+    Resource::Service(Service::cluster_ip("default", &format!("svc-{i}"), ip))
+}
+
+fn slice(i: usize, gen_: usize) -> Resource {
+    let ip: IpAddr = format!("198.18.{}.{}", gen_ % 250, i % 250 + 1)
+        .parse()
+        .unwrap();
+    Resource::EndpointSlice(EndpointSlice {
+        namespace: "default".into(),
+        name: format!("svc-{i}-abc"),
+        service_name: format!("svc-{i}"),
+        address_family: AddressFamily::Ipv4,
+        ports: vec![],
+        endpoints: vec![Endpoint::ready(ip)],
+    })
+}
+
+fn up(r: Resource) -> Change {
+    Change::Upsert {
+        resource: r,
+        cause: Cause::observed_now(None),
+    }
+}
+
+fn seeded_store(n: usize) -> Arc<Store> {
+    let store = Arc::new(Store::new(Duration::from_secs(300), Kind::ALL));
+    store.apply((0..n).flat_map(|i| [up(svc(i)), up(slice(i, 0))]).collect());
+    for k in Kind::ALL {
+        store.mark_synced(k);
+    }
+    store.publish();
+    tokio::spawn(store.clone().run_publisher(Duration::from_millis(1)));
+    store
+}
+
+struct Server {
+    addr: SocketAddr,
+    metrics: Metrics,
+    agents: Agents,
+    /// The server runs on its own runtime so that a "crash" drops every connection.
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    async fn start(pki: &TestPki, store: Arc<Store>, port: u16) -> Self {
+        let metrics = Metrics::register(&mut Registry::default());
+        let agents = Agents::default();
+        let config = StreamConfig {
+            nack_backoff: Backoff::try_new(
+                Duration::from_millis(50),
+                Duration::from_millis(100),
+                0.1,
+            )
+            .unwrap(),
+            ..StreamConfig::default()
+        };
+        let svc = MeshService::new(
+            store,
+            config,
+            metrics.clone(),
+            agents.clone(),
+            Box::new(AllowAll),
+        )
+        .into_server(4 << 20);
+        let tls = Arc::new(ReloadingServerConfig::new(pki.server()).unwrap());
+        let (addr_tx, addr_rx) = oneshot::channel();
+        let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
+        let m = metrics.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.spawn(async move {
+                let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                    .await
+                    .unwrap();
+                let _ = addr_tx.send(listener.local_addr().unwrap());
+                let _ =
+                    transport::serve(listener, Some(tls), svc, 16, m, std::future::pending()).await;
+            });
+            let _ = stop_rx.recv();
+            rt.shutdown_background();
+        });
+        let addr = addr_rx.await.unwrap();
+        Server {
+            addr,
+            metrics,
+            agents,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// Simulates a crash: the runtime and every connection are dropped at once.
+    fn kill(mut self) -> u16 {
+        self.shutdown();
+        self.addr.port()
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    fn sent(&self, kind: UpdateKind) -> u64 {
+        self.metrics
+            .updates_sent
+            .get_or_create(&UpdateLabels { kind })
+            .get()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct Agent {
+    handler: RecordingHandler,
+    status: watch::Receiver<Status>,
+    _stop: oneshot::Sender<()>,
+}
+
+fn start_agent(addr: SocketAddr, tls: ClientTls) -> Agent {
+    meshlite_runtime::tls::install_default_provider();
+    let handler = RecordingHandler::default();
+    let config = SubscriberConfig {
+        endpoint: format!("https://{addr}"),
+        node_name: "node1".into(),
+        role: Role::Node,
+        tls: Some(tls),
+        agent_version: "test".into(),
+        backoff: Backoff::try_new(Duration::from_millis(20), Duration::from_millis(200), 0.5)
+            .unwrap(),
+        max_message_bytes: 4 << 20,
+    };
+    let metrics = Arc::new(SubscriberMetrics::register(
+        &mut Registry::default(),
+        "test",
+    ));
+    let sub = Subscriber::new(config, handler.clone(), metrics);
+    let status = sub.status();
+    let (tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(sub.run(async move {
+        let _ = rx.await;
+    }));
+    Agent {
+        handler,
+        status,
+        _stop: tx,
+    }
+}
+
+#[tokio::test]
+async fn full_snapshot_then_single_key_deltas() {
+    let pki = TestPki::new("ca");
+    let store = seeded_store(10);
+    let server = Server::start(&pki, store.clone(), 0).await;
+    let agent = start_agent(server.addr, pki.client("node1", &["node1"]));
+
+    assert_eventually("full snapshot applied", T, || {
+        agent.handler.records().len() == 1
+    })
+    .await;
+    let r = &agent.handler.records()[0];
+    assert!(r.full);
+    assert_eq!(r.resources, 20);
+    assert_eq!(r.version, store.version());
+
+    store.apply(vec![up(slice(3, 1))]);
+    assert_eventually("delta applied", T, || agent.handler.records().len() == 2).await;
+    let r = &agent.handler.records()[1];
+    assert!(!r.full);
+    assert_eq!(r.upserted, vec!["endpointslice/default/svc-3-abc"]);
+    assert_eq!(r.causes, 1, "a delta carries the change's cause");
+    assert_eq!(server.sent(UpdateKind::Full), 1);
+    assert_eq!(server.sent(UpdateKind::Delta), 1);
+
+    // The agents table shows it at the newest version.
+    assert_eventually("agent row current", T, || {
+        server
+            .agents
+            .rows(store.version())
+            .first()
+            .is_some_and(|a| a.lag == 0 && a.acks == 2)
+    })
+    .await;
+}
+
+/// A raw client that does its own ACKs.
+struct RawClient {
+    tx: mpsc::Sender<v1::AgentMessage>,
+    inbound: tonic::Streaming<v1::Update>,
+}
+
+impl RawClient {
+    async fn connect(addr: SocketAddr, tls: &ClientTls) -> Result<Self, tonic::Status> {
+        meshlite_runtime::tls::install_default_provider();
+        let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(tls.load().unwrap())
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let mut client = v1::mesh_client::MeshClient::new(channel);
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(v1::AgentMessage {
+            msg: Some(v1::agent_message::Msg::Hello(v1::Hello {
+                node_name: "raw".into(),
+                role: v1::Role::Dns as i32,
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+        let inbound = client
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(Self { tx, inbound })
+    }
+
+    /// Reads one whole update (all chunks).
+    async fn next_update(&mut self, within: Duration) -> Option<v1::Update> {
+        let mut acc: Option<v1::Update> = None;
+        loop {
+            let u = tokio::time::timeout(within, self.inbound.next())
+                .await
+                .ok()??
+                .unwrap();
+            match acc.as_mut() {
+                None => acc = Some(u.clone()),
+                Some(a) => {
+                    a.upserts.extend(u.upserts.clone());
+                    a.removals.extend(u.removals.clone());
+                    a.causes.extend(u.causes.clone());
+                }
+            }
+            if u.last_chunk {
+                return acc;
+            }
+        }
+    }
+
+    async fn ack(&self, u: &v1::Update) {
+        self.tx
+            .send(v1::AgentMessage {
+                msg: Some(v1::agent_message::Msg::Ack(v1::Ack {
+                    nonce: u.nonce.clone(),
+                    version: u.version,
+                    ..Default::default()
+                })),
+            })
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn an_agent_that_does_not_ack_gets_one_coalesced_delta() {
+    let pki = TestPki::new("ca");
+    let store = seeded_store(1000);
+    let server = Server::start(&pki, store.clone(), 0).await;
+    let mut raw = RawClient::connect(server.addr, &pki.client("dns", &["dns"]))
+        .await
+        .unwrap();
+    let first = raw.next_update(T).await.unwrap();
+    assert_eq!(first.base_version, 0);
+    assert_eq!(first.upserts.len(), 2000);
+    let bytes_after_first = server.metrics.update_bytes_sent.get();
+
+    // 1,000 changes while the first update is unacknowledged.
+    for i in 0..1000 {
+        store.apply(vec![up(slice(i, 1))]);
+    }
+    assert!(
+        raw.next_update(Duration::from_millis(300)).await.is_none(),
+        "nothing is sent while an update is in flight"
+    );
+    assert_eq!(server.sent(UpdateKind::Full), 1);
+    assert_eq!(
+        server.metrics.update_bytes_sent.get(),
+        bytes_after_first,
+        "no per-subscriber backlog builds up"
+    );
+
+    raw.ack(&first).await;
+    let delta = raw.next_update(T).await.unwrap();
+    assert_eq!(delta.base_version, first.version);
+    assert_eq!(delta.version, store.version());
+    assert_eq!(
+        delta.upserts.len(),
+        1000,
+        "one delta with every changed key, each once"
+    );
+    let keys: HashSet<_> = delta.upserts.iter().map(|r| r.key.clone()).collect();
+    assert_eq!(keys.len(), 1000);
+    raw.ack(&delta).await;
+    assert!(raw.next_update(Duration::from_millis(300)).await.is_none());
+    assert_eq!(server.sent(UpdateKind::Delta), 1);
+}
+
+#[tokio::test]
+async fn reconnect_resumes_with_a_delta() {
+    let pki = TestPki::new("ca");
+    let store = seeded_store(50);
+    let server = Server::start(&pki, store.clone(), 0).await;
+    let agent = start_agent(server.addr, pki.client("node1", &["node1"]));
+    assert_eventually("synced", T, || agent.handler.records().len() == 1).await;
+
+    // The control plane's connection drops (same process, same epoch).
+    let port = server.kill();
+    assert_eventually("disconnected", T, || !agent.status.borrow().connected).await;
+    store.apply(vec![up(slice(7, 1))]);
+    let server = Server::start(&pki, store.clone(), port).await;
+    assert_eventually("resumed", T, || agent.handler.records().len() == 2).await;
+    let r = &agent.handler.records()[1];
+    assert!(!r.full);
+    assert_eq!(r.upserted, vec!["endpointslice/default/svc-7-abc"]);
+    assert_eq!(server.sent(UpdateKind::Full), 0);
+    assert_eq!(server.sent(UpdateKind::Delta), 1);
+}
+
+#[tokio::test]
+async fn restarted_control_plane_resumes_by_hashes() {
+    let pki = TestPki::new("ca");
+    let store = seeded_store(50);
+    let server = Server::start(&pki, store.clone(), 0).await;
+    let agent = start_agent(server.addr, pki.client("node1", &["node1"]));
+    assert_eventually("synced", T, || agent.handler.records().len() == 1).await;
+
+    // A new process: new epoch, versions start over, same cluster content.
+    let port = server.kill();
+    let store2 = seeded_store(50);
+    assert_ne!(store2.epoch(), store.epoch());
+    let server = Server::start(&pki, store2.clone(), port).await;
+    assert_eventually("resumed unchanged", T, || {
+        server.sent(UpdateKind::Unchanged) == 1
+    })
+    .await;
+    assert_eventually("acked", T, || {
+        agent.status.borrow().epoch == store2.epoch()
+            && agent.status.borrow().applied_version == store2.version()
+    })
+    .await;
+    assert_eq!(server.sent(UpdateKind::Full), 0);
+    assert_eq!(agent.handler.records().len(), 1, "nothing to re-apply");
+
+    // Restart again with one object changed and one gone: the inventory
+    // comparison sends exactly those.
+    let port = server.kill();
+    let store3 = seeded_store(50);
+    store3.apply(vec![
+        up(slice(9, 5)),
+        Change::Delete {
+            key: meshlite_proto::model::ResourceKey::service("default", "svc-0"),
+            cause: Cause::observed_now(None),
+        },
+    ]);
+    let server = Server::start(&pki, store3.clone(), port).await;
+    assert_eventually("resumed by inventory", T, || {
+        agent.handler.records().len() == 2
+    })
+    .await;
+    let r = &agent.handler.records()[1];
+    assert!(!r.full);
+    assert_eq!(r.upserted, vec!["endpointslice/default/svc-9-abc"]);
+    assert_eq!(r.removed, vec!["service/default/svc-0"]);
+    assert_eq!(server.sent(UpdateKind::Inventory), 1);
+    assert_eq!(server.sent(UpdateKind::Full), 0);
+}
+
+#[tokio::test]
+async fn nack_keeps_the_last_good_version_and_retries() {
+    let pki = TestPki::new("ca");
+    let store = seeded_store(5);
+    let server = Server::start(&pki, store.clone(), 0).await;
+    let agent = start_agent(server.addr, pki.client("node1", &["node1"]));
+    assert_eventually("synced", T, || agent.handler.records().len() == 1).await;
+    let good = store.version();
+
+    agent
+        .handler
+        .fail_with(Some("iptables-restore: exit status 1"));
+    store.apply(vec![up(slice(1, 1))]);
+    assert_eventually("nacked", T, || server.metrics.nacks.get() >= 1).await;
+    assert_eq!(agent.status.borrow().applied_version, good);
+    assert_eq!(server.agents.rows(store.version())[0].version, good);
+
+    // Once the agent can apply again, the server's retry delivers the change.
+    agent.handler.fail_with(None);
+    assert_eventually("retried and applied", T, || {
+        agent.handler.records().len() == 2
+    })
+    .await;
+    assert_eq!(
+        agent.handler.records()[1].upserted,
+        vec!["endpointslice/default/svc-1-abc"]
+    );
+    assert_eventually("acked", T, || {
+        agent.status.borrow().applied_version == store.version()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_client_without_a_valid_certificate_is_refused() {
+    let pki = TestPki::new("ca");
+    let store = seeded_store(1);
+    let server = Server::start(&pki, store, 0).await;
+
+    // Signed by another CA.
+    let rogue = TestPki::new("rogue");
+    let mut tls = rogue.client("node1", &["node1"]);
+    tls.ca = pki.ca_path().to_path_buf(); // it does trust our server
+    assert!(RawClient::connect(server.addr, &tls).await.is_err());
+
+    // No client certificate at all.
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", server.addr))
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(
+                    std::fs::read(pki.ca_path()).unwrap(),
+                ))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(ch) = channel {
+        let mut c = v1::mesh_client::MeshClient::new(ch);
+        let (_tx, rx) = mpsc::channel(1);
+        assert!(
+            c.stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .is_err()
+        );
+    }
+    assert_eventually("handshake failures counted", T, || {
+        server.metrics.tls_handshake_failures.get() >= 2
+    })
+    .await;
+
+    // A valid client is still served.
+    let mut ok = RawClient::connect(server.addr, &pki.client("dns", &["dns"]))
+        .await
+        .unwrap();
+    assert!(ok.next_update(T).await.is_some());
+}

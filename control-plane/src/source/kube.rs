@@ -1,0 +1,189 @@
+//! `--source kube`: one kube-runtime watcher each on Services, EndpointSlices and
+//! Nodes, cluster wide, with bookmarks.
+//!
+//! The watcher's `Init .. InitApply* .. InitDone` bracket (initial list, and every
+//! re-list after a 410 Gone or a dropped connection) is buffered and swapped into
+//! the store in one step with [`Store::sync`], which only changes what differs: a
+//! re-list never tells agents to delete what still exists. An object that fails to
+//! normalize is logged and counted, and its last good state stays.
+
+use std::collections::HashSet;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
+use kube::Api;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use meshlite_proto::model::{Resource, ResourceKey};
+use serde::de::DeserializeOwned;
+use tracing::{debug, info, warn};
+
+use crate::metrics::{EventLabels, EventType, KindLabels, Metrics};
+use crate::normalize::{self, Invalid};
+use crate::store::{Cause, Change, Kind, Store};
+
+/// A normalized object: the resource, dropped-part warnings, and trigger time.
+type Normalized = (Resource, Vec<String>, Option<SystemTime>);
+
+/// A re-list in progress: its objects, and keys to keep (failed to normalize).
+type Relist = (Vec<(Resource, Cause)>, HashSet<ResourceKey>);
+
+/// Starts the three watchers; they run until the process exits.
+pub fn spawn(client: kube::Client, store: Arc<Store>, metrics: Metrics) {
+    tokio::spawn(watch_kind::<core::Service>(
+        Api::all(client.clone()),
+        Kind::Service,
+        store.clone(),
+        metrics.clone(),
+        |s| normalize::service(s).map(|n| (Resource::Service(n.value), n.warnings, None)),
+    ));
+    tokio::spawn(watch_kind::<discovery::EndpointSlice>(
+        Api::all(client.clone()),
+        Kind::EndpointSlice,
+        store.clone(),
+        metrics.clone(),
+        |s| {
+            let trigger = normalize::trigger_time(&s.metadata);
+            normalize::endpoint_slice(s)
+                .map(|n| (Resource::EndpointSlice(n.value), n.warnings, trigger))
+        },
+    ));
+    tokio::spawn(watch_kind::<core::Node>(
+        Api::all(client),
+        Kind::Node,
+        store,
+        metrics,
+        |n| normalize::node(n).map(|n| (Resource::Node(n.value), n.warnings, None)),
+    ));
+}
+
+/// The key an object has whether or not it normalizes.
+fn key_of(
+    kind: Kind,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<ResourceKey> {
+    let name = meta.name.as_deref().filter(|n| !n.is_empty())?;
+    let ns = meta
+        .namespace
+        .as_deref()
+        .filter(|n| !n.is_empty())
+        .unwrap_or("default");
+    Some(match kind {
+        Kind::Service => ResourceKey::service(ns, name),
+        Kind::EndpointSlice => ResourceKey::endpoint_slice(ns, name),
+        Kind::Node => ResourceKey::node(name),
+    })
+}
+
+async fn watch_kind<K>(
+    api: Api<K>,
+    kind: Kind,
+    store: Arc<Store>,
+    metrics: Metrics,
+    norm: fn(&K) -> Result<Normalized, Invalid>,
+) where
+    K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let label = KindLabels { kind: kind.into() };
+    let count = |event: EventType| {
+        metrics
+            .api_events
+            .get_or_create(&EventLabels {
+                kind: kind.into(),
+                event,
+            })
+            .inc();
+    };
+    let stream = watch_stream(api).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    let mut relist: Option<Relist> = None;
+    let normalized = |obj: &K| -> Option<Normalized> {
+        match norm(obj) {
+            Ok(n) => {
+                if !n.1.is_empty() {
+                    metrics
+                        .normalization_warnings
+                        .get_or_create(&label)
+                        .inc_by(n.1.len() as u64);
+                    for w in &n.1 {
+                        warn!(kind = kind.as_str(), key = %n.0.key(), "{w}");
+                    }
+                }
+                Some(n)
+            }
+            Err(e) => {
+                metrics.invalid_objects.get_or_create(&label).inc();
+                warn!(error = %e, "object rejected; keeping its last good state");
+                None
+            }
+        }
+    };
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(Event::Init) => {
+                debug!(kind = kind.as_str(), "list started");
+                relist = Some((Vec::new(), HashSet::new()));
+            }
+            Ok(Event::InitApply(obj)) => {
+                let Some((objs, keep)) = relist.as_mut() else {
+                    continue;
+                };
+                match normalized(&obj) {
+                    Some((r, _, trigger)) => objs.push((r, Cause::observed_now(trigger))),
+                    None => keep.extend(key_of(kind, obj.meta())),
+                }
+            }
+            Ok(Event::InitDone) => {
+                count(EventType::Relist);
+                let (objs, keep) = relist.take().unwrap_or_default();
+                let n = objs.len();
+                let first = store.pending_kinds().contains(&kind);
+                let applied = store.sync(&[kind], objs, &keep);
+                store.mark_synced(kind);
+                info!(
+                    kind = kind.as_str(),
+                    objects = n,
+                    upserted = applied.upserted,
+                    removed = applied.removed,
+                    first,
+                    "list complete"
+                );
+            }
+            Ok(Event::Apply(obj)) => {
+                count(EventType::Apply);
+                if let Some((r, _, trigger)) = normalized(&obj) {
+                    store.apply(vec![Change::Upsert {
+                        resource: r,
+                        cause: Cause::observed_now(trigger),
+                    }]);
+                }
+            }
+            Ok(Event::Delete(obj)) => {
+                count(EventType::Delete);
+                if let Some(key) = key_of(kind, obj.meta()) {
+                    store.apply(vec![Change::Delete {
+                        key,
+                        cause: Cause::observed_now(None),
+                    }]);
+                }
+            }
+            Err(e) => {
+                // The backoff wrapper retries; a 410 leads to a fresh Init bracket.
+                warn!(kind = kind.as_str(), error = %e, "watch error; retrying");
+            }
+        }
+    }
+}
+
+fn watch_stream<K>(
+    api: Api<K>,
+) -> impl futures::Stream<Item = Result<Event<K>, watcher::Error>> + Send
+where
+    K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    watcher::watcher(api, watcher::Config::default())
+}

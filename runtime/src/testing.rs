@@ -1,0 +1,176 @@
+//! Test helpers shared by the crates' tests, the e2e suite and the scale harness
+//! (feature `testing`): certificates minted at run time, a recording handler, and
+//! `assert_eventually`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+
+use crate::snapshot::{ChangeSet, Snapshot};
+use crate::subscriber::{Applied, ApplyError, Handler, UpdateInfo};
+use crate::tls::{ClientTls, ServerTls};
+
+/// A throwaway PKI in a temporary directory: one CA, and leaf certificates on demand.
+pub struct TestPki {
+    dir: tempfile::TempDir,
+    issuer: Issuer<'static, KeyPair>,
+    ca_path: PathBuf,
+}
+
+impl std::fmt::Debug for TestPki {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestPki")
+            .field("dir", &self.dir.path())
+            .finish()
+    }
+}
+
+impl TestPki {
+    /// A new CA named `name`.
+    pub fn new(name: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("no SANs");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("self-signed CA");
+        let ca_path = dir.path().join("ca.pem");
+        std::fs::write(&ca_path, cert.pem()).expect("write CA");
+        Self {
+            dir,
+            issuer: Issuer::new(params, key),
+            ca_path,
+        }
+    }
+
+    pub fn ca_path(&self) -> &Path {
+        &self.ca_path
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes `<name>.pem` / `<name>-key.pem` for a leaf with the given SANs
+    /// (IP addresses or DNS names) and returns the paths.
+    pub fn leaf(&self, name: &str, sans: &[&str], server: bool) -> (PathBuf, PathBuf) {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("no SANs");
+        for s in sans {
+            params
+                .subject_alt_names
+                .push(match s.parse::<std::net::IpAddr>() {
+                    Ok(ip) => SanType::IpAddress(ip),
+                    Err(_) => SanType::DnsName((*s).try_into().expect("valid DNS name")),
+                });
+        }
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![if server {
+            ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        let cert_path = self.dir.path().join(format!("{name}.pem"));
+        let key_path = self.dir.path().join(format!("{name}-key.pem"));
+        std::fs::write(&cert_path, cert.pem()).expect("write cert");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+        (cert_path, key_path)
+    }
+
+    /// Server TLS for 127.0.0.1 and localhost, trusting this CA for clients.
+    pub fn server(&self) -> ServerTls {
+        let (cert, key) = self.leaf("server", &["127.0.0.1", "localhost"], true);
+        ServerTls {
+            cert,
+            key,
+            client_ca: self.ca_path.clone(),
+        }
+    }
+
+    /// Client TLS with the given SANs (e.g. the node name), trusting this CA.
+    pub fn client(&self, name: &str, sans: &[&str]) -> ClientTls {
+        let (cert, key) = self.leaf(name, sans, false);
+        ClientTls {
+            ca: self.ca_path.clone(),
+            cert,
+            key,
+            server_name: Some("localhost".into()),
+        }
+    }
+}
+
+/// What a [`RecordingHandler`] saw for one update.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub version: u64,
+    pub full: bool,
+    pub upserted: Vec<String>,
+    pub removed: Vec<String>,
+    pub causes: usize,
+    pub resources: usize,
+}
+
+/// Records every apply; can be told to fail.
+#[derive(Debug, Clone, Default)]
+pub struct RecordingHandler {
+    pub log: Arc<Mutex<Vec<Recorded>>>,
+    /// When set, every apply fails with this message.
+    pub fail: Arc<Mutex<Option<String>>>,
+}
+
+impl RecordingHandler {
+    pub fn records(&self) -> Vec<Recorded> {
+        self.log.lock().expect("lock").clone()
+    }
+
+    pub fn fail_with(&self, msg: Option<&str>) {
+        *self.fail.lock().expect("lock") = msg.map(String::from);
+    }
+}
+
+impl Handler for RecordingHandler {
+    async fn apply(
+        &mut self,
+        snapshot: &Snapshot,
+        changes: &ChangeSet,
+        info: &UpdateInfo,
+    ) -> Result<Applied, ApplyError> {
+        if let Some(msg) = self.fail.lock().expect("lock").clone() {
+            return Err(ApplyError(msg));
+        }
+        self.log.lock().expect("lock").push(Recorded {
+            version: info.version,
+            full: info.full,
+            upserted: changes.upserted.iter().map(ToString::to_string).collect(),
+            removed: changes.removed.iter().map(ToString::to_string).collect(),
+            causes: info.causes.len(),
+            resources: snapshot.len(),
+        });
+        Ok(Applied {
+            rules_changed: (changes.upserted.len() + changes.removed.len()) as u64,
+        })
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds or `timeout` passes; panics with `what`.
+pub async fn assert_eventually(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if cond() {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("not true within {timeout:?}: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

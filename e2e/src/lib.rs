@@ -1,1 +1,7 @@
-//! placeholder
+//! meshlite's end-to-end harness.
+//!
+//! - [`apiserver`]: the Kubernetes API stand-in (real list/watch protocol over HTTP).
+//! - [`procs`]: launching the real binaries and stopping them by PID.
+
+pub mod apiserver;
+pub mod procs;

@@ -2,6 +2,8 @@
 //! This test regenerates it with a pure-Rust compiler (protox) and fails when the
 //! checked-in copy is stale. Run with `MESHLITE_REGENERATE=1` to rewrite it.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 
 fn generate(out: &Path) -> anyhow_free::Result {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshlite_runtime::admin::{self, Readiness};
+use meshlite_runtime::telemetry::Telemetry;
 use meshlite_runtime::tls::ReloadingServerConfig;
 use prometheus_client::registry::Registry;
 use tracing::{info, warn};
@@ -71,9 +72,22 @@ pub async fn start(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(Handle, tokio::task::JoinHandle<Result<(), Error>>), Error> {
+    start_with(config, Telemetry::default(), shutdown).await
+}
+
+/// [`start`], exporting the telemetry pipeline's counters too.
+///
+/// # Errors
+/// As [`start`].
+pub async fn start_with(
+    config: Config,
+    telemetry: Telemetry,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(Handle, tokio::task::JoinHandle<Result<(), Error>>), Error> {
     let tls = config.validate()?;
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
+    telemetry.register(&mut registry);
     let store = Arc::new(Store::new(config.tombstone_retention, Kind::ALL));
     tokio::spawn(store.clone().run_publisher(config.debounce));
 
@@ -104,6 +118,15 @@ pub async fn start(
         });
     }
     tokio::spawn(refresh_gauges(store.clone(), metrics.clone()));
+    {
+        let (mut published, convergence) = (store.subscribe(), metrics.convergence.clone());
+        tokio::spawn(async move {
+            while published.changed().await.is_ok() {
+                let v = *published.borrow_and_update();
+                convergence.published(v, std::time::SystemTime::now());
+            }
+        });
+    }
 
     let agents = Agents::default();
     let tls = match tls {

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use meshlite_control_plane::config::{Cli, Command, LogFormat};
-use meshlite_control_plane::{start, status};
+use meshlite_control_plane::{start_with, status};
 use meshlite_runtime::telemetry;
 use tracing::{error, info};
 
@@ -29,7 +29,10 @@ async fn main() -> ExitCode {
         };
     }
     let config = cli.config;
-    telemetry::init_logging(config.log_format == LogFormat::Json);
+    let telemetry = telemetry::init(
+        "meshlite-control-plane",
+        config.log_format == LogFormat::Json,
+    );
     meshlite_runtime::tls::install_default_provider();
     if let Err(e) = config.validate() {
         error!(error = %e, "invalid configuration");
@@ -55,7 +58,8 @@ async fn main() -> ExitCode {
         let _ = rx.wait_for(|s| *s).await;
     };
     let grace = stopped(stop_rx.clone());
-    match start(config, stopped(stop_rx)).await {
+    let result = start_with(config, telemetry.clone(), stopped(stop_rx)).await;
+    let code = match result {
         Ok((_, task)) => match tokio::select! {
             r = task => r,
             () = async { grace.await; tokio::time::sleep(std::time::Duration::from_secs(5)).await } => Ok(Ok(())),
@@ -81,5 +85,7 @@ async fn main() -> ExitCode {
             error!(error = %e, "cannot start");
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown();
+    code
 }

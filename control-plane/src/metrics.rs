@@ -8,6 +8,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::server::convergence::Convergence;
 use crate::store::Kind;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -97,6 +101,7 @@ pub struct Metrics {
     pub streams_ended: Family<ReasonLabels, Counter>,
     pub streams_refused: Family<ReasonLabels, Counter>,
     pub tls_handshake_failures: Counter,
+    pub convergence: Arc<Convergence>,
 }
 
 impl Metrics {
@@ -118,6 +123,7 @@ impl Metrics {
             streams_ended: Family::default(),
             streams_refused: Family::default(),
             tls_handshake_failures: Counter::default(),
+            convergence: Arc::new(Convergence::register(registry, Duration::from_secs(600))),
         };
         let r = registry.sub_registry_with_prefix("meshlite_control_plane");
         r.register(

@@ -25,6 +25,7 @@ use crate::metrics::{Metrics, RoleLabel, RoleLabels, UpdateKind, UpdateLabels};
 use crate::store::{Delta, Store, View};
 
 pub mod agents;
+pub mod convergence;
 mod frames;
 pub mod transport;
 
@@ -265,6 +266,7 @@ impl Subscription {
         tx: mpsc::Sender<Result<v1::UpdateFrame, Status>>,
     ) -> Self {
         let agent = shared.agents.register(&hello, view_role(&view));
+        shared.metrics.convergence.connected(agent.id());
         Self {
             nack_backoff: shared.config.nack_backoff.clone(),
             shared,
@@ -279,6 +281,16 @@ impl Subscription {
             nonce: 0,
             agent,
         }
+    }
+
+    /// Records the version the agent now holds.
+    fn hold(&mut self, version: u64, applied: SystemTime) {
+        self.holds = Some(version);
+        self.agent.set_version(version);
+        self.shared
+            .metrics
+            .convergence
+            .advanced(self.agent.id(), version, applied);
     }
 
     async fn run(mut self, mut inbound: Streaming<v1::AgentMessage>) -> EndReason {
@@ -398,8 +410,7 @@ impl Subscription {
         match self.shared.store.delta(holds, &self.view) {
             Some(d) if d.upserts.is_empty() && d.removals.is_empty() => {
                 // Nothing in this agent's view changed: it is current as it is.
-                self.holds = Some(d.version);
-                self.agent.set_version(d.version);
+                self.hold(d.version, SystemTime::now());
                 Plan::Nothing
             }
             Some(delta) => Plan::Send {
@@ -482,9 +493,14 @@ impl Subscription {
                     .metrics
                     .ack_latency
                     .observe(f.sent.elapsed().as_secs_f64());
-                self.holds = Some(f.version);
-                self.nack_backoff.reset();
                 self.agent.acked(&ack);
+                let applied = if ack.applied_unix_nanos > 0 {
+                    meshlite_runtime::subscriber::from_nanos(ack.applied_unix_nanos)
+                } else {
+                    SystemTime::now()
+                };
+                self.hold(f.version, applied);
+                self.nack_backoff.reset();
                 Ok(())
             }
             Some(Msg::Nack(nack)) => {
@@ -508,8 +524,7 @@ impl Subscription {
                     // The agent reports what it holds now: the update's version when
                     // only some resources were rejected (the rest applied), its
                     // previous version when the apply failed and rolled back.
-                    self.holds = Some(nack.version);
-                    self.agent.set_version(nack.version);
+                    self.hold(nack.version, SystemTime::now());
                     if nack.version < f.version {
                         self.retry_at = Some(Instant::now() + self.nack_backoff.next_delay());
                     }
@@ -540,6 +555,12 @@ impl Subscription {
             Some(Msg::Hello(_)) => Err(EndReason::Protocol("second Hello".into())),
             None => Err(EndReason::Protocol("empty message".into())),
         }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.shared.metrics.convergence.gone(self.agent.id());
     }
 }
 

@@ -46,3 +46,25 @@ impl std::fmt::Display for SourceSpec {
         }
     }
 }
+
+/// Opens the `ingest` span of one observed change and returns it with the change's
+/// cause (trigger time, observation time, and the span's traceparent, which agents
+/// link their `apply` spans to).
+pub(crate) fn ingest(
+    kind: crate::store::Kind,
+    key: &str,
+    op: &'static str,
+    trigger: Option<std::time::SystemTime>,
+) -> (tracing::Span, crate::store::Cause) {
+    let cause = crate::store::Cause::observed_now(trigger);
+    let span = tracing::info_span!(
+        "ingest",
+        kind = kind.as_str(),
+        key,
+        op,
+        trigger_unix_nanos = meshlite_runtime::subscriber::to_nanos(cause.trigger),
+        trigger_source = if trigger.is_some() { "api" } else { "observed" },
+    );
+    let tp = meshlite_runtime::telemetry::traceparent(&span);
+    (span, cause.with_traceparent(tp))
+}

@@ -223,6 +223,12 @@ impl Store {
         self.published.subscribe()
     }
 
+    /// Whether the store holds `key` with exactly this content hash (an upsert of it
+    /// would change nothing).
+    pub fn holds(&self, key: &str, hash: u64) -> bool {
+        self.read().entries.get(key).is_some_and(|e| e.hash == hash)
+    }
+
     /// Number of live resources of a kind.
     pub fn count(&self, kind: Kind) -> usize {
         self.read().counts.get(&kind).copied().unwrap_or(0)
@@ -361,6 +367,12 @@ impl Store {
     /// Publishes the current version now.
     pub fn publish(&self) -> u64 {
         let now = SystemTime::now();
+        let span = tracing::info_span!(
+            "publish",
+            version = tracing::field::Empty,
+            changes = tracing::field::Empty
+        );
+        let _enter = span.enter();
         let version = {
             let mut inner = self.write();
             let from = inner.published_seq;
@@ -376,9 +388,11 @@ impl Store {
                     t.published.get_or_insert(now);
                 }
             }
+            span.record("changes", inner.seq - inner.published_seq);
             inner.published_seq = inner.seq;
             inner.seq
         };
+        span.record("version", version);
         self.published.send_replace(version);
         version
     }

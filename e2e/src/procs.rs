@@ -56,6 +56,18 @@ impl Process {
         args: &[String],
         wrap: &[String],
     ) -> Result<Self> {
+        Self::start_env(dir, name, binary, args, wrap, &[])
+    }
+
+    /// [`Process::start`] with extra environment variables.
+    pub fn start_env(
+        dir: &Path,
+        name: &str,
+        binary: &Path,
+        args: &[String],
+        wrap: &[String],
+        env: &[(String, String)],
+    ) -> Result<Self> {
         let log = dir.join(format!("{name}.log"));
         let addresses_file = dir.join(format!("{name}.addresses.json"));
         let _ = std::fs::remove_file(&addresses_file);
@@ -70,6 +82,7 @@ impl Process {
             Command::new(binary)
         };
         cmd.args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .arg("--addresses-file")
             .arg(&addresses_file)
             .stdin(Stdio::null())

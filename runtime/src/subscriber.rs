@@ -27,6 +27,9 @@ mod metrics;
 
 pub use metrics::SubscriberMetrics;
 
+/// Most trace links on one apply span (OpenTelemetry's default link limit).
+const MAX_LINKS: usize = 128;
+
 /// The role an agent subscribes as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -301,8 +304,18 @@ impl<H: Handler> Subscriber<H> {
             p.absorb(update);
             if last {
                 let done = pending.take().expect("pending was just inserted above");
-                let span =
-                    info_span!("apply", version = done.version, node = %self.config.node_name);
+                let span = info_span!(
+                    "apply",
+                    version = done.version,
+                    node = %self.config.node_name,
+                    full = done.base_version == 0,
+                    causes = done.causes.len(),
+                    rules_changed = tracing::field::Empty,
+                );
+                // Linked, not parented: one update carries many changes' traces.
+                for c in done.causes.iter().take(MAX_LINKS) {
+                    crate::telemetry::link(&span, &c.traceparent);
+                }
                 let reply = self.apply(done).instrument(span).await;
                 send(&tx, reply).await?;
             }
@@ -431,6 +444,7 @@ impl<H: Handler> Subscriber<H> {
                 nack(old_version, e.0, rejected, false)
             }
             Ok(applied) => {
+                tracing::Span::current().record("rules_changed", applied.rules_changed);
                 self.applied_once = true;
                 let now = SystemTime::now();
                 self.status.send_modify(|s| {

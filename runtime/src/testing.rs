@@ -116,6 +116,8 @@ pub struct Recorded {
     pub upserted: Vec<String>,
     pub removed: Vec<String>,
     pub causes: usize,
+    /// The causes' traceparents (empty strings when untraced).
+    pub traceparents: Vec<String>,
     pub resources: usize,
 }
 
@@ -153,6 +155,11 @@ impl Handler for RecordingHandler {
             upserted: changes.upserted.iter().map(ToString::to_string).collect(),
             removed: changes.removed.iter().map(ToString::to_string).collect(),
             causes: info.causes.len(),
+            traceparents: info
+                .causes
+                .iter()
+                .map(|c| c.traceparent.clone().unwrap_or_default())
+                .collect(),
             resources: snapshot.len(),
         });
         Ok(Applied {

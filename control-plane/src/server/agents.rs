@@ -117,6 +117,11 @@ impl Agents {
 }
 
 impl AgentInfo {
+    /// Unique per stream for the life of the process.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     pub(crate) fn acked(&self, ack: &v1::Ack) {
         self.version.store(ack.version, Ordering::Relaxed);
         self.acks.fetch_add(1, Ordering::Relaxed);

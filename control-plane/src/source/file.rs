@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::manifests::{self, Manifests};
 use crate::metrics::{EventLabels, EventType, KindLabels, Metrics};
-use crate::store::{Cause, Kind, Store};
+use crate::store::{Cause, Kind, Store, encode};
 
 type Stamp = (SystemTime, u64);
 
@@ -124,8 +124,13 @@ impl FileSource {
                 if !seen.insert(key.clone()) {
                     warn!(path = %path.display(), %key, "defined in more than one manifest; the last one wins");
                 }
-                let mut cause = Cause::observed_now(o.trigger.or(mtime));
-                cause.observed = SystemTime::now();
+                let trigger = o.trigger.or(mtime);
+                let (k, hash, _) = encode(&o.resource);
+                let cause = if self.loaded_once && !self.store.holds(&k, hash) {
+                    super::ingest(Kind::of(&key), &k, "apply", trigger).1
+                } else {
+                    Cause::observed_now(trigger)
+                };
                 objects.push((o.resource.clone(), cause));
             }
             for r in &m.rejected {

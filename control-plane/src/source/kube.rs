@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::metrics::{EventLabels, EventType, KindLabels, Metrics};
 use crate::normalize::{self, Invalid};
-use crate::store::{Cause, Change, Kind, Store};
+use crate::store::{Cause, Change, Kind, Store, encode};
 
 /// A normalized object: the resource, dropped-part warnings, and trigger time.
 type Normalized = (Resource, Vec<String>, Option<SystemTime>);
@@ -133,7 +133,18 @@ async fn watch_kind<K>(
                     continue;
                 };
                 match normalized(&obj) {
-                    Some((r, _, trigger)) => objs.push((r, Cause::observed_now(trigger))),
+                    Some((r, _, trigger)) => {
+                        // A re-list after the first one traces what it changes.
+                        let (key, hash, _) = encode(&r);
+                        let quiet =
+                            store.pending_kinds().contains(&kind) || store.holds(&key, hash);
+                        let cause = if quiet {
+                            Cause::observed_now(trigger)
+                        } else {
+                            super::ingest(kind, &key, "relist", trigger).1
+                        };
+                        objs.push((r, cause));
+                    }
                     None => keep.extend(key_of(kind, obj.meta())),
                 }
             }
@@ -156,19 +167,22 @@ async fn watch_kind<K>(
             Ok(Event::Apply(obj)) => {
                 count(EventType::Apply);
                 if let Some((r, _, trigger)) = normalized(&obj) {
-                    store.apply(vec![Change::Upsert {
-                        resource: r,
-                        cause: Cause::observed_now(trigger),
-                    }]);
+                    let (key, hash, _) = encode(&r);
+                    if store.holds(&key, hash) {
+                        // Status, labels, managedFields: nothing a proxy or DNS uses.
+                        continue;
+                    }
+                    let (span, cause) = super::ingest(kind, &key, "apply", trigger);
+                    let _enter = span.enter();
+                    store.apply(vec![Change::Upsert { resource: r, cause }]);
                 }
             }
             Ok(Event::Delete(obj)) => {
                 count(EventType::Delete);
                 if let Some(key) = key_of(kind, obj.meta()) {
-                    store.apply(vec![Change::Delete {
-                        key,
-                        cause: Cause::observed_now(None),
-                    }]);
+                    let (span, cause) = super::ingest(kind, &key.to_string(), "delete", None);
+                    let _enter = span.enter();
+                    store.apply(vec![Change::Delete { key, cause }]);
                 }
             }
             Err(e) => {

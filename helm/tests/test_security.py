@@ -224,6 +224,9 @@ def test_control_plane_is_spread_and_protected(case):
     aff = chart.pod_spec(d)["affinity"]["podAntiAffinity"]
     mode = values.get("antiAffinity", "preferred")
     assert list(aff) == [f"{mode}DuringSchedulingIgnoredDuringExecution"]
+    # A surge pod cannot be placed when every replica needs its own node.
+    want = {"maxSurge": 0, "maxUnavailable": 1} if mode == "required" else {"maxSurge": 1, "maxUnavailable": 0}
+    assert d["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": want}
     pdb = chart.one(objs, "PodDisruptionBudget", name(case, "control-plane"))
     assert pdb["spec"]["maxUnavailable"] == 1
     (c,) = chart.pod_spec(d)["containers"]

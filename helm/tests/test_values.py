@@ -66,6 +66,14 @@ def test_contradicting_values_fail_with_a_clear_message(sets, needle):
     assert needle in proc.stderr, proc.stderr
 
 
+def test_token_identity_needs_kubernetes_1_30():
+    proc = chart.helm(*chart.template_args("token-identity", "--kube-version", "1.29.0"), check=False)
+    assert proc.returncode != 0
+    assert "identity.mode=serviceAccountToken needs Kubernetes 1.30 or newer" in proc.stderr, proc.stderr
+    chart.helm(*chart.template_args("token-identity", "--kube-version", "1.30.0"))
+    chart.helm(*chart.template_args("default", "--kube-version", "1.29.0"))
+
+
 def test_defaults_and_every_case_satisfy_the_schema():
     validator = jsonschema.Draft7Validator(SCHEMA)
     jsonschema.Draft7Validator.check_schema(SCHEMA)

@@ -174,6 +174,23 @@ podAntiAffinity:
 {{- end }}
 {{- end }}
 
+{{/*
+Deployment rollout: surge a new pod before removing an old one, unless pods must be on
+distinct nodes (required anti-affinity), where a surge pod may find no node: then replace
+one at a time. Argument: the antiAffinity value.
+*/}}
+{{- define "meshlite.rollingUpdate" -}}
+type: RollingUpdate
+rollingUpdate:
+{{- if eq . "required" }}
+  maxSurge: 0
+  maxUnavailable: 1
+{{- else }}
+  maxSurge: 1
+  maxUnavailable: 0
+{{- end }}
+{{- end }}
+
 {{/* Volume with one component's TLS Secret, keys readable by the pod's fsGroup only. */}}
 {{- define "meshlite.tls.volume" -}}
 - name: tls
@@ -200,6 +217,9 @@ podAntiAffinity:
 {{- $v := .Values }}
 {{- if not $v.nodeAgent.clusterCIDR }}
 {{- fail "nodeAgent.clusterCIDR is required: set it to the cluster's pod CIDR(s), e.g. --set 'nodeAgent.clusterCIDR={10.244.0.0/16}'" }}
+{{- end }}
+{{- if and (eq $v.identity.mode "serviceAccountToken") (semverCompare "<1.30.0-0" .Capabilities.KubeVersion.Version) }}
+{{- fail (printf "identity.mode=serviceAccountToken needs Kubernetes 1.30 or newer, where bound ServiceAccount tokens name their node (ServiceAccountTokenPodNodeInfo); this cluster is %s" .Capabilities.KubeVersion.Version) }}
 {{- end }}
 {{- $ex := $v.tls.existingSecrets }}
 {{- $nExisting := len (compact (list $ex.controlPlane $ex.nodeAgent $ex.dnsAgent)) }}

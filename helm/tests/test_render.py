@@ -172,3 +172,16 @@ def test_install_notes_render(case):
     assert "Remove kube-proxy" in notes and "Point kubelet at the meshlite DNS Service" in notes
     endpoint = chart.case_values(case).get("controlPlane", {}).get("endpoint")
     assert ("WARNING: controlPlane.endpoint is not set" in notes) == (not endpoint), notes
+
+
+def test_packaged_chart_renders_like_the_directory(tmp_path):
+    """`helm package` keeps everything the chart needs (schema, README, templates)."""
+    out = chart.helm("package", str(chart.CHART), "--destination", str(tmp_path)).stdout
+    (tgz,) = list(tmp_path.glob("meshlite-*.tgz"))
+    assert str(tgz) in out
+    listing = subprocess.run(["tar", "tzf", str(tgz)], capture_output=True, text=True, check=True).stdout.split()
+    for f in ("meshlite/values.schema.json", "meshlite/README.md", "meshlite/templates/NOTES.txt"):
+        assert f in listing, listing
+    from_tgz = chart.helm("template", chart.RELEASE, str(tgz), "--namespace", chart.NAMESPACE,
+                          "--values", chart.values_file("default")).stdout
+    assert chart.normalized_render(from_tgz) == chart.normalized_render(chart.render_case("default"))

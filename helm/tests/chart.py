@@ -7,6 +7,7 @@ temporary directory.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import re
@@ -33,6 +34,7 @@ CASES = sorted(p.stem for p in VALUES_DIR.glob("*.yaml"))
 PLACEHOLDER = "<generated: differs on every render>"
 
 _HOME = tempfile.mkdtemp(prefix="meshlite-helm-home-")
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 
 
 class HelmError(RuntimeError):

@@ -1,0 +1,6 @@
+"""Shared fixtures: the tests import chart.py (rendering) and readme.py from this folder."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))

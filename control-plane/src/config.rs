@@ -90,6 +90,33 @@ pub struct Config {
     /// Drop an agent whose connection accepts no data for this long.
     #[arg(long, env = "MESHLITE_SEND_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub send_timeout: Duration,
+    /// How a node agent proves which node it is: `certificate` (its certificate has
+    /// SAN `<node>.nodes.meshlite`), `token` (a `node-agent` certificate plus its
+    /// ServiceAccount token, verified with TokenReview: the token's bound node must
+    /// match), or `shared-certificate` (a `node-agent` certificate may be any node).
+    #[arg(
+        long,
+        env = "MESHLITE_NODE_IDENTITY",
+        value_enum,
+        default_value = "certificate"
+    )]
+    pub node_identity: crate::server::identity::NodeIdentity,
+    /// The node agent's ServiceAccount, for `--node-identity token`.
+    #[arg(
+        long,
+        env = "MESHLITE_NODE_AGENT_SERVICE_ACCOUNT",
+        default_value = "system:serviceaccount:kube-system:meshlite-node-agent"
+    )]
+    pub node_agent_service_account: String,
+    /// Most agent streams at once.
+    #[arg(long, env = "MESHLITE_MAX_STREAMS", default_value_t = 20_000)]
+    pub max_streams: usize,
+    /// New agent streams admitted per second (a token bucket against reconnect storms).
+    #[arg(long, env = "MESHLITE_STREAM_RATE", default_value_t = 1_000.0)]
+    pub stream_rate: f64,
+    /// Burst of new streams admitted at once.
+    #[arg(long, env = "MESHLITE_STREAM_BURST", default_value_t = 5_000.0)]
+    pub stream_burst: f64,
     /// Write the bound addresses as JSON here once listening.
     #[arg(long, env = "MESHLITE_ADDRESSES_FILE")]
     pub addresses_file: Option<PathBuf>,
@@ -131,6 +158,12 @@ impl Config {
             return Err(ConfigError::Invalid {
                 flag: "--chunk-bytes",
                 reason: "must be at least 65536".into(),
+            });
+        }
+        if !(self.stream_rate > 0.0 && self.stream_burst >= 1.0) || self.max_streams == 0 {
+            return Err(ConfigError::Invalid {
+                flag: "--stream-rate/--stream-burst/--max-streams",
+                reason: "rate must be positive, burst and max at least 1".into(),
             });
         }
         let tls = (&self.tls_cert, &self.tls_key, &self.client_ca);

@@ -27,6 +27,7 @@ pub mod store;
 
 use config::Config;
 use metrics::{KindLabels, Metrics};
+use server::identity::{CertAuthorizer, NodeIdentity, TokenReviewer};
 use server::{Agents, AllowAll, MeshService, StreamConfig};
 use source::SourceSpec;
 use store::{Kind, Store};
@@ -129,13 +130,32 @@ pub async fn start_with(
     }
 
     let agents = Agents::default();
-    let tls = match tls {
-        Some(t) => Some(Arc::new(ReloadingServerConfig::new(t)?)),
+    let expiry = meshlite_runtime::tls::CertExpiry::register(&mut registry);
+    let (tls, authorizer): (_, Box<dyn server::Authorizer>) = match tls {
+        Some(t) => {
+            let reviewer = match config.node_identity {
+                NodeIdentity::Token => Some(TokenReviewer::new(
+                    kube_client(&config).await?,
+                    config.node_agent_service_account.clone(),
+                )),
+                NodeIdentity::SharedCertificate => {
+                    warn!(
+                        "--node-identity shared-certificate: any node agent certificate may subscribe as any node"
+                    );
+                    None
+                }
+                NodeIdentity::Certificate => None,
+            };
+            (
+                Some(Arc::new(ReloadingServerConfig::new(t)?.with_expiry(expiry))),
+                Box::new(CertAuthorizer::new(config.node_identity, reviewer)),
+            )
+        }
         None => {
             warn!(
                 "--insecure: agents connect over PLAINTEXT gRPC without authentication; use only for local demos"
             );
-            None
+            (None, Box::new(AllowAll))
         }
     };
     let grpc = admin::bind("gRPC", &config.listen).await?;
@@ -158,11 +178,14 @@ pub async fn start_with(
         StreamConfig {
             chunk_bytes: config.chunk_bytes,
             send_timeout: config.send_timeout,
+            max_streams: config.max_streams,
+            stream_rate: config.stream_rate,
+            stream_burst: config.stream_burst,
             ..StreamConfig::default()
         },
         metrics.clone(),
         agents.clone(),
-        Box::new(AllowAll),
+        authorizer,
     )
     .into_server(config.max_message_bytes);
 

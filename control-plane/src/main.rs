@@ -11,7 +11,19 @@ const EX_USAGE: u8 = 64;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if e.use_stderr() => {
+            // Unknown flags and bad values are invalid configuration: EX_USAGE.
+            let _ = e.print();
+            return ExitCode::from(EX_USAGE);
+        }
+        Err(e) => {
+            // --help, --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
     if let Some(Command::Status { admin, json }) = cli.command {
         return match status::fetch(&admin).await {
             Ok(r) if json => {

@@ -27,10 +27,13 @@ use crate::store::{Delta, Store, View};
 pub mod agents;
 pub mod convergence;
 mod frames;
+pub mod identity;
+mod limits;
 pub mod transport;
 
 pub use agents::{AgentInfo, Agents};
 pub use frames::frames;
+use limits::Limits;
 
 /// Stream-serving knobs.
 #[derive(Debug, Clone)]
@@ -45,6 +48,11 @@ pub struct StreamConfig {
     pub nack_backoff: Backoff,
     /// Most inventory entries accepted from one agent.
     pub max_inventory: usize,
+    /// Most agent streams at once.
+    pub max_streams: usize,
+    /// New streams admitted per second (token bucket refill) and burst.
+    pub stream_rate: f64,
+    pub stream_burst: f64,
 }
 
 impl Default for StreamConfig {
@@ -55,15 +63,19 @@ impl Default for StreamConfig {
             hello_timeout: Duration::from_secs(10),
             nack_backoff: Backoff::default(),
             max_inventory: 4_000_000,
+            max_streams: 20_000,
+            stream_rate: 1_000.0,
+            stream_burst: 5_000.0,
         }
     }
 }
 
 /// Decides whether a peer may subscribe as what its Hello says.
+#[tonic::async_trait]
 pub trait Authorizer: Send + Sync + 'static {
     /// # Errors
     /// A reason to refuse the stream (`PermissionDenied`).
-    fn authorize(&self, peer: &Peer, hello: &v1::Hello) -> Result<(), String>;
+    async fn authorize(&self, peer: &Peer, hello: &v1::Hello) -> Result<(), String>;
 }
 
 /// What the transport knows about the caller.
@@ -72,14 +84,17 @@ pub struct Peer {
     pub addr: Option<std::net::SocketAddr>,
     /// DER of the verified client certificate chain (empty in `--insecure` mode).
     pub certs: Vec<Vec<u8>>,
+    /// `authorization: Bearer <token>` metadata, if sent.
+    pub token: Option<String>,
 }
 
 /// Accepts everyone: `--insecure` mode and tests.
 #[derive(Debug, Clone, Copy)]
 pub struct AllowAll;
 
+#[tonic::async_trait]
 impl Authorizer for AllowAll {
-    fn authorize(&self, _: &Peer, _: &v1::Hello) -> Result<(), String> {
+    async fn authorize(&self, _: &Peer, _: &v1::Hello) -> Result<(), String> {
         Ok(())
     }
 }
@@ -96,6 +111,7 @@ struct Shared {
     metrics: Metrics,
     agents: Agents,
     authorizer: Box<dyn Authorizer>,
+    limits: Limits,
 }
 
 // === impl MeshService ===
@@ -108,6 +124,7 @@ impl MeshService {
         agents: Agents,
         authorizer: Box<dyn Authorizer>,
     ) -> Self {
+        let limits = Limits::new(config.max_streams, config.stream_rate, config.stream_burst);
         Self {
             inner: Arc::new(Shared {
                 store,
@@ -115,6 +132,7 @@ impl MeshService {
                 metrics,
                 agents,
                 authorizer,
+                limits,
             }),
         }
     }
@@ -139,6 +157,23 @@ impl mesh_server::Mesh for MeshService {
                 .peer_certs()
                 .map(|c| c.iter().map(|c| c.as_ref().to_vec()).collect())
                 .unwrap_or_default(),
+            token: request
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(|t| t.trim().to_string()),
+        };
+        // Admission: a bound on concurrent streams, and a token bucket on new ones
+        // against reconnect storms. Refused agents retry with jittered backoff.
+        let permit = match self.inner.limits.admit() {
+            Ok(p) => p,
+            Err(reason) => {
+                self.inner.metrics.refused(reason);
+                return Err(Status::resource_exhausted(format!(
+                    "stream refused: {reason}"
+                )));
+            }
         };
         let mut inbound = request.into_inner();
         let shared = self.inner.clone();
@@ -173,9 +208,21 @@ impl mesh_server::Mesh for MeshService {
                 return Err(Status::invalid_argument("Hello.role must be NODE or DNS"));
             }
         };
-        if let Err(reason) = shared.authorizer.authorize(&peer, &hello) {
+        if let Err(reason) = shared.authorizer.authorize(&peer, &hello).await {
             shared.metrics.refused("unauthorized");
-            warn!(peer = ?peer.addr, node = %hello.node_name, role = hello.role, %reason, "refused subscription");
+            let names = peer
+                .certs
+                .first()
+                .map(|c| meshlite_runtime::tls::dns_names(c))
+                .unwrap_or_default();
+            warn!(
+                peer = ?peer.addr,
+                certificate = ?names,
+                claimed_node = %hello.node_name,
+                claimed_role = ?v1::Role::try_from(hello.role),
+                %reason,
+                "refused subscription"
+            );
             return Err(Status::permission_denied(reason));
         }
 
@@ -183,6 +230,7 @@ impl mesh_server::Mesh for MeshService {
         let span = info_span!("stream", node = %hello.node_name, role = ?view_role(&view));
         tokio::spawn(
             async move {
+                let _permit = permit;
                 let reason = Subscription::new(shared.clone(), hello, view, tx)
                     .run(inbound)
                     .await;

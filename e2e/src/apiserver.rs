@@ -84,6 +84,8 @@ struct Inner {
     rv: u64,
     compacted: u64,
     kinds: HashMap<Collection, KindState>,
+    /// token -> (username, bound node) for TokenReview.
+    tokens: HashMap<String, (String, Option<String>)>,
 }
 
 /// A handle on a running stand-in. Cheap to clone.
@@ -150,6 +152,10 @@ impl ApiServer {
                 get(serve_endpointslices),
             )
             .route("/version", get(version))
+            .route(
+                "/apis/authentication.k8s.io/v1/tokenreviews",
+                axum::routing::post(token_review),
+            )
             .with_state(server.clone());
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -271,6 +277,15 @@ impl ApiServer {
     /// Cuts every open watch connection (the watchers reconnect).
     pub fn drop_watches(&self) {
         self.drops.send_modify(|g| *g += 1);
+    }
+
+    /// Makes `token` valid for `username` (e.g. `system:serviceaccount:ns:sa`),
+    /// bound to `node` as the kubelet binds projected tokens (Kubernetes 1.30+).
+    pub fn add_token(&self, token: &str, username: &str, node: Option<&str>) {
+        self.lock().tokens.insert(
+            token.to_string(),
+            (username.to_string(), node.map(str::to_string)),
+        );
     }
 
     /// Number of objects of a collection.
@@ -479,5 +494,40 @@ fn serve(s: &ApiServer, coll: Collection, p: &Params) -> Response<Body> {
         .status(status)
         .header("content-type", "application/json")
         .body(Body::from(serde_json::to_vec(&body).unwrap_or_default()))
+        .unwrap_or_else(|_| Response::new(Body::empty()))
+}
+
+/// `POST tokenreviews`: authenticates tokens registered with [`ApiServer::add_token`]
+/// for the `meshlite` audience, answering as the real API server does.
+async fn token_review(State(s): State<ApiServer>, body: Bytes) -> Response<Body> {
+    let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let token = req["spec"]["token"].as_str().unwrap_or("");
+    let audiences: Vec<String> = req["spec"]["audiences"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let found = s.lock().tokens.get(token).cloned();
+    let status = match found {
+        Some((user, node)) if audiences.iter().any(|a| a == "meshlite") => {
+            let mut extra = serde_json::Map::new();
+            if let Some(n) = node {
+                extra.insert("authentication.kubernetes.io/node-name".into(), json!([n]));
+            }
+            json!({"authenticated": true, "audiences": ["meshlite"],
+                   "user": {"username": user, "extra": extra}})
+        }
+        Some(_) => json!({"authenticated": false, "error": "token audiences are invalid"}),
+        None => json!({"authenticated": false, "error": "invalid bearer token"}),
+    };
+    let out = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                     "metadata": {"creationTimestamp": null}, "spec": req["spec"], "status": status});
+    Response::builder()
+        .status(StatusCode::CREATED)
+        .header("content-type", "application/json")
+        .body(Body::from(serde_json::to_vec(&out).unwrap_or_default()))
         .unwrap_or_else(|_| Response::new(Body::empty()))
 }

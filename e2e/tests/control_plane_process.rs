@@ -31,6 +31,7 @@ fn subscribe(
             backoff: Backoff::try_new(Duration::from_millis(20), Duration::from_millis(200), 0.5)
                 .unwrap(),
             max_message_bytes: 4 << 20,
+            token_file: None,
         },
         handler.clone(),
         Arc::new(SubscriberMetrics::register(
@@ -92,7 +93,7 @@ async fn serves_the_seed_over_mtls_and_follows_edits() {
 
     let (handler, _stop) = subscribe(
         format!("https://{grpc}"),
-        Some(pki.client("node1", &["node1"])),
+        Some(pki.client("node1", &["node1.nodes.meshlite"])),
     );
     assert_eventually("seed snapshot", T, || handler.records().len() == 1).await;
     let first = &handler.records()[0];
@@ -131,10 +132,13 @@ async fn serves_the_seed_over_mtls_and_follows_edits() {
         metrics.contains("meshlite_control_plane_manifest_errors_total 1"),
         "{metrics}"
     );
-    assert!(
-        metrics.contains("meshlite_control_plane_resources{kind=\"Service\"} 2"),
-        "{metrics}"
-    );
+    // Gauges refresh every second.
+    assert_eventually("resources gauge", T, || {
+        http_get(admin, "/metrics").is_ok_and(|(_, m)| {
+            m.contains("meshlite_control_plane_resources{kind=\"Service\"} 2")
+        })
+    })
+    .await;
     assert_eq!(
         handler.records().len(),
         2,

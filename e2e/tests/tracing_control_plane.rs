@@ -76,6 +76,7 @@ async fn start(otlp_endpoint: &str) -> Cp {
             backoff: Backoff::try_new(Duration::from_millis(20), Duration::from_millis(200), 0.5)
                 .unwrap(),
             max_message_bytes: 4 << 20,
+            token_file: None,
         },
         handler.clone(),
         Arc::new(SubscriberMetrics::register(

@@ -232,7 +232,14 @@ def test_control_plane_is_spread_and_protected(case):
     (c,) = chart.pod_spec(d)["containers"]
     args = chart.arg_map(c)
     assert args["source"] == "kube"
-    assert ("token-review" in args) == token_mode(case)
+    if token_mode(case):
+        assert args["node-identity"] == "token"
+        sa = chart.one(objs, "ServiceAccount", name(case, "node-agent"))
+        ns = sa["metadata"]["namespace"]
+        assert args["node-agent-service-account"] == f"system:serviceaccount:{ns}:{sa['metadata']['name']}"
+    else:
+        # One certificate shared by every node agent: the role is checked, not the node.
+        assert args["node-identity"] == "shared-certificate"
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -104,6 +104,9 @@ pub struct SubscriberConfig {
     pub backoff: Backoff,
     /// Largest message accepted from the server.
     pub max_message_bytes: usize,
+    /// A ServiceAccount token file sent as `authorization: Bearer` (re-read on every
+    /// connect, as the kubelet rotates it), for `--node-identity token`.
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 /// Connection state, for readiness and `/healthz`.
@@ -272,9 +275,17 @@ impl<H: Handler> Subscriber<H> {
             applied_count: digest.count,
         };
         send(&tx, v1::agent_message::Msg::Hello(hello)).await?;
-        let response = client
-            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await?;
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        if let Some(path) = &self.config.token_file {
+            let token = std::fs::read_to_string(path).map_err(|e| {
+                StreamError::Protocol(format!("read token {}: {e}", path.display()))
+            })?;
+            let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {
+                StreamError::Protocol(format!("token in {} is not valid ASCII", path.display()))
+            })?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        let response = client.stream(request).await?;
         let mut inbound = response.into_inner();
         self.status.send_modify(|s| {
             s.connected = true;

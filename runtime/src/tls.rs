@@ -146,6 +146,7 @@ impl ClientTls {
 #[derive(Debug)]
 pub struct ReloadingServerConfig {
     tls: ServerTls,
+    expiry: Option<CertExpiry>,
     state: std::sync::Mutex<(
         Vec<Option<std::time::SystemTime>>,
         Arc<rustls::ServerConfig>,
@@ -160,8 +161,16 @@ impl ReloadingServerConfig {
         let stamps = stamps(&tls);
         Ok(Self {
             tls,
+            expiry: None,
             state: std::sync::Mutex::new((stamps, config)),
         })
+    }
+
+    /// Keeps `expiry` up to date with the served certificate.
+    pub fn with_expiry(mut self, expiry: CertExpiry) -> Self {
+        expiry.observe_file("server", &self.tls.cert);
+        self.expiry = Some(expiry);
+        self
     }
 
     /// The current config, reloaded first if the files changed.
@@ -173,6 +182,9 @@ impl ReloadingServerConfig {
             match self.tls.load() {
                 Ok(c) => {
                     tracing::info!(cert = %self.tls.cert.display(), "reloaded TLS certificate");
+                    if let Some(e) = &self.expiry {
+                        e.observe_file("server", &self.tls.cert);
+                    }
                     *state = (now, c);
                 }
                 Err(e) => {
@@ -190,4 +202,70 @@ fn stamps(tls: &ServerTls) -> Vec<Option<std::time::SystemTime>> {
         .iter()
         .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
         .collect()
+}
+
+/// The DNS names (subjectAltName dNSName entries) of a DER certificate.
+pub fn dns_names(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// When a DER certificate expires.
+pub fn not_after(der: &[u8]) -> Option<std::time::SystemTime> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+}
+
+/// `meshlite_tls_certificate_expiry_timestamp_seconds{certificate=...}`: when each
+/// certificate this process presents expires, refreshed whenever it is (re)loaded.
+#[derive(Debug, Clone, Default)]
+pub struct CertExpiry {
+    family: prometheus_client::metrics::family::Family<
+        CertLabel,
+        prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
+    >,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct CertLabel {
+    certificate: String,
+}
+
+impl CertExpiry {
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let me = Self::default();
+        registry.register(
+            "meshlite_tls_certificate_expiry_timestamp_seconds",
+            "Unix time at which the certificate this process presents expires",
+            me.family.clone(),
+        );
+        me
+    }
+
+    /// Records the expiry of the first certificate in a PEM file.
+    pub fn observe_file(&self, label: &str, path: &Path) {
+        let Ok(certs) = load_certs(path) else { return };
+        if let Some(t) = certs.first().and_then(|c| not_after(c.as_ref()))
+            && let Ok(d) = t.duration_since(std::time::UNIX_EPOCH)
+        {
+            self.family
+                .get_or_create(&CertLabel {
+                    certificate: label.to_string(),
+                })
+                .set(d.as_secs_f64());
+        }
+    }
 }

@@ -79,7 +79,7 @@ pub struct Config {
     #[arg(long, env = "MESHLITE_FILE_POLL_INTERVAL", default_value = "200ms", value_parser = humantime::parse_duration)]
     pub file_poll_interval: Duration,
     /// Largest update chunk sent (keep under agents' 4 MiB receive limit).
-    #[arg(long, env = "MESHLITE_CHUNK_BYTES", default_value_t = 3 * 1024 * 1024)]
+    #[arg(long, env = "MESHLITE_CHUNK_BYTES", default_value_t = 1024 * 1024)]
     pub chunk_bytes: usize,
     /// Largest message accepted from an agent.
     #[arg(long, env = "MESHLITE_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
@@ -117,6 +117,10 @@ pub struct Config {
     /// Burst of new streams admitted at once.
     #[arg(long, env = "MESHLITE_STREAM_BURST", default_value_t = 5_000.0)]
     pub stream_burst: f64,
+    /// Most full snapshots being sent (unacknowledged) at once; bounds memory when a
+    /// fleet syncs together.
+    #[arg(long, env = "MESHLITE_MAX_FULL_SYNCS", default_value_t = 64)]
+    pub max_full_syncs: usize,
     /// Write the bound addresses as JSON here once listening.
     #[arg(long, env = "MESHLITE_ADDRESSES_FILE")]
     pub addresses_file: Option<PathBuf>,

@@ -181,6 +181,7 @@ pub async fn start_with(
             max_streams: config.max_streams,
             stream_rate: config.stream_rate,
             stream_burst: config.stream_burst,
+            max_large_in_flight: config.max_full_syncs.max(1),
             ..StreamConfig::default()
         },
         metrics.clone(),

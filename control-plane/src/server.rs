@@ -53,12 +53,14 @@ pub struct StreamConfig {
     /// New streams admitted per second (token bucket refill) and burst.
     pub stream_rate: f64,
     pub stream_burst: f64,
+    /// Most full snapshots (or inventory resumes) unacknowledged at once.
+    pub max_large_in_flight: usize,
 }
 
 impl Default for StreamConfig {
     fn default() -> Self {
         Self {
-            chunk_bytes: 3 * 1024 * 1024,
+            chunk_bytes: 1024 * 1024,
             send_timeout: Duration::from_secs(30),
             hello_timeout: Duration::from_secs(10),
             nack_backoff: Backoff::default(),
@@ -66,6 +68,7 @@ impl Default for StreamConfig {
             max_streams: 20_000,
             stream_rate: 1_000.0,
             stream_burst: 5_000.0,
+            max_large_in_flight: 64,
         }
     }
 }
@@ -112,6 +115,7 @@ struct Shared {
     agents: Agents,
     authorizer: Box<dyn Authorizer>,
     limits: Limits,
+    large: Arc<tokio::sync::Semaphore>,
 }
 
 // === impl MeshService ===
@@ -125,6 +129,9 @@ impl MeshService {
         authorizer: Box<dyn Authorizer>,
     ) -> Self {
         let limits = Limits::new(config.max_streams, config.stream_rate, config.stream_burst);
+        let large = Arc::new(tokio::sync::Semaphore::new(
+            config.max_large_in_flight.max(1),
+        ));
         Self {
             inner: Arc::new(Shared {
                 store,
@@ -133,6 +140,7 @@ impl MeshService {
                 agents,
                 authorizer,
                 limits,
+                large,
             }),
         }
     }
@@ -293,6 +301,9 @@ struct InFlight {
     nonce: String,
     version: u64,
     sent: Instant,
+    /// Held while a large update (full snapshot, inventory resume) is unacknowledged,
+    /// so at most `max_large_in_flight` of them are buffered at once.
+    _large: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// What to send next.
@@ -487,6 +498,16 @@ impl Subscription {
                 self.send_frame(frame).await
             }
             Plan::Send { delta, base, kind } => {
+                // A full snapshot of a large cluster is megabytes per agent: pace
+                // them, so a fleet syncing at once does not buffer them all.
+                let large = if matches!(kind, UpdateKind::Full | UpdateKind::Inventory) {
+                    tokio::select! {
+                        p = self.shared.large.clone().acquire_owned() => p.ok(),
+                        () = self.tx.closed() => return Err(EndReason::AgentClosed),
+                    }
+                } else {
+                    None
+                };
                 self.nonce += 1;
                 let nonce = self.nonce.to_string();
                 let version = delta.version;
@@ -514,6 +535,7 @@ impl Subscription {
                     nonce,
                     version,
                     sent: Instant::now(),
+                    _large: large,
                 });
                 Ok(())
             }

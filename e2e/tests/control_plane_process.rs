@@ -134,9 +134,8 @@ async fn serves_the_seed_over_mtls_and_follows_edits() {
     );
     // Gauges refresh every second.
     assert_eventually("resources gauge", T, || {
-        http_get(admin, "/metrics").is_ok_and(|(_, m)| {
-            m.contains("meshlite_control_plane_resources{kind=\"Service\"} 2")
-        })
+        http_get(admin, "/metrics")
+            .is_ok_and(|(_, m)| m.contains("meshlite_control_plane_resources{kind=\"Service\"} 2"))
     })
     .await;
     assert_eq!(

@@ -90,6 +90,45 @@ impl Ctx {
     }
 }
 
+/// RFC 1123 label: what Kubernetes requires of namespaces and Service names (Service
+/// names additionally start with a letter, RFC 1035; DNS names are built from them).
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// RFC 1123 subdomain: EndpointSlice and Node names.
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// Checks the object's identity; every name ends up in keys and DNS names.
+fn check_names(cx: &Ctx, namespace: Option<&str>, name: &str, label: bool) -> Result<(), Invalid> {
+    if let Some(ns) = namespace
+        && !is_dns_label(ns)
+    {
+        return Err(cx.invalid(format!(
+            "metadata.namespace {ns:?} is not a valid DNS label"
+        )));
+    }
+    let ok = if label {
+        is_dns_label(name)
+    } else {
+        is_dns_subdomain(name)
+    };
+    if !ok {
+        return Err(cx.invalid(format!(
+            "metadata.name {name:?} is not a valid DNS {}",
+            if label { "label" } else { "subdomain" }
+        )));
+    }
+    Ok(())
+}
+
 fn parse_ip(s: &str) -> Option<IpAddr> {
     s.trim().parse().ok()
 }
@@ -131,6 +170,7 @@ pub fn service(svc: &core::Service) -> Result<Normalized<Service>, Invalid> {
     if name.is_empty() {
         return Err(cx.invalid("metadata.name is empty"));
     }
+    check_names(&cx, Some(namespace), name, true)?;
     let default_spec = core::ServiceSpec::default();
     let spec = svc.spec.as_ref().unwrap_or(&default_spec);
 
@@ -311,7 +351,12 @@ pub fn service(svc: &core::Service) -> Result<Normalized<Service>, Invalid> {
         .and_then(|p| if p == 0 { None } else { port_number(p) });
     let external_name = if kind == ServiceType::ExternalName {
         match spec.external_name.as_deref().map(str::trim) {
-            Some(n) if !n.is_empty() => Some(n.trim_end_matches('.').to_string()),
+            Some(n) if is_dns_subdomain(&n.trim_end_matches('.').to_ascii_lowercase()) => {
+                Some(n.trim_end_matches('.').to_ascii_lowercase())
+            }
+            Some(n) if !n.is_empty() => {
+                return Err(cx.invalid(format!("spec.externalName {n:?} is not a valid DNS name")));
+            }
             _ => return Err(cx.invalid("spec.externalName is empty for type ExternalName")),
         }
     } else {
@@ -358,6 +403,7 @@ pub fn endpoint_slice(s: &discovery::EndpointSlice) -> Result<Normalized<Endpoin
     if name.is_empty() {
         return Err(cx.invalid("metadata.name is empty"));
     }
+    check_names(&cx, Some(namespace), name, false)?;
     let service_name = s
         .metadata
         .labels
@@ -366,6 +412,11 @@ pub fn endpoint_slice(s: &discovery::EndpointSlice) -> Result<Normalized<Endpoin
         .filter(|n| !n.is_empty())
         .ok_or_else(|| cx.invalid(format!("no {SERVICE_NAME_LABEL} label")))?
         .clone();
+    if !is_dns_label(&service_name) {
+        return Err(cx.invalid(format!(
+            "{SERVICE_NAME_LABEL} {service_name:?} is not a valid Service name"
+        )));
+    }
     let address_family = match s.address_type.as_str() {
         "IPv4" => AddressFamily::Ipv4,
         "IPv6" => AddressFamily::Ipv6,
@@ -454,7 +505,16 @@ pub fn endpoint_slice(s: &discovery::EndpointSlice) -> Result<Normalized<Endpoin
                 .and_then(|h| h.for_nodes.as_ref())
                 .map(|n| n.iter().map(|n| n.name.clone()).collect())
                 .unwrap_or_default(),
-            hostname: e.hostname.clone().filter(|h| !h.is_empty()),
+            hostname: match e.hostname.as_deref() {
+                None | Some("") => None,
+                Some(h) if is_dns_label(h) => Some(h.to_string()),
+                Some(h) => {
+                    cx.warn(format!(
+                        "endpoints[{i}].hostname {h:?} is not a valid DNS label; ignored"
+                    ));
+                    None
+                }
+            },
             target_pod: e
                 .target_ref
                 .as_ref()
@@ -482,6 +542,7 @@ pub fn node(n: &core::Node) -> Result<Normalized<Node>, Invalid> {
     if name.is_empty() {
         return Err(cx.invalid("metadata.name is empty"));
     }
+    check_names(&cx, None, name, false)?;
     let zone = n
         .metadata
         .labels

@@ -296,3 +296,29 @@ status:
     );
     assert_eq!(v.warnings.len(), 1);
 }
+
+#[test]
+fn names_must_be_dns_names() {
+    assert!(service(&svc("metadata: {name: Web}\nspec: {clusterIP: 198.19.0.1}")).is_err());
+    assert!(
+        service(&svc(
+            "metadata: {name: web, namespace: a/b}\nspec: {clusterIP: 198.19.0.1}"
+        ))
+        .is_err()
+    );
+    assert!(
+        service(&svc(
+            "metadata: {name: web.x}\nspec: {clusterIP: 198.19.0.1}"
+        ))
+        .is_err(),
+        "a Service name is a label"
+    );
+    let s = slice(
+        "metadata: {name: web.abc-1, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints: []",
+    );
+    assert!(endpoint_slice(&s).is_ok(), "a slice name is a subdomain");
+    let s = slice(
+        "metadata: {name: x, labels: {kubernetes.io/service-name: \"a/b\"}}\naddressType: IPv4\nendpoints: []",
+    );
+    assert!(endpoint_slice(&s).is_err());
+}

@@ -5,4 +5,6 @@
 //! and applies it to the kernel, returning to the subscriber only once the rules are
 //! in effect, so the ACK means "applied".
 
+pub mod backend;
+pub mod iptables;
 pub mod proxy;

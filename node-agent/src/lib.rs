@@ -6,5 +6,8 @@
 //! in effect, so the ACK means "applied".
 
 pub mod backend;
+pub mod health;
 pub mod iptables;
+pub mod metrics;
 pub mod proxy;
+pub mod sync;

@@ -5,9 +5,12 @@
 //! and applies it to the kernel, returning to the subscriber only once the rules are
 //! in effect, so the ACK means "applied".
 
+pub mod app;
 pub mod backend;
+pub mod config;
 pub mod health;
 pub mod iptables;
 pub mod metrics;
+pub mod preview;
 pub mod proxy;
 pub mod sync;

@@ -5,6 +5,7 @@
 //! with a message naming what is missing otherwise.
 
 #![cfg(target_os = "linux")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "support/netns.rs"]
 mod netns;

@@ -54,7 +54,11 @@ fn resources(services: usize, endpoints: usize, shrink: Option<usize>) -> Vec<Re
                 80,
             ),
         ));
-        let n = if shrink == Some(i) { endpoints - 1 } else { endpoints };
+        let n = if shrink == Some(i) {
+            endpoints - 1
+        } else {
+            endpoints
+        };
         r.push(Resource::EndpointSlice(EndpointSlice {
             namespace: "bench".into(),
             name: format!("{name}-1"),
@@ -67,7 +71,9 @@ fn resources(services: usize, endpoints: usize, shrink: Option<usize>) -> Vec<Re
                 app_protocol: None,
             }],
             endpoints: (0..n)
-                .map(|k| Endpoint::ready(v4((i * endpoints + k) % 60_000, [198, 18])).on_node("node2"))
+                .map(|k| {
+                    Endpoint::ready(v4((i * endpoints + k) % 60_000, [198, 18])).on_node("node2")
+                })
                 .collect(),
         }));
     }
@@ -131,7 +137,10 @@ fn main() {
     .into();
     let old_seps: BTreeSet<&str> = rs.active_nat_chains();
     let new_seps: BTreeSet<&str> = rs_changed.active_nat_chains();
-    let stale: Vec<String> = old_seps.difference(&new_seps).map(|s| s.to_string()).collect();
+    let stale: Vec<String> = old_seps
+        .difference(&new_seps)
+        .map(|s| s.to_string())
+        .collect();
     let partial = rs_changed.partial_text(&changed, &stale);
 
     println!("meshlite node agent sync benchmark");
@@ -152,7 +161,11 @@ fn main() {
         partial.lines().count(),
         partial.len() as f64 / 1024.0
     );
-    println!("  (1) view build: {}   render (ruleset + text): {}", ms(median(t_view)), ms(median(t_render)));
+    println!(
+        "  (1) view build: {}   render (ruleset + text): {}",
+        ms(median(t_view)),
+        ms(median(t_render))
+    );
 
     netns::require_root_and_tools();
     let ns = netns::Netns::new("bench").expect("network namespace");

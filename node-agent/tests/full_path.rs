@@ -115,8 +115,15 @@ fn control_plane_binary() -> PathBuf {
         let target = dir.parent().unwrap();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "meshlite-control-plane", "--bin", name, "--target-dir"])
-            .arg(target);
+        cmd.args([
+            "build",
+            "-p",
+            "meshlite-control-plane",
+            "--bin",
+            name,
+            "--target-dir",
+        ])
+        .arg(target);
         if profile == "release" {
             cmd.arg("--release");
         }
@@ -150,7 +157,9 @@ status:
 fn slice(pods: &[&str]) -> String {
     let eps: String = pods
         .iter()
-        .map(|ip| format!("  - {{addresses: [\"{ip}\"], conditions: {{ready: true}}, nodeName: node1}}\n"))
+        .map(|ip| {
+            format!("  - {{addresses: [\"{ip}\"], conditions: {{ready: true}}, nodeName: node1}}\n")
+        })
         .collect();
     format!(
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{{name: http, protocol: TCP, port: 80}}]\nendpoints:\n{eps}"
@@ -227,7 +236,10 @@ async fn control_plane_to_node_agent_to_packets() {
     std::fs::create_dir(&manifests).unwrap();
     std::fs::write(manifests.join("service.yaml"), SERVICE).unwrap();
     let slice_file = manifests.join("slice.yaml");
-    write_atomic(&slice_file, &slice(&["198.18.1.2", "198.18.2.2", "198.18.3.2"]));
+    write_atomic(
+        &slice_file,
+        &slice(&["198.18.1.2", "198.18.2.2", "198.18.3.2"]),
+    );
 
     let cp_file = tmp.path().join("cp-addresses.json");
     let mut cp = Proc::start(
@@ -255,7 +267,10 @@ async fn control_plane_to_node_agent_to_packets() {
     assert_eq!(seen.len(), 3, "{seen:?}");
     // kube-proxy's ports: /healthz on the healthz address, metrics on admin.
     let hz = lab.node_rt.run(get(addrs["healthz"], "/healthz", T)).await;
-    assert!(matches!(&hz, Outcome::Ok(200, b) if b.contains("lastUpdated")), "{hz:?}");
+    assert!(
+        matches!(&hz, Outcome::Ok(200, b) if b.contains("lastUpdated")),
+        "{hz:?}"
+    );
     let m = lab.node_rt.run(get(addrs["admin"], "/metrics", T)).await;
     assert!(
         matches!(&m, Outcome::Ok(200, b) if b.contains("kubeproxy_sync_proxy_rules_duration_seconds")),
@@ -294,7 +309,12 @@ async fn control_plane_to_node_agent_to_packets() {
     let (agent, addrs) = start_agent(&lab, tmp.path(), grpc);
     wait_ready(&lab, addrs["admin"], &agent).await;
     let failed = load.await.unwrap();
-    assert!(failed.is_empty(), "{} failed: {failed:?}\n{}", failed.len(), agent.log_tail());
+    assert!(
+        failed.is_empty(),
+        "{} failed: {failed:?}\n{}",
+        failed.len(),
+        agent.log_tail()
+    );
     let (seen, failed) = spread(&lab, to, 30).await;
     assert_eq!(failed, 0);
     assert!(!seen.contains_key("pod3"), "{seen:?}");

@@ -15,8 +15,14 @@ use meshlite_node_agent::proxy::IpFamily;
 fn rules() -> RuleArgs {
     RuleArgs {
         chain_prefix: "KUBE".into(),
-        cluster_cidr: vec!["198.18.0.0/17".parse().unwrap(), "2001:db8:1::/64".parse().unwrap()],
-        node_ip: vec!["198.18.0.1".parse().unwrap(), "2001:db8::1".parse().unwrap()],
+        cluster_cidr: vec![
+            "198.18.0.0/17".parse().unwrap(),
+            "2001:db8:1::/64".parse().unwrap(),
+        ],
+        node_ip: vec![
+            "198.18.0.1".parse().unwrap(),
+            "2001:db8::1".parse().unwrap(),
+        ],
         masquerade_all: false,
         masquerade_bit: 14,
         localhost_nodeports: true,
@@ -27,13 +33,22 @@ fn rules() -> RuleArgs {
 fn check(manifests: &Path, family: IpFamily, golden: &Path) {
     let cfg = rules().iptables(vec![family], false);
     let p = render_dir(manifests, "node1", family, &cfg).unwrap();
-    assert!(p.warnings.is_empty(), "{}: {:?}", manifests.display(), p.warnings);
+    assert!(
+        p.warnings.is_empty(),
+        "{}: {:?}",
+        manifests.display(),
+        p.warnings
+    );
     if std::env::var_os("MESHLITE_UPDATE_GOLDEN").is_some() {
         std::fs::write(golden, &p.text).unwrap();
         return;
     }
-    let want = std::fs::read_to_string(golden)
-        .unwrap_or_else(|e| panic!("{}: {e} (set MESHLITE_UPDATE_GOLDEN=1 to create)", golden.display()));
+    let want = std::fs::read_to_string(golden).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (set MESHLITE_UPDATE_GOLDEN=1 to create)",
+            golden.display()
+        )
+    });
     if want != p.text {
         panic!(
             "{} differs from {}:\n--- want\n{want}\n--- got\n{}",

@@ -261,7 +261,10 @@ impl IptablesBackend {
         let rs = render(view, &render_config(cfg, view));
         let full = want_full || state.applied.is_none();
 
-        if full || !state.jumps_ensured {
+        // The jumps are checked one rule at a time (each check reads the table), so
+        // only at start, after a failure and when the canary saw a flush; the
+        // periodic full resync rewrites our chains without them.
+        if !state.jumps_ensured {
             if family == IpFamily::V4 && cfg.localhost_nodeports {
                 set_route_localnet();
             }
@@ -321,6 +324,7 @@ impl IptablesBackend {
         if let Err(e) = restore(family, &text).await {
             // The kernel kept its previous rules; make sure the next sync rewrites all.
             state.applied = None;
+            state.jumps_ensured = false;
             return Err(fail("restore", e));
         }
 
@@ -372,18 +376,23 @@ impl Backend for IptablesBackend {
 
     async fn check(&mut self) -> bool {
         let names = self.chain_names();
-        for state in &self.families {
-            if state.applied.is_none() {
-                continue;
-            }
-            let family = state.family;
+        let localhost = self.cfg.localhost_nodeports;
+        let applied: Vec<IpFamily> = self
+            .families
+            .iter()
+            .filter(|s| s.applied.is_some())
+            .map(|s| s.family)
+            .collect();
+        for family in applied {
             let names = names.clone();
-            let localhost = self.cfg.localhost_nodeports;
             let ok = tokio::task::spawn_blocking(move || canary_ok(&names, family, localhost))
                 .await
                 .unwrap_or(false);
             if !ok {
                 info!(%family, "canary missing: rules were flushed externally; scheduling a full sync");
+                for s in &mut self.families {
+                    s.jumps_ensured = false;
+                }
                 return false;
             }
         }

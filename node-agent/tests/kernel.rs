@@ -259,6 +259,9 @@ async fn node_port_from_another_namespace_and_masquerade() {
         Some(("pod1".into(), "198.18.1.1".into())),
         "{o:?}"
     );
+    // NodePort on the node's own localhost (route_localnet, as kube-proxy).
+    let o = lab.node_rt.run(get(addr("127.0.0.1", 30080), "/", T)).await;
+    assert_eq!(o.served().map(|s| s.0), Some("pod1".into()), "{o:?}");
     // ClusterIP from off-cluster: masqueraded too.
     let o = from_client(&lab, addr("198.19.0.13", 80), T).await;
     assert_eq!(

@@ -1,0 +1,481 @@
+//! Command line and environment: every flag also reads `MESHLITE_<FLAG>`.
+//!
+//! [`Cli`] is what clap parses; [`RunArgs::validate`] turns it into the typed
+//! [`Config`] the agent runs with (a pure function, tested without a process).
+//! Invalid configuration exits 64; `--check-config` prints the effective
+//! configuration and exits without starting anything or reading certificate files.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::iptables::{IptablesConfig, chains};
+use crate::proxy::IpFamily;
+
+/// Invalid configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--{flag} is required")]
+    Missing { flag: &'static str },
+    #[error("--{flag} {value:?}: {reason}")]
+    Invalid {
+        flag: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "meshlite-node-agent",
+    version,
+    about = "meshlite node agent: programs Services into the kernel (kube-proxy's iptables mode)",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the exact iptables-restore input for a directory of manifests, without
+    /// a control plane and without touching the kernel.
+    Render(RenderArgs),
+}
+
+/// The node agent (default command).
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Control plane endpoint: https://host:port (mTLS) or http://host:port with --insecure.
+    #[arg(long, env = "MESHLITE_CONTROL_PLANE")]
+    pub control_plane: Option<String>,
+    /// This node's name (the Node object and endpoints' nodeName).
+    #[arg(long, env = "MESHLITE_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Plaintext to the control plane. For local demos only.
+    #[arg(long, env = "MESHLITE_INSECURE")]
+    pub insecure: bool,
+    /// CA bundle that signs the control plane's certificate.
+    #[arg(long, env = "MESHLITE_CA")]
+    pub ca: Option<PathBuf>,
+    /// This node's client certificate (its identity is the node name).
+    #[arg(long, env = "MESHLITE_CERT")]
+    pub cert: Option<PathBuf>,
+    #[arg(long, env = "MESHLITE_KEY")]
+    pub key: Option<PathBuf>,
+    /// TLS server name to verify (default: the endpoint's host).
+    #[arg(long, env = "MESHLITE_SERVER_NAME")]
+    pub server_name: Option<String>,
+    /// /metrics, /healthz, /livez, /readyz. Also accepted as --metrics-bind-address
+    /// (kube-proxy's flag; same default).
+    #[arg(
+        long,
+        env = "MESHLITE_ADMIN_LISTEN",
+        alias = "metrics-bind-address",
+        default_value = "127.0.0.1:10249"
+    )]
+    pub admin_listen: String,
+    /// kube-proxy's health endpoint: /healthz and /livez.
+    #[arg(
+        long,
+        env = "MESHLITE_HEALTHZ_BIND_ADDRESS",
+        default_value = "0.0.0.0:10256"
+    )]
+    pub healthz_bind_address: String,
+    /// Write the bound addresses as JSON ({"admin": .., "healthz": ..}).
+    #[arg(long, env = "MESHLITE_ADDRESSES_FILE")]
+    pub addresses_file: Option<PathBuf>,
+    #[arg(long, env = "MESHLITE_BACKEND", value_enum, default_value = "iptables")]
+    pub backend: BackendKind,
+    #[command(flatten)]
+    pub rules: RuleArgs,
+    /// IP families to proxy.
+    #[arg(
+        long,
+        env = "MESHLITE_IP_FAMILIES",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "ipv4,ipv6"
+    )]
+    pub ip_families: Vec<FamilyArg>,
+    /// Full resync period.
+    #[arg(long, env = "MESHLITE_SYNC_PERIOD", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub sync_period: Duration,
+    /// Minimum time between two syncs.
+    #[arg(long, env = "MESHLITE_MIN_SYNC_PERIOD", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub min_sync_period: Duration,
+    /// How often to check that the rules were not flushed externally.
+    #[arg(long, env = "MESHLITE_CANARY_PERIOD", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub canary_period: Duration,
+    /// Address the health-check node port servers listen on.
+    #[arg(long, env = "MESHLITE_HEALTH_CHECK_ADDRESS", default_value = "0.0.0.0")]
+    pub health_check_address: IpAddr,
+    /// Delete stale UDP conntrack entries after syncs (needs the conntrack tool).
+    #[arg(long, env = "MESHLITE_CONNTRACK_CLEANUP", default_value_t = true, action = ArgAction::Set)]
+    pub conntrack_cleanup: bool,
+    /// JSON log lines.
+    #[arg(long, env = "MESHLITE_LOG_JSON")]
+    pub log_json: bool,
+    /// Validate the configuration, print it and exit.
+    #[arg(long, env = "MESHLITE_CHECK_CONFIG")]
+    pub check_config: bool,
+}
+
+/// Flags that shape the rules (shared by the agent and `render`).
+#[derive(Debug, Args, Clone)]
+pub struct RuleArgs {
+    /// Chain prefix; KUBE gives kube-proxy's chain names.
+    #[arg(long, env = "MESHLITE_CHAIN_PREFIX", default_value = "KUBE")]
+    pub chain_prefix: String,
+    /// Pod CIDRs (one per family): off-cluster traffic to ClusterIPs is masqueraded.
+    #[arg(long, env = "MESHLITE_CLUSTER_CIDR", value_delimiter = ',')]
+    pub cluster_cidr: Vec<IpNet>,
+    /// This node's IPs (default: its Node object's addresses).
+    #[arg(long, env = "MESHLITE_NODE_IP", value_delimiter = ',')]
+    pub node_ip: Vec<IpAddr>,
+    /// Masquerade all traffic to ClusterIPs.
+    #[arg(long, env = "MESHLITE_MASQUERADE_ALL")]
+    pub masquerade_all: bool,
+    /// Bit of the packet mark that means "masquerade" (14 = 0x4000).
+    #[arg(long, env = "MESHLITE_MASQUERADE_BIT", default_value_t = 14)]
+    pub masquerade_bit: u8,
+    /// NodePorts also answer on 127.0.0.1 (sets route_localnet).
+    #[arg(long, env = "MESHLITE_LOCALHOST_NODEPORTS", default_value_t = true, action = ArgAction::Set)]
+    pub localhost_nodeports: bool,
+    /// MASQUERADE --random-fully.
+    #[arg(long, env = "MESHLITE_RANDOM_FULLY", default_value_t = true, action = ArgAction::Set)]
+    pub random_fully: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RenderArgs {
+    /// Directory of Service, EndpointSlice and Node manifests.
+    #[arg(long, env = "MESHLITE_MANIFESTS")]
+    pub manifests: PathBuf,
+    #[arg(long, env = "MESHLITE_NODE_NAME")]
+    pub node_name: String,
+    /// Which table set to print (iptables-restore or ip6tables-restore input).
+    #[arg(long, env = "MESHLITE_IP_FAMILY", value_enum, default_value = "ipv4")]
+    pub ip_family: FamilyArg,
+    #[command(flatten)]
+    pub rules: RuleArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Iptables,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FamilyArg {
+    Ipv4,
+    Ipv6,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub control_plane: String,
+    pub node_name: String,
+    pub insecure: bool,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub server_name: Option<String>,
+    pub admin_listen: String,
+    pub healthz_bind_address: String,
+    pub addresses_file: Option<PathBuf>,
+    pub backend: BackendKind,
+    pub chain_prefix: String,
+    pub cluster_cidrs: Vec<IpNet>,
+    pub node_ips: Vec<IpAddr>,
+    pub masquerade_all: bool,
+    pub masquerade_bit: u8,
+    pub localhost_nodeports: bool,
+    pub random_fully: bool,
+    pub ip_families: Vec<String>,
+    #[serde(with = "humantime_serde_shim")]
+    pub sync_period: Duration,
+    #[serde(with = "humantime_serde_shim")]
+    pub min_sync_period: Duration,
+    #[serde(with = "humantime_serde_shim")]
+    pub canary_period: Duration,
+    pub health_check_address: IpAddr,
+    pub conntrack_cleanup: bool,
+    pub log_json: bool,
+    #[serde(skip)]
+    families: Vec<IpFamily>,
+}
+
+mod humantime_serde_shim {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+// === impl FamilyArg ===
+
+impl From<FamilyArg> for IpFamily {
+    fn from(f: FamilyArg) -> Self {
+        match f {
+            FamilyArg::Ipv4 => IpFamily::V4,
+            FamilyArg::Ipv6 => IpFamily::V6,
+        }
+    }
+}
+
+// === impl RuleArgs ===
+
+impl RuleArgs {
+    /// Checks the rule-shaping flags.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        chains::validate_prefix(&self.chain_prefix).map_err(|reason| ConfigError::Invalid {
+            flag: "chain-prefix",
+            value: self.chain_prefix.clone(),
+            reason,
+        })?;
+        if self.masquerade_bit > 31 {
+            return Err(ConfigError::Invalid {
+                flag: "masquerade-bit",
+                value: self.masquerade_bit.to_string(),
+                reason: "must be 0..=31".into(),
+            });
+        }
+        for fam in [IpFamily::V4, IpFamily::V6] {
+            let n = self
+                .cluster_cidr
+                .iter()
+                .filter(|c| fam.matches_net(c))
+                .count();
+            if n > 1 {
+                return Err(ConfigError::Invalid {
+                    flag: "cluster-cidr",
+                    value: format!("{:?}", self.cluster_cidr),
+                    reason: format!("at most one {fam} CIDR"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The iptables backend configuration these flags describe.
+    pub fn iptables(&self, families: Vec<IpFamily>, conntrack_cleanup: bool) -> IptablesConfig {
+        IptablesConfig {
+            prefix: self.chain_prefix.clone(),
+            families,
+            cluster_cidrs: self.cluster_cidr.iter().map(|c| c.trunc()).collect(),
+            masquerade_all: self.masquerade_all,
+            masquerade_bit: self.masquerade_bit,
+            node_ips: self.node_ip.clone(),
+            localhost_nodeports: self.localhost_nodeports,
+            random_fully: self.random_fully,
+            conntrack_cleanup,
+        }
+    }
+}
+
+// === impl RunArgs ===
+
+impl RunArgs {
+    /// Validates the flags into a [`Config`]. Reads no files.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let node_name = self
+            .node_name
+            .filter(|n| !n.is_empty())
+            .ok_or(ConfigError::Missing { flag: "node-name" })?;
+        let control_plane =
+            self.control_plane
+                .filter(|n| !n.is_empty())
+                .ok_or(ConfigError::Missing {
+                    flag: "control-plane",
+                })?;
+        let invalid = |flag, value: &str, reason: &str| ConfigError::Invalid {
+            flag,
+            value: value.to_string(),
+            reason: reason.to_string(),
+        };
+        if self.insecure {
+            if !control_plane.starts_with("http://") {
+                return Err(invalid(
+                    "control-plane",
+                    &control_plane,
+                    "with --insecure the endpoint must be http://",
+                ));
+            }
+        } else {
+            if !control_plane.starts_with("https://") {
+                return Err(invalid(
+                    "control-plane",
+                    &control_plane,
+                    "must be https:// (or http:// with --insecure)",
+                ));
+            }
+            for (flag, v) in [("ca", &self.ca), ("cert", &self.cert), ("key", &self.key)] {
+                if v.is_none() {
+                    return Err(ConfigError::Missing { flag });
+                }
+            }
+        }
+        for (flag, addr) in [
+            ("admin-listen", &self.admin_listen),
+            ("healthz-bind-address", &self.healthz_bind_address),
+        ] {
+            meshlite_runtime::admin::parse_listen(addr)
+                .map_err(|e| invalid(flag, addr, &e.to_string()))?;
+        }
+        self.rules.validate()?;
+        if self.sync_period.is_zero() {
+            return Err(invalid("sync-period", "0s", "must be positive"));
+        }
+        if self.min_sync_period > self.sync_period {
+            return Err(invalid(
+                "min-sync-period",
+                &humantime::format_duration(self.min_sync_period).to_string(),
+                "must not exceed --sync-period",
+            ));
+        }
+        if self.canary_period.is_zero() {
+            return Err(invalid("canary-period", "0s", "must be positive"));
+        }
+        let mut families: Vec<IpFamily> = Vec::new();
+        for f in &self.ip_families {
+            let f = IpFamily::from(*f);
+            if !families.contains(&f) {
+                families.push(f);
+            }
+        }
+        if families.is_empty() {
+            return Err(ConfigError::Missing {
+                flag: "ip-families",
+            });
+        }
+        Ok(Config {
+            control_plane,
+            node_name,
+            insecure: self.insecure,
+            ca: self.ca,
+            cert: self.cert,
+            key: self.key,
+            server_name: self.server_name,
+            admin_listen: self.admin_listen,
+            healthz_bind_address: self.healthz_bind_address,
+            addresses_file: self.addresses_file,
+            backend: self.backend,
+            chain_prefix: self.rules.chain_prefix.clone(),
+            cluster_cidrs: self.rules.cluster_cidr.clone(),
+            node_ips: self.rules.node_ip.clone(),
+            masquerade_all: self.rules.masquerade_all,
+            masquerade_bit: self.rules.masquerade_bit,
+            localhost_nodeports: self.rules.localhost_nodeports,
+            random_fully: self.rules.random_fully,
+            ip_families: families.iter().map(|f| f.to_string()).collect(),
+            sync_period: self.sync_period,
+            min_sync_period: self.min_sync_period,
+            canary_period: self.canary_period,
+            health_check_address: self.health_check_address,
+            conntrack_cleanup: self.conntrack_cleanup,
+            log_json: self.log_json,
+            families,
+        })
+    }
+}
+
+// === impl Config ===
+
+impl Config {
+    pub fn families(&self) -> &[IpFamily] {
+        &self.families
+    }
+
+    /// The iptables backend configuration.
+    pub fn iptables(&self) -> IptablesConfig {
+        RuleArgs {
+            chain_prefix: self.chain_prefix.clone(),
+            cluster_cidr: self.cluster_cidrs.clone(),
+            node_ip: self.node_ips.clone(),
+            masquerade_all: self.masquerade_all,
+            masquerade_bit: self.masquerade_bit,
+            localhost_nodeports: self.localhost_nodeports,
+            random_fully: self.random_fully,
+        }
+        .iptables(self.families.clone(), self.conntrack_cleanup)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let mut v = vec!["meshlite-node-agent"];
+        v.extend_from_slice(args);
+        let cli = Cli::try_parse_from(v).map_err(|e| e.to_string())?;
+        cli.run.validate().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_follow_kube_proxy() {
+        let c = parse(&[
+            "--node-name",
+            "n1",
+            "--control-plane",
+            "http://127.0.0.1:1",
+            "--insecure",
+        ])
+        .unwrap();
+        assert_eq!(c.admin_listen, "127.0.0.1:10249");
+        assert_eq!(c.healthz_bind_address, "0.0.0.0:10256");
+        assert_eq!(c.sync_period, Duration::from_secs(30));
+        assert_eq!(c.min_sync_period, Duration::from_secs(1));
+        assert_eq!(c.chain_prefix, "KUBE");
+        assert_eq!(c.families(), [IpFamily::V4, IpFamily::V6]);
+        assert_eq!(c.iptables().masquerade_bit, 14);
+    }
+
+    #[test]
+    fn metrics_bind_address_is_an_alias() {
+        let c = parse(&[
+            "--node-name=n1",
+            "--control-plane=http://127.0.0.1:1",
+            "--insecure",
+            "--metrics-bind-address=127.0.0.1:0",
+        ])
+        .unwrap();
+        assert_eq!(c.admin_listen, "127.0.0.1:0");
+    }
+
+    #[test]
+    fn invalid_configurations_are_rejected_with_the_flag_named() {
+        let base = ["--node-name=n1", "--control-plane=https://cp:8443"];
+        let err = parse(&base).unwrap_err();
+        assert!(err.contains("--ca"), "{err}");
+        let err = parse(&["--control-plane=http://x:1", "--insecure"]).unwrap_err();
+        assert!(err.contains("--node-name"), "{err}");
+        let err =
+            parse(&["--node-name=n", "--control-plane=https://x:1", "--insecure"]).unwrap_err();
+        assert!(err.contains("http://"), "{err}");
+        let ok = ["--node-name=n", "--control-plane=http://x:1", "--insecure"];
+        for bad in [
+            "--chain-prefix=kube",
+            "--masquerade-bit=40",
+            "--cluster-cidr=198.18.0.0/16,10.0.0.0/8",
+            "--min-sync-period=1m",
+            "--admin-listen=nope",
+        ] {
+            let mut a = ok.to_vec();
+            a.push(bad);
+            assert!(parse(&a).is_err(), "{bad} accepted");
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! `meshlite-node-agent`: see the crate docs. Parses the command line, then either
+//! renders manifests (`render`) or runs the agent.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use clap::error::ErrorKind;
+use meshlite_node_agent::config::{Cli, Command};
+use meshlite_node_agent::{app, preview};
+
+/// sysexits' EX_USAGE: the configuration is invalid.
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match cli.command {
+        Some(Command::Render(args)) => render(args),
+        None => run(cli.run),
+    }
+}
+
+fn render(args: meshlite_node_agent::config::RenderArgs) -> ExitCode {
+    if let Err(e) = args.rules.validate() {
+        eprintln!("error: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let cfg = args.rules.iptables(vec![args.ip_family.into()], false);
+    match preview::render_dir(
+        &args.manifests,
+        &args.node_name,
+        args.ip_family.into(),
+        &cfg,
+    ) {
+        Ok(p) => {
+            for w in &p.warnings {
+                eprintln!("warning: {w}");
+            }
+            // A closed stdout (`| head`) is not an error worth a panic.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), p.text.as_bytes());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: meshlite_node_agent::config::RunArgs) -> ExitCode {
+    let check = args.check_config;
+    let cfg = match args.validate() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if check {
+        let json = serde_json::to_string_pretty(&cfg).unwrap_or_default();
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), format!("{json}\n").as_bytes());
+        return ExitCode::SUCCESS;
+    }
+    meshlite_runtime::telemetry::init_logging(cfg.log_json);
+    tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "effective configuration");
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(app::run(cfg, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "node agent failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}

@@ -1,0 +1,386 @@
+use meshlite_proto::model::{
+    Endpoint, EndpointPort, EndpointSlice, Node, Resource, ServicePort, TargetPort,
+};
+
+use super::*;
+
+const NODE: &str = "node1";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn svc(name: &str) -> Service {
+    Service::cluster_ip("ns", name, ip("198.19.0.1")).with_port("p80", Protocol::Tcp, 80)
+}
+
+fn ep(addr: &str) -> Endpoint {
+    Endpoint::ready(ip(addr)).on_node("node2")
+}
+
+fn slice(name: &str, service: &str, endpoints: Vec<Endpoint>) -> EndpointSlice {
+    EndpointSlice {
+        namespace: "ns".into(),
+        name: name.into(),
+        service_name: service.into(),
+        address_family: AddressFamily::Ipv4,
+        ports: vec![EndpointPort {
+            name: "p80".into(),
+            protocol: Protocol::Tcp,
+            port: 8080,
+            app_protocol: None,
+        }],
+        endpoints,
+    }
+}
+
+fn node(zone: Option<&str>) -> Node {
+    Node {
+        name: NODE.into(),
+        zone: zone.map(String::from),
+        addresses: vec![ip("198.18.0.1"), ip("2001:db8::1")],
+        pod_cidrs: vec![],
+    }
+}
+
+fn view(service: Service, endpoints: Vec<Endpoint>) -> ServicePortView {
+    view_with(
+        service,
+        vec![slice("s-1", "svc", endpoints)],
+        Some("zone-a"),
+    )
+}
+
+fn view_with(service: Service, slices: Vec<EndpointSlice>, zone: Option<&str>) -> ServicePortView {
+    let mut resources = vec![Resource::Service(service), Resource::Node(node(zone))];
+    resources.extend(slices.into_iter().map(Resource::EndpointSlice));
+    let v = ProxyView::build(&Snapshot::from_resources(resources), NODE, IpFamily::V4);
+    assert_eq!(v.ports.len(), 1, "one port expected: {:?}", v.ports.keys());
+    v.ports.into_values().next().unwrap()
+}
+
+fn ips(eps: &[EndpointInfo]) -> Vec<String> {
+    eps.iter().map(|e| e.ip.to_string()).collect()
+}
+
+fn terminating(mut e: Endpoint, serving: bool) -> Endpoint {
+    e.ready = false;
+    e.serving = serving;
+    e.terminating = true;
+    e
+}
+
+fn local(e: Endpoint) -> Endpoint {
+    e.on_node(NODE)
+}
+
+fn zoned(mut e: Endpoint, zones: &[&str]) -> Endpoint {
+    e.zone_hints = zones.iter().map(|z| z.to_string()).collect();
+    e
+}
+
+fn node_port(mut s: Service) -> Service {
+    s.kind = ServiceType::NodePort;
+    s.ports[0].node_port = Some(30080);
+    s
+}
+
+#[test]
+fn port_name_and_display_follow_kube_proxy() {
+    assert_eq!(
+        ServicePortName::new("ns1", "svc1", "p80", Protocol::Tcp).to_string(),
+        "ns1/svc1:p80"
+    );
+    assert_eq!(
+        ServicePortName::new("ns1", "svc1", "", Protocol::Udp).to_string(),
+        "ns1/svc1"
+    );
+}
+
+#[test]
+fn target_port_comes_from_the_slice_port_of_the_same_name() {
+    let mut s = svc("svc");
+    s.ports[0].target_port = TargetPort::Name("http".into());
+    s.ports.push(ServicePort {
+        name: "metrics".into(),
+        protocol: Protocol::Tcp,
+        port: 9090,
+        node_port: None,
+        target_port: TargetPort::Number(9090),
+        app_protocol: None,
+    });
+    let resources = vec![
+        Resource::Service(s),
+        Resource::EndpointSlice(slice("s-1", "svc", vec![ep("198.18.1.1")])),
+    ];
+    let v = ProxyView::build(&Snapshot::from_resources(resources), NODE, IpFamily::V4);
+    let p80 = &v.ports[&ServicePortName::new("ns", "svc", "p80", Protocol::Tcp)];
+    assert_eq!(p80.endpoints[0].port, 8080);
+    assert_eq!(p80.endpoints[0].to_string(), "198.18.1.1:8080");
+    // No slice port named "metrics": no endpoints, so the service rejects.
+    let metrics = &v.ports[&ServicePortName::new("ns", "svc", "metrics", Protocol::Tcp)];
+    assert!(metrics.endpoints.is_empty());
+    assert!(!metrics.has_endpoints());
+}
+
+#[test]
+fn protocol_must_match_too() {
+    let mut s = svc("svc");
+    s.ports[0].protocol = Protocol::Udp;
+    let v = view(s, vec![ep("198.18.1.1")]);
+    assert!(v.endpoints.is_empty());
+}
+
+#[test]
+fn ready_endpoints_only_when_any_is_ready() {
+    let v = view(
+        svc("svc"),
+        vec![
+            ep("198.18.1.1"),
+            terminating(ep("198.18.1.2"), true),
+            terminating(ep("198.18.1.3"), false),
+        ],
+    );
+    assert_eq!(ips(&v.selection.cluster), ["198.18.1.1"]);
+    assert_eq!(ips(&v.selection.reachable), ["198.18.1.1"]);
+    assert!(v.selection.local.is_empty());
+    assert!(v.has_endpoints());
+}
+
+#[test]
+fn terminating_fallback_uses_serving_terminating_never_not_serving() {
+    let v = view(
+        svc("svc"),
+        vec![
+            terminating(ep("198.18.1.2"), true),
+            terminating(ep("198.18.1.3"), false),
+        ],
+    );
+    assert_eq!(ips(&v.selection.cluster), ["198.18.1.2"]);
+    assert!(v.has_endpoints());
+
+    let v = view(svc("svc"), vec![terminating(ep("198.18.1.3"), false)]);
+    assert!(v.selection.cluster.is_empty());
+    assert!(!v.has_endpoints());
+
+    // Not ready and not terminating (e.g. starting up): never used.
+    let mut starting = ep("198.18.1.4");
+    starting.ready = false;
+    starting.serving = false;
+    let v = view(svc("svc"), vec![starting]);
+    assert!(!v.has_endpoints());
+}
+
+#[test]
+fn zone_hints_used_when_all_ready_endpoints_have_one_and_one_matches() {
+    let eps = vec![
+        zoned(ep("198.18.1.1"), &["zone-a"]),
+        zoned(ep("198.18.1.2"), &["zone-b"]),
+        // Not ready: its missing hint does not disable hints.
+        terminating(ep("198.18.1.3"), true),
+    ];
+    let v = view(svc("svc"), eps.clone());
+    assert_eq!(ips(&v.selection.cluster), ["198.18.1.1"]);
+
+    // This node is in zone-c: nothing hinted for it, hints ignored.
+    let v = view_with(
+        svc("svc"),
+        vec![slice("s-1", "svc", eps.clone())],
+        Some("zone-c"),
+    );
+    assert_eq!(ips(&v.selection.cluster), ["198.18.1.1", "198.18.1.2"]);
+
+    // The node has no zone: hints ignored.
+    let v = view_with(svc("svc"), vec![slice("s-1", "svc", eps)], None);
+    assert_eq!(ips(&v.selection.cluster), ["198.18.1.1", "198.18.1.2"]);
+}
+
+#[test]
+fn zone_hints_ignored_when_one_ready_endpoint_lacks_them() {
+    let v = view(
+        svc("svc"),
+        vec![zoned(ep("198.18.1.1"), &["zone-a"]), ep("198.18.1.2")],
+    );
+    assert_eq!(ips(&v.selection.cluster), ["198.18.1.1", "198.18.1.2"]);
+}
+
+#[test]
+fn node_hints_win_over_zone_hints() {
+    let mut a = zoned(ep("198.18.1.1"), &["zone-a"]);
+    a.node_hints = vec![NODE.into()];
+    let mut b = zoned(ep("198.18.1.2"), &["zone-a"]);
+    b.node_hints = vec!["node2".into()];
+    let v = view(svc("svc"), vec![a, b]);
+    assert_eq!(ips(&v.selection.cluster), ["198.18.1.1"]);
+}
+
+#[test]
+fn terminating_fallback_ignores_hints_when_nothing_is_ready() {
+    // No ready endpoint: topology mode is computed from ready endpoints only, so
+    // it is "none" and every serving+terminating endpoint is used.
+    let v = view(
+        svc("svc"),
+        vec![
+            zoned(terminating(ep("198.18.1.1"), true), &["zone-a"]),
+            zoned(terminating(ep("198.18.1.2"), true), &["zone-b"]),
+        ],
+    );
+    assert_eq!(ips(&v.selection.cluster), ["198.18.1.1", "198.18.1.2"]);
+}
+
+#[test]
+fn internal_traffic_policy_local() {
+    let mut s = svc("svc");
+    s.internal_traffic_policy = TrafficPolicy::Local;
+    let v = view(s.clone(), vec![ep("198.18.1.1"), local(ep("198.18.1.2"))]);
+    assert!(!v.info.uses_cluster_endpoints());
+    assert!(v.selection.cluster.is_empty());
+    assert_eq!(ips(&v.selection.local), ["198.18.1.2"]);
+    assert_eq!(ips(&v.selection.reachable), ["198.18.1.2"]);
+
+    // No local endpoint: has endpoints (elsewhere) but nothing local -> DROP, not REJECT.
+    let v = view(s.clone(), vec![ep("198.18.1.1")]);
+    assert!(v.has_endpoints());
+    assert!(v.selection.local.is_empty());
+
+    // Local terminating fallback while a remote endpoint is ready.
+    let v = view(
+        s,
+        vec![ep("198.18.1.1"), local(terminating(ep("198.18.1.2"), true))],
+    );
+    assert_eq!(ips(&v.selection.local), ["198.18.1.2"]);
+}
+
+#[test]
+fn external_traffic_policy_local_on_node_port() {
+    let mut s = node_port(svc("svc"));
+    s.external_traffic_policy = TrafficPolicy::Local;
+    let v = view(
+        s,
+        vec![
+            ep("198.18.1.1"),
+            local(ep("198.18.1.2")),
+            zoned(ep("198.18.1.3"), &[]),
+        ],
+    );
+    assert!(v.info.external_policy_local);
+    assert!(v.info.uses_cluster_endpoints());
+    assert!(v.info.uses_local_endpoints());
+    assert_eq!(
+        ips(&v.selection.cluster),
+        ["198.18.1.1", "198.18.1.2", "198.18.1.3"]
+    );
+    assert_eq!(ips(&v.selection.local), ["198.18.1.2"]);
+    assert_eq!(ips(&v.selection.reachable).len(), 3);
+}
+
+#[test]
+fn external_policy_local_merges_terminating_local_into_reachable() {
+    let mut s = node_port(svc("svc"));
+    s.external_traffic_policy = TrafficPolicy::Local;
+    let v = view(
+        s,
+        vec![ep("198.18.1.1"), local(terminating(ep("198.18.1.2"), true))],
+    );
+    assert_eq!(ips(&v.selection.cluster), ["198.18.1.1"]);
+    assert_eq!(ips(&v.selection.local), ["198.18.1.2"]);
+    assert_eq!(ips(&v.selection.reachable), ["198.18.1.1", "198.18.1.2"]);
+}
+
+#[test]
+fn external_policy_local_is_ignored_on_cluster_ip_services() {
+    let mut s = svc("svc");
+    s.external_traffic_policy = TrafficPolicy::Local;
+    s.external_ips = vec![ip("198.19.50.1")];
+    let v = view(s, vec![ep("198.18.1.1")]);
+    assert!(!v.info.external_policy_local);
+    assert!(!v.info.uses_local_endpoints());
+}
+
+#[test]
+fn both_policies_local() {
+    let mut s = node_port(svc("svc"));
+    s.external_traffic_policy = TrafficPolicy::Local;
+    s.internal_traffic_policy = TrafficPolicy::Local;
+    let v = view(s, vec![ep("198.18.1.1"), local(ep("198.18.1.2"))]);
+    assert!(!v.info.uses_cluster_endpoints());
+    assert!(v.selection.cluster.is_empty());
+    assert_eq!(ips(&v.selection.reachable), ["198.18.1.2"]);
+}
+
+#[test]
+fn internal_local_external_cluster() {
+    let mut s = node_port(svc("svc"));
+    s.internal_traffic_policy = TrafficPolicy::Local;
+    let v = view(s, vec![ep("198.18.1.1"), local(ep("198.18.1.2"))]);
+    assert!(v.info.uses_cluster_endpoints());
+    assert_eq!(ips(&v.selection.cluster), ["198.18.1.1", "198.18.1.2"]);
+    assert_eq!(ips(&v.selection.local), ["198.18.1.2"]);
+}
+
+#[test]
+fn duplicates_across_slices_keep_the_local_copy_and_sort() {
+    let v = view_with(
+        svc("svc"),
+        vec![
+            slice("s-1", "svc", vec![ep("198.18.1.9"), ep("198.18.1.10")]),
+            slice("s-2", "svc", vec![local(ep("198.18.1.9"))]),
+        ],
+        None,
+    );
+    assert_eq!(ips(&v.endpoints), ["198.18.1.10", "198.18.1.9"]);
+    assert!(v.endpoints[1].is_local);
+}
+
+#[test]
+fn families_are_separate_and_headless_is_skipped() {
+    let mut dual = svc("dual");
+    dual.cluster_ips = vec![ip("198.19.0.2"), ip("2001:db8:1::2")];
+    dual.external_ips = vec![ip("198.19.50.1"), ip("2001:db8:50::1")];
+    let mut headless = svc("headless");
+    headless.cluster_ips.clear();
+    headless.headless = true;
+    let mut v6_slice = slice("d-6", "dual", vec![Endpoint::ready(ip("2001:db8:2::1"))]);
+    v6_slice.address_family = AddressFamily::Ipv6;
+    let resources = vec![
+        Resource::Service(dual),
+        Resource::Service(headless),
+        Resource::EndpointSlice(slice("d-4", "dual", vec![ep("198.18.1.1")])),
+        Resource::EndpointSlice(v6_slice),
+        Resource::EndpointSlice(slice("h-4", "headless", vec![ep("198.18.1.1")])),
+        Resource::Node(node(None)),
+    ];
+    let snap = Snapshot::from_resources(resources);
+    let v4 = ProxyView::build(&snap, NODE, IpFamily::V4);
+    let v6 = ProxyView::build(&snap, NODE, IpFamily::V6);
+    assert_eq!(v4.ports.len(), 1);
+    assert_eq!(v6.ports.len(), 1);
+    let p4 = v4.ports.values().next().unwrap();
+    let p6 = v6.ports.values().next().unwrap();
+    assert_eq!(p4.info.cluster_ip, ip("198.19.0.2"));
+    assert_eq!(p6.info.cluster_ip, ip("2001:db8:1::2"));
+    assert_eq!(p4.info.external_ips, [ip("198.19.50.1")]);
+    assert_eq!(ips(&p6.endpoints), ["2001:db8:2::1"]);
+    assert_eq!(p6.endpoints[0].to_string(), "[2001:db8:2::1]:8080");
+    assert_eq!(v4.node_ips, [ip("198.18.0.1")]);
+    assert_eq!(v6.node_ips, [ip("2001:db8::1")]);
+}
+
+#[test]
+fn load_balancer_and_health_check_only_where_kube_proxy_uses_them() {
+    let mut s = svc("svc");
+    s.load_balancer_ips = vec![ip("198.19.60.1")];
+    s.health_check_node_port = Some(30000);
+    s.external_traffic_policy = TrafficPolicy::Local;
+    // A ClusterIP service: status ingress and health check port are ignored.
+    let v = view(s.clone(), vec![ep("198.18.1.1")]);
+    assert!(v.info.load_balancer_ips.is_empty());
+    assert_eq!(v.info.health_check_node_port, None);
+
+    s.kind = ServiceType::LoadBalancer;
+    s.ports[0].node_port = Some(30080);
+    let v = view(s, vec![ep("198.18.1.1")]);
+    assert_eq!(v.info.load_balancer_ips, [ip("198.19.60.1")]);
+    assert_eq!(v.info.health_check_node_port, Some(30000));
+    assert_eq!(v.info.node_port, Some(30080));
+}

@@ -1,0 +1,300 @@
+//! The sync loop: snapshot -> views -> backend, with kube-proxy's timing rules.
+//!
+//! - Every update from the subscriber is applied before [`NodeHandler::apply`]
+//!   returns (so the ACK means "in the kernel"), no sooner than `min_sync_period`
+//!   after the previous sync.
+//! - A full resync every `sync_period`, and as soon as possible after a failed sync
+//!   or when the backend's canary reports an external flush.
+//! - Nothing touches the kernel before the first snapshot (fail static: a restarted
+//!   agent keeps the rules it finds until it has something to replace them with),
+//!   and a lost control plane leaves the last applied rules in place.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshlite_proto::model::{ResourceKey, ServiceName};
+use meshlite_runtime::admin::BlockReady;
+use meshlite_runtime::{Applied, ApplyError, ChangeSet, Handler, Snapshot, UpdateInfo};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::backend::{Backend, BackendError, Desired, SyncReport};
+use crate::health::{HealthCheckServers, ProxyHealth};
+use crate::metrics::ProxyMetrics;
+use crate::proxy::{IpFamily, ProxyView};
+
+/// Timing and identity of the sync loop.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    pub node_name: String,
+    pub families: Vec<IpFamily>,
+    pub sync_period: Duration,
+    pub min_sync_period: Duration,
+    pub canary_period: Duration,
+}
+
+/// Drives a backend. Shared by the handler and the background resync task.
+pub struct Proxier<B> {
+    cfg: SyncConfig,
+    state: Mutex<State<B>>,
+    health: ProxyHealth,
+    metrics: Arc<ProxyMetrics>,
+}
+
+struct State<B> {
+    backend: B,
+    /// The last views applied successfully.
+    views: Option<Vec<ProxyView>>,
+    last_sync: Option<Instant>,
+    last_full: Option<Instant>,
+    force_full: bool,
+    last_canary: Option<Instant>,
+    hc: Option<HealthCheckServers>,
+}
+
+/// The subscriber's handler: applies each update through the [`Proxier`].
+pub struct NodeHandler<B> {
+    proxier: Arc<Proxier<B>>,
+    /// Readiness stays blocked until the first update is applied.
+    ready: Option<BlockReady>,
+}
+
+// === impl Proxier ===
+
+impl<B: Backend> Proxier<B> {
+    pub fn new(
+        cfg: SyncConfig,
+        backend: B,
+        health: ProxyHealth,
+        metrics: Arc<ProxyMetrics>,
+        hc: Option<HealthCheckServers>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            cfg,
+            state: Mutex::new(State {
+                backend,
+                views: None,
+                last_sync: None,
+                last_full: None,
+                force_full: false,
+                last_canary: None,
+                hc,
+            }),
+            health,
+            metrics,
+        })
+    }
+
+    pub fn health(&self) -> &ProxyHealth {
+        &self.health
+    }
+
+    /// Applies a snapshot; returns once the backend has applied it.
+    pub async fn update(
+        &self,
+        snapshot: &Snapshot,
+        changes: &ChangeSet,
+    ) -> Result<SyncReport, BackendError> {
+        self.health.queued();
+        let (services, slices) = count_changes(changes);
+        self.metrics.queued(services, slices);
+        let views: Vec<ProxyView> = self
+            .cfg
+            .families
+            .iter()
+            .map(|f| ProxyView::build(snapshot, &self.cfg.node_name, *f))
+            .collect();
+        let mut st = self.state.lock().await;
+        if let Some(last) = st.last_sync {
+            let wait = self.cfg.min_sync_period.saturating_sub(last.elapsed());
+            if !wait.is_zero() {
+                debug!(?wait, "min-sync-period");
+                tokio::time::sleep(wait).await;
+            }
+        }
+        let full = st.force_full
+            || st
+                .last_full
+                .is_none_or(|t| t.elapsed() >= self.cfg.sync_period);
+        self.sync_locked(&mut st, views, full).await
+    }
+
+    async fn sync_locked(
+        &self,
+        st: &mut State<B>,
+        views: Vec<ProxyView>,
+        full: bool,
+    ) -> Result<SyncReport, BackendError> {
+        let started = Instant::now();
+        let result = st
+            .backend
+            .apply(Desired {
+                views: &views,
+                full,
+            })
+            .await;
+        let now = Instant::now();
+        st.last_sync = Some(now);
+        match result {
+            Ok(report) => {
+                let took = started.elapsed();
+                self.metrics.synced(&report, took);
+                if report.full {
+                    st.last_full = Some(now);
+                    st.force_full = false;
+                }
+                debug!(
+                    full = report.full,
+                    rules = report.rules_written,
+                    ?took,
+                    "synced"
+                );
+                let (internal, external) = no_local_endpoints(&views);
+                self.metrics.no_local_endpoints(internal, external);
+                if let Some(hc) = st.hc.as_mut() {
+                    hc.sync(&health_check_ports(&views)).await;
+                }
+                st.views = Some(views);
+                self.health.updated();
+                Ok(report)
+            }
+            Err(e) => {
+                self.metrics.failed(e.stage);
+                st.force_full = true;
+                warn!(error = %e, "sync failed; the kernel keeps its previous rules");
+                Err(e)
+            }
+        }
+    }
+
+    /// One step of the background work: a pending or periodic full resync of the
+    /// last good views, and the canary check. Returns whether it synced.
+    pub async fn tick(&self) -> bool {
+        let mut st = self.state.lock().await;
+        let Some(views) = st.views.clone() else {
+            // Nothing applied yet: never touch the kernel before the first snapshot.
+            return false;
+        };
+        let canary_due = st
+            .last_canary
+            .is_none_or(|t| t.elapsed() >= self.cfg.canary_period);
+        if canary_due && !st.force_full {
+            st.last_canary = Some(Instant::now());
+            if !st.backend.check().await {
+                self.metrics.canary_failed();
+                st.force_full = true;
+            }
+        }
+        let periodic = st
+            .last_full
+            .is_none_or(|t| t.elapsed() >= self.cfg.sync_period);
+        let rate_ok = st
+            .last_sync
+            .is_none_or(|t| t.elapsed() >= self.cfg.min_sync_period);
+        if (st.force_full || periodic) && rate_ok {
+            info!(forced = st.force_full, "full resync");
+            return self.sync_locked(&mut st, views, true).await.is_ok();
+        }
+        false
+    }
+
+    /// Runs [`Proxier::tick`] every `interval` until `shutdown` resolves.
+    pub async fn run(self: Arc<Self>, interval: Duration, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => { self.tick().await; }
+                () = &mut shutdown => return,
+            }
+        }
+    }
+}
+
+fn count_changes(changes: &ChangeSet) -> (usize, usize) {
+    let keys = changes.upserted.iter().chain(&changes.removed);
+    let mut services = 0;
+    let mut slices = 0;
+    for k in keys {
+        match k {
+            ResourceKey::Service { .. } => services += 1,
+            ResourceKey::EndpointSlice { .. } => slices += 1,
+            ResourceKey::Node { .. } => {}
+        }
+    }
+    (services, slices)
+}
+
+/// Services with a Local policy and no local endpoints (internal, external).
+fn no_local_endpoints(views: &[ProxyView]) -> (usize, usize) {
+    let mut internal = HashSet::new();
+    let mut external = HashSet::new();
+    for v in views {
+        for p in v.ports.values() {
+            if p.has_endpoints() && p.selection.local.is_empty() {
+                if p.info.internal_policy_local {
+                    internal.insert(&p.info.name);
+                }
+                if p.info.external_policy_local && p.info.externally_accessible() {
+                    external.insert(&p.info.name);
+                }
+            }
+        }
+    }
+    (internal.len(), external.len())
+}
+
+/// health check node port -> (service, number of distinct local endpoints).
+pub fn health_check_ports(views: &[ProxyView]) -> HashMap<u16, (ServiceName, usize)> {
+    let mut ips: HashMap<u16, (ServiceName, HashSet<std::net::IpAddr>)> = HashMap::new();
+    for v in views {
+        for p in v.ports.values() {
+            let Some(port) = p.info.health_check_node_port else {
+                continue;
+            };
+            let e = ips
+                .entry(port)
+                .or_insert_with(|| (p.info.name.service.clone(), HashSet::new()));
+            e.1.extend(p.selection.local.iter().map(|ep| ep.ip));
+        }
+    }
+    ips.into_iter()
+        .map(|(port, (svc, set))| (port, (svc, set.len())))
+        .collect()
+}
+
+// === impl NodeHandler ===
+
+impl<B: Backend> NodeHandler<B> {
+    pub fn new(proxier: Arc<Proxier<B>>, ready: Option<BlockReady>) -> Self {
+        Self { proxier, ready }
+    }
+}
+
+impl<B: Backend> Handler for NodeHandler<B> {
+    async fn apply(
+        &mut self,
+        snapshot: &Snapshot,
+        changes: &ChangeSet,
+        info: &UpdateInfo,
+    ) -> Result<Applied, ApplyError> {
+        let report = self
+            .proxier
+            .update(snapshot, changes)
+            .await
+            .map_err(|e| ApplyError(e.to_string()))?;
+        if let Some(ready) = self.ready.take() {
+            info!(version = info.version, "first snapshot applied; ready");
+            ready.release();
+        }
+        Ok(Applied {
+            rules_changed: report.rules_written,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,516 @@
+//! Real packets through real rules. Each test builds its own namespaces (see
+//! `support/netns.rs`), runs the node agent's sync loop with the iptables backend
+//! inside the "node" namespace, and sends HTTP requests from the "client" namespace
+//! (off-cluster) or from pods. Needs root, `ip`, `iptables` and `conntrack`; fails
+//! with a message naming what is missing otherwise.
+
+#![cfg(target_os = "linux")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "support/netns.rs"]
+mod netns;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshlite_node_agent::health::{HealthCheckServers, ProxyHealth};
+use meshlite_node_agent::iptables::{IptablesBackend, IptablesConfig};
+use meshlite_node_agent::metrics::ProxyMetrics;
+use meshlite_node_agent::proxy::IpFamily;
+use meshlite_node_agent::sync::{Proxier, SyncConfig};
+use meshlite_proto::model::{
+    AddressFamily, Endpoint, EndpointPort, EndpointSlice, Node, Protocol, Resource, Service,
+    ServiceType, TrafficPolicy,
+};
+use meshlite_runtime::{ChangeSet, Snapshot};
+use netns::{CLIENT_IP, CLUSTER_CIDR, Lab, NODE_IP, Outcome, get};
+use prometheus_client::registry::Registry;
+use tokio::sync::oneshot;
+
+const NODE: &str = "node1";
+const T: Duration = Duration::from_secs(2);
+
+/// The node agent's sync loop running inside the lab's node namespace.
+struct Agent {
+    proxier: Arc<Proxier<IptablesBackend>>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Agent {
+    fn start(lab: &Lab) -> Self {
+        let cfg = IptablesConfig {
+            prefix: "KUBE".into(),
+            families: vec![IpFamily::V4],
+            cluster_cidrs: vec![CLUSTER_CIDR.parse().unwrap()],
+            masquerade_all: false,
+            masquerade_bit: 14,
+            node_ips: vec![NODE_IP.parse().unwrap()],
+            localhost_nodeports: true,
+            random_fully: true,
+            conntrack_cleanup: true,
+        };
+        let health = ProxyHealth::new(Duration::from_secs(60));
+        let proxier = Proxier::new(
+            SyncConfig {
+                node_name: NODE.into(),
+                families: vec![IpFamily::V4],
+                sync_period: Duration::from_secs(30),
+                min_sync_period: Duration::from_millis(50),
+                canary_period: Duration::from_millis(300),
+            },
+            IptablesBackend::new(cfg),
+            health.clone(),
+            Arc::new(ProxyMetrics::register(&mut Registry::default())),
+            Some(HealthCheckServers::new("0.0.0.0".parse().unwrap(), health)),
+        );
+        let (stop, stopped) = oneshot::channel::<()>();
+        lab.node_rt
+            .spawn(proxier.clone().run(Duration::from_millis(100), async {
+                let _ = stopped.await;
+            }));
+        Self {
+            proxier,
+            stop: Some(stop),
+        }
+    }
+
+    async fn apply(&self, lab: &Lab, resources: Vec<Resource>) {
+        let p = self.proxier.clone();
+        lab.node_rt
+            .run(async move {
+                p.update(&Snapshot::from_resources(resources), &ChangeSet::default())
+                    .await
+            })
+            .await
+            .expect("sync");
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn service(name: &str, cluster_ip: &str) -> Service {
+    Service::cluster_ip("default", name, ip(cluster_ip)).with_port("http", Protocol::Tcp, 80)
+}
+
+fn node_port(name: &str, cluster_ip: &str, port: u16) -> Service {
+    let mut s = service(name, cluster_ip);
+    s.kind = ServiceType::NodePort;
+    s.ports[0].node_port = Some(port);
+    s
+}
+
+/// A slice of `lab` pods (by index, 0-based) with the given node names.
+fn slice(svc: &str, eps: Vec<Endpoint>) -> Resource {
+    Resource::EndpointSlice(EndpointSlice {
+        namespace: "default".into(),
+        name: format!("{svc}-abc"),
+        service_name: svc.into(),
+        address_family: AddressFamily::Ipv4,
+        ports: vec![EndpointPort {
+            name: "http".into(),
+            protocol: Protocol::Tcp,
+            port: 80,
+            app_protocol: None,
+        }],
+        endpoints: eps,
+    })
+}
+
+fn ep(lab: &Lab, i: usize, node: &str) -> Endpoint {
+    Endpoint::ready(lab.pods[i].ip).on_node(node)
+}
+
+fn node_object() -> Resource {
+    Resource::Node(Node {
+        name: NODE.into(),
+        zone: Some("zone-a".into()),
+        addresses: vec![ip(NODE_IP)],
+        pod_cidrs: vec![],
+    })
+}
+
+fn addr(ip_s: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip(ip_s), port)
+}
+
+/// `n` requests from the client namespace; pod name -> count, plus failures.
+async fn spread(lab: &Lab, to: SocketAddr, n: usize) -> (BTreeMap<String, usize>, Vec<Outcome>) {
+    lab.client_rt
+        .run(async move {
+            let mut seen = BTreeMap::new();
+            let mut failed = Vec::new();
+            for _ in 0..n {
+                let o = get(to, "/", T).await;
+                match o.served() {
+                    Some((pod, _)) => *seen.entry(pod).or_insert(0) += 1,
+                    None => failed.push(o),
+                }
+            }
+            (seen, failed)
+        })
+        .await
+}
+
+async fn from_client(lab: &Lab, to: SocketAddr, timeout: Duration) -> Outcome {
+    lab.client_rt.run(get(to, "/", timeout)).await
+}
+
+async fn from_pod(lab: &Lab, i: usize, to: SocketAddr) -> Outcome {
+    lab.pods[i].rt.run(get(to, "/", T)).await
+}
+
+#[tokio::test]
+async fn cluster_ip_reaches_all_endpoints_evenly() {
+    let lab = Lab::new(3).await.unwrap();
+    let agent = Agent::start(&lab);
+    agent
+        .apply(
+            &lab,
+            vec![
+                Resource::Service(service("web", "198.19.0.10")),
+                slice(
+                    "web",
+                    vec![
+                        ep(&lab, 0, NODE),
+                        ep(&lab, 1, "node2"),
+                        ep(&lab, 2, "node2"),
+                    ],
+                ),
+                node_object(),
+            ],
+        )
+        .await;
+    let (seen, failed) = spread(&lab, addr("198.19.0.10", 80), 300).await;
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    assert_eq!(seen.len(), 3, "every endpoint serves: {seen:?}");
+    for (pod, n) in &seen {
+        // 1/3 of 300 is 100; the binomial standard deviation is ~8.2.
+        assert!((55..=145).contains(n), "{pod} got {n} of 300: {seen:?}");
+    }
+}
+
+#[tokio::test]
+async fn session_affinity_sticks() {
+    let lab = Lab::new(3).await.unwrap();
+    let agent = Agent::start(&lab);
+    let mut svc = service("sticky", "198.19.0.11");
+    svc.session_affinity_timeout = Some(600);
+    agent
+        .apply(
+            &lab,
+            vec![
+                Resource::Service(svc),
+                slice(
+                    "sticky",
+                    vec![ep(&lab, 0, NODE), ep(&lab, 1, NODE), ep(&lab, 2, NODE)],
+                ),
+            ],
+        )
+        .await;
+    let (seen, failed) = spread(&lab, addr("198.19.0.11", 80), 40).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(seen.len(), 1, "one client sticks to one endpoint: {seen:?}");
+}
+
+#[tokio::test]
+async fn service_without_endpoints_is_rejected_not_dropped() {
+    let lab = Lab::new(1).await.unwrap();
+    let agent = Agent::start(&lab);
+    agent
+        .apply(
+            &lab,
+            vec![Resource::Service(service("empty", "198.19.0.12"))],
+        )
+        .await;
+    let o = from_client(&lab, addr("198.19.0.12", 80), T).await;
+    assert_eq!(o, Outcome::Refused, "connection refused, not a timeout");
+}
+
+#[tokio::test]
+async fn node_port_from_another_namespace_and_masquerade() {
+    let lab = Lab::new(2).await.unwrap();
+    let agent = Agent::start(&lab);
+    agent
+        .apply(
+            &lab,
+            vec![
+                Resource::Service(node_port("np", "198.19.0.13", 30080)),
+                slice("np", vec![ep(&lab, 0, "node2")]),
+                node_object(),
+            ],
+        )
+        .await;
+    // NodePort from the off-cluster client: masqueraded to the node's address.
+    let o = from_client(&lab, addr(NODE_IP, 30080), T).await;
+    assert_eq!(
+        o.served(),
+        Some(("pod1".into(), "198.18.1.1".into())),
+        "{o:?}"
+    );
+    // NodePort on the node's own localhost (route_localnet, as kube-proxy).
+    let o = lab.node_rt.run(get(addr("127.0.0.1", 30080), "/", T)).await;
+    assert_eq!(o.served().map(|s| s.0), Some("pod1".into()), "{o:?}");
+    // ClusterIP from off-cluster: masqueraded too.
+    let o = from_client(&lab, addr("198.19.0.13", 80), T).await;
+    assert_eq!(
+        o.served(),
+        Some(("pod1".into(), "198.18.1.1".into())),
+        "{o:?}"
+    );
+    // ClusterIP from a pod: the pod's own address is kept.
+    let o = from_pod(&lab, 1, addr("198.19.0.13", 80)).await;
+    assert_eq!(
+        o.served(),
+        Some(("pod1".into(), "198.18.2.2".into())),
+        "{o:?}"
+    );
+}
+
+#[tokio::test]
+async fn hairpin_to_self_through_the_service() {
+    let lab = Lab::new(1).await.unwrap();
+    let agent = Agent::start(&lab);
+    agent
+        .apply(
+            &lab,
+            vec![
+                Resource::Service(service("self", "198.19.0.14")),
+                slice("self", vec![ep(&lab, 0, NODE)]),
+            ],
+        )
+        .await;
+    let o = from_pod(&lab, 0, addr("198.19.0.14", 80)).await;
+    // The pod reaches itself; its source is masqueraded to the node so the reply
+    // goes back through the node's conntrack.
+    assert_eq!(
+        o.served(),
+        Some(("pod1".into(), "198.18.1.1".into())),
+        "{o:?}"
+    );
+}
+
+#[tokio::test]
+async fn external_traffic_policy_local_and_health_check_node_port() {
+    let lab = Lab::new(2).await.unwrap();
+    let agent = Agent::start(&lab);
+    let mut svc = node_port("local", "198.19.0.15", 30081);
+    svc.kind = ServiceType::LoadBalancer;
+    svc.external_traffic_policy = TrafficPolicy::Local;
+    svc.health_check_node_port = Some(30901);
+    // Only a remote endpoint: external traffic is dropped, health check says 503.
+    agent
+        .apply(
+            &lab,
+            vec![
+                Resource::Service(svc.clone()),
+                slice("local", vec![ep(&lab, 1, "node2")]),
+                node_object(),
+            ],
+        )
+        .await;
+    let o = from_client(&lab, addr(NODE_IP, 30081), Duration::from_millis(700)).await;
+    assert_eq!(o, Outcome::Timeout, "dropped, not rejected: {o:?}");
+    let hc = from_client(&lab, addr(NODE_IP, 30901), T).await;
+    assert!(
+        matches!(&hc, Outcome::Ok(503, body) if body.contains("\"localEndpoints\":0")),
+        "{hc:?}"
+    );
+    // The ClusterIP still works from a pod (internal policy is Cluster).
+    let o = from_pod(&lab, 0, addr("198.19.0.15", 80)).await;
+    assert_eq!(o.served().map(|s| s.0), Some("pod2".into()), "{o:?}");
+
+    // A local endpoint: served, client source preserved (no masquerade), 200.
+    agent
+        .apply(
+            &lab,
+            vec![
+                Resource::Service(svc),
+                slice("local", vec![ep(&lab, 0, NODE), ep(&lab, 1, "node2")]),
+                node_object(),
+            ],
+        )
+        .await;
+    for _ in 0..10 {
+        let o = from_client(&lab, addr(NODE_IP, 30081), T).await;
+        assert_eq!(o.served(), Some(("pod1".into(), CLIENT_IP.into())), "{o:?}");
+    }
+    let hc = from_client(&lab, addr(NODE_IP, 30901), T).await;
+    assert!(
+        matches!(&hc, Outcome::Ok(200, body) if body.contains("\"localEndpoints\":1")),
+        "{hc:?}"
+    );
+}
+
+#[tokio::test]
+async fn terminating_endpoints_are_a_fallback() {
+    let lab = Lab::new(2).await.unwrap();
+    let agent = Agent::start(&lab);
+    let terminating = |i: usize, serving: bool| {
+        let mut e = ep(&lab, i, NODE);
+        e.ready = false;
+        e.serving = serving;
+        e.terminating = true;
+        e
+    };
+    agent
+        .apply(
+            &lab,
+            vec![
+                Resource::Service(service("term", "198.19.0.16")),
+                slice("term", vec![terminating(0, true), terminating(1, false)]),
+            ],
+        )
+        .await;
+    let (seen, failed) = spread(&lab, addr("198.19.0.16", 80), 20).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        ["pod1"],
+        "serving=false is never used"
+    );
+
+    agent
+        .apply(
+            &lab,
+            vec![
+                Resource::Service(service("term", "198.19.0.16")),
+                slice("term", vec![terminating(1, false)]),
+            ],
+        )
+        .await;
+    assert_eq!(
+        from_client(&lab, addr("198.19.0.16", 80), T).await,
+        Outcome::Refused
+    );
+}
+
+#[tokio::test]
+async fn removed_endpoint_gets_no_more_traffic() {
+    let lab = Lab::new(3).await.unwrap();
+    let agent = Agent::start(&lab);
+    let svc = Resource::Service(service("shrink", "198.19.0.17"));
+    agent
+        .apply(
+            &lab,
+            vec![
+                svc.clone(),
+                slice(
+                    "shrink",
+                    vec![ep(&lab, 0, NODE), ep(&lab, 1, NODE), ep(&lab, 2, NODE)],
+                ),
+            ],
+        )
+        .await;
+    let (seen, _) = spread(&lab, addr("198.19.0.17", 80), 60).await;
+    assert!(seen.contains_key("pod3"), "{seen:?}");
+    agent
+        .apply(
+            &lab,
+            vec![
+                svc,
+                slice("shrink", vec![ep(&lab, 0, NODE), ep(&lab, 1, NODE)]),
+            ],
+        )
+        .await;
+    let (seen, failed) = spread(&lab, addr("198.19.0.17", 80), 100).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(
+        !seen.contains_key("pod3"),
+        "removed endpoint still served: {seen:?}"
+    );
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    // The removed endpoint's chain is gone from the kernel.
+    let nat = lab.node_iptables(&["-t", "nat", "-S"]).unwrap();
+    assert!(!nat.contains("198.18.3.2"), "{nat}");
+}
+
+#[tokio::test]
+async fn external_flush_is_repaired() {
+    let lab = Lab::new(1).await.unwrap();
+    let agent = Agent::start(&lab);
+    agent
+        .apply(
+            &lab,
+            vec![
+                Resource::Service(service("fl", "198.19.0.18")),
+                slice("fl", vec![ep(&lab, 0, NODE)]),
+            ],
+        )
+        .await;
+    assert!(
+        from_client(&lab, addr("198.19.0.18", 80), T)
+            .await
+            .served()
+            .is_some()
+    );
+    lab.node_iptables(&["-t", "nat", "-F", "KUBE-SERVICES"])
+        .unwrap();
+    // Flushed: the ClusterIP is not translated any more.
+    let o = from_client(&lab, addr("198.19.0.18", 80), Duration::from_millis(500)).await;
+    assert!(o.served().is_none(), "{o:?}");
+    // The canary notices and a full resync restores the rules (bounded wait).
+    let mut repaired = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if from_client(&lab, addr("198.19.0.18", 80), Duration::from_millis(500))
+            .await
+            .served()
+            .is_some()
+        {
+            repaired = true;
+            break;
+        }
+    }
+    assert!(repaired, "rules were not restored within 5 s");
+}
+
+#[tokio::test]
+async fn restart_under_a_request_loop_loses_no_requests() {
+    let lab = Lab::new(2).await.unwrap();
+    let resources = vec![
+        Resource::Service(service("rs", "198.19.0.19")),
+        slice("rs", vec![ep(&lab, 0, NODE), ep(&lab, 1, NODE)]),
+        node_object(),
+    ];
+    let agent = Agent::start(&lab);
+    agent.apply(&lab, resources.clone()).await;
+
+    // A bounded request loop: 400 requests, 5 ms apart (about 3 s).
+    let to = addr("198.19.0.19", 80);
+    let load = lab.client_rt.spawn(async move {
+        let mut failed = Vec::new();
+        for _ in 0..400 {
+            let o = get(to, "/", T).await;
+            if o.served().is_none() {
+                failed.push(o);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        failed
+    });
+    // Restart: the old agent goes away (its rules stay), a new one with no memory
+    // starts, finds the old rules, and re-applies the same snapshot with a full sync.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(agent);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let agent = Agent::start(&lab);
+    agent.apply(&lab, resources).await;
+    let failed = load.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} requests failed: {failed:?}",
+        failed.len()
+    );
+}

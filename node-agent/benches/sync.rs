@@ -104,6 +104,7 @@ fn main() {
         localhost_nodeports: true,
         random_fully: true,
         conntrack_cleanup: true,
+        nodeport_addresses: vec![],
     };
 
     let snap = Snapshot::from_resources(resources(services, endpoints, None));

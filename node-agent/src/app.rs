@@ -93,6 +93,12 @@ pub async fn run(
     ];
     let h = health.clone();
     let router = admin::router(Arc::new(registry), readiness, Arc::new(move || h.check()));
+    if let Some(addr) = &cfg.metrics_bind_address
+        && *addr != cfg.admin_listen
+    {
+        let l = admin::bind("metrics", addr).await?;
+        tokio::spawn(admin::serve(l, router.clone(), stopped()));
+    }
     tokio::spawn(admin::serve(admin_l, router, stopped()));
     tokio::spawn(admin::serve(healthz_l, health.router(), stopped()));
     if let Some(path) = &cfg.addresses_file {
@@ -119,6 +125,7 @@ pub async fn run(
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             backoff,
             max_message_bytes: 64 << 20,
+            token_file: cfg.identity_token_file.clone(),
         },
         NodeHandler::new(proxier.clone(), Some(ready_block)),
         sub_metrics,

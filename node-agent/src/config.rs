@@ -65,23 +65,27 @@ pub struct RunArgs {
     /// CA bundle that signs the control plane's certificate.
     #[arg(long, env = "MESHLITE_CA")]
     pub ca: Option<PathBuf>,
-    /// This node's client certificate (its identity is the node name).
-    #[arg(long, env = "MESHLITE_CERT")]
+    /// This node's client certificate (SAN `<node>.nodes.meshlite`, or `node-agent`
+    /// with --identity-token-file).
+    #[arg(long = "tls-cert", alias = "cert", env = "MESHLITE_TLS_CERT")]
     pub cert: Option<PathBuf>,
-    #[arg(long, env = "MESHLITE_KEY")]
+    /// The client certificate's private key.
+    #[arg(long = "tls-key", alias = "key", env = "MESHLITE_TLS_KEY")]
     pub key: Option<PathBuf>,
+    /// The pod's projected ServiceAccount token (audience `meshlite`), sent to prove
+    /// which node this is when the control plane runs --node-identity token.
+    #[arg(long, env = "MESHLITE_IDENTITY_TOKEN_FILE")]
+    pub identity_token_file: Option<PathBuf>,
     /// TLS server name to verify (default: the endpoint's host).
     #[arg(long, env = "MESHLITE_SERVER_NAME")]
     pub server_name: Option<String>,
-    /// /metrics, /healthz, /livez, /readyz. Also accepted as --metrics-bind-address
-    /// (kube-proxy's flag; same default).
-    #[arg(
-        long,
-        env = "MESHLITE_ADMIN_LISTEN",
-        alias = "metrics-bind-address",
-        default_value = "127.0.0.1:10249"
-    )]
+    /// /metrics, /healthz, /livez, /readyz.
+    #[arg(long, env = "MESHLITE_ADMIN_LISTEN", default_value = "127.0.0.1:10249")]
     pub admin_listen: String,
+    /// kube-proxy's metrics address: a second listener with the same endpoints as
+    /// --admin-listen, for setups that scrape kube-proxy's port. Unset: none.
+    #[arg(long, env = "MESHLITE_METRICS_BIND_ADDRESS")]
+    pub metrics_bind_address: Option<String>,
     /// kube-proxy's health endpoint: /healthz and /livez.
     #[arg(
         long,
@@ -92,8 +96,19 @@ pub struct RunArgs {
     /// Write the bound addresses as JSON ({"admin": .., "healthz": ..}).
     #[arg(long, env = "MESHLITE_ADDRESSES_FILE")]
     pub addresses_file: Option<PathBuf>,
-    #[arg(long, env = "MESHLITE_BACKEND", value_enum, default_value = "iptables")]
+    /// Proxy mode: iptables (kube-proxy's iptables mode) or ipvs.
+    #[arg(
+        long = "mode",
+        alias = "backend",
+        env = "MESHLITE_MODE",
+        value_enum,
+        default_value = "iptables"
+    )]
     pub backend: BackendKind,
+    /// IPVS scheduler for --mode ipvs: rr, wrr, lc, dh, sh, sed, nq (per service:
+    /// annotation meshlite.io/ipvs-scheduler).
+    #[arg(long, env = "MESHLITE_IPVS_SCHEDULER", default_value = "rr")]
+    pub ipvs_scheduler: String,
     #[command(flatten)]
     pub rules: RuleArgs,
     /// IP families to proxy.
@@ -152,6 +167,10 @@ pub struct RuleArgs {
     /// MASQUERADE --random-fully.
     #[arg(long, env = "MESHLITE_RANDOM_FULLY", default_value_t = true, action = ArgAction::Set)]
     pub random_fully: bool,
+    /// NodePorts answer only on node IPs within these CIDRs (kube-proxy's
+    /// --nodeport-addresses); default: every local address.
+    #[arg(long, env = "MESHLITE_NODEPORT_ADDRESSES", value_delimiter = ',')]
+    pub nodeport_addresses: Vec<IpNet>,
 }
 
 #[derive(Debug, Args)]
@@ -172,6 +191,7 @@ pub struct RenderArgs {
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     Iptables,
+    Ipvs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -190,10 +210,13 @@ pub struct Config {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub server_name: Option<String>,
+    pub identity_token_file: Option<PathBuf>,
     pub admin_listen: String,
+    pub metrics_bind_address: Option<String>,
     pub healthz_bind_address: String,
     pub addresses_file: Option<PathBuf>,
     pub backend: BackendKind,
+    pub ipvs_scheduler: String,
     pub chain_prefix: String,
     pub cluster_cidrs: Vec<IpNet>,
     pub node_ips: Vec<IpAddr>,
@@ -201,6 +224,7 @@ pub struct Config {
     pub masquerade_bit: u8,
     pub localhost_nodeports: bool,
     pub random_fully: bool,
+    pub nodeport_addresses: Vec<IpNet>,
     pub ip_families: Vec<String>,
     #[serde(with = "humantime_serde_shim")]
     pub sync_period: Duration,
@@ -281,6 +305,7 @@ impl RuleArgs {
             localhost_nodeports: self.localhost_nodeports,
             random_fully: self.random_fully,
             conntrack_cleanup,
+            nodeport_addresses: self.nodeport_addresses.iter().map(|c| c.trunc()).collect(),
         }
     }
 }
@@ -321,16 +346,25 @@ impl RunArgs {
                     "must be https:// (or http:// with --insecure)",
                 ));
             }
-            for (flag, v) in [("ca", &self.ca), ("cert", &self.cert), ("key", &self.key)] {
+            for (flag, v) in [
+                ("ca", &self.ca),
+                ("tls-cert", &self.cert),
+                ("tls-key", &self.key),
+            ] {
                 if v.is_none() {
                     return Err(ConfigError::Missing { flag });
                 }
             }
         }
+        let metrics_addr = self.metrics_bind_address.clone().unwrap_or_default();
         for (flag, addr) in [
             ("admin-listen", &self.admin_listen),
             ("healthz-bind-address", &self.healthz_bind_address),
+            ("metrics-bind-address", &metrics_addr),
         ] {
+            if addr.is_empty() {
+                continue;
+            }
             meshlite_runtime::admin::parse_listen(addr)
                 .map_err(|e| invalid(flag, addr, &e.to_string()))?;
         }
@@ -360,6 +394,21 @@ impl RunArgs {
                 flag: "ip-families",
             });
         }
+        if self.backend == BackendKind::Ipvs {
+            return Err(invalid(
+                "mode",
+                "ipvs",
+                "the IPVS backend is not in this build yet; use --mode iptables",
+            ));
+        }
+        const SCHEDULERS: [&str; 7] = ["rr", "wrr", "lc", "dh", "sh", "sed", "nq"];
+        if !SCHEDULERS.contains(&self.ipvs_scheduler.as_str()) {
+            return Err(invalid(
+                "ipvs-scheduler",
+                &self.ipvs_scheduler,
+                "must be one of rr, wrr, lc, dh, sh, sed, nq",
+            ));
+        }
         Ok(Config {
             control_plane,
             node_name,
@@ -368,10 +417,13 @@ impl RunArgs {
             cert: self.cert,
             key: self.key,
             server_name: self.server_name,
+            identity_token_file: self.identity_token_file,
             admin_listen: self.admin_listen,
+            metrics_bind_address: self.metrics_bind_address,
             healthz_bind_address: self.healthz_bind_address,
             addresses_file: self.addresses_file,
             backend: self.backend,
+            ipvs_scheduler: self.ipvs_scheduler,
             chain_prefix: self.rules.chain_prefix.clone(),
             cluster_cidrs: self.rules.cluster_cidr.clone(),
             node_ips: self.rules.node_ip.clone(),
@@ -379,6 +431,7 @@ impl RunArgs {
             masquerade_bit: self.rules.masquerade_bit,
             localhost_nodeports: self.rules.localhost_nodeports,
             random_fully: self.rules.random_fully,
+            nodeport_addresses: self.rules.nodeport_addresses.clone(),
             ip_families: families.iter().map(|f| f.to_string()).collect(),
             sync_period: self.sync_period,
             min_sync_period: self.min_sync_period,
@@ -408,6 +461,7 @@ impl Config {
             masquerade_bit: self.masquerade_bit,
             localhost_nodeports: self.localhost_nodeports,
             random_fully: self.random_fully,
+            nodeport_addresses: self.nodeport_addresses.clone(),
         }
         .iptables(self.families.clone(), self.conntrack_cleanup)
     }

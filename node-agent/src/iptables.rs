@@ -68,6 +68,9 @@ pub struct IptablesConfig {
     pub random_fully: bool,
     /// Delete stale UDP conntrack entries after each sync (needs `conntrack`).
     pub conntrack_cleanup: bool,
+    /// `--nodeport-addresses`: NodePorts answer only on node IPs in these CIDRs
+    /// (empty: on every local address, as kube-proxy does by default).
+    pub nodeport_addresses: Vec<IpNet>,
 }
 
 /// One family's applied state, for partial syncs and conntrack cleanup.
@@ -420,6 +423,24 @@ fn render_config(cfg: &IptablesConfig, view: &ProxyView) -> RenderConfig {
         node_ip,
         localhost_nodeports: cfg.localhost_nodeports,
         random_fully: cfg.random_fully,
+        nodeport_addresses: cfg
+            .nodeport_addresses
+            .iter()
+            .filter(|n| family.matches_net(n))
+            .copied()
+            .collect(),
+        node_ips: {
+            let mut ips: Vec<IpAddr> = cfg
+                .node_ips
+                .iter()
+                .copied()
+                .filter(|ip| family.matches(ip))
+                .collect();
+            if ips.is_empty() {
+                ips = view.node_ips.clone();
+            }
+            ips
+        },
     }
 }
 

@@ -50,6 +50,7 @@ impl Agent {
             localhost_nodeports: true,
             random_fully: true,
             conntrack_cleanup: true,
+            nodeport_addresses: vec![],
         };
         let health = ProxyHealth::new(Duration::from_secs(60));
         let proxier = Proxier::new(

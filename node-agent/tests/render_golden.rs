@@ -27,6 +27,7 @@ fn rules() -> RuleArgs {
         masquerade_bit: 14,
         localhost_nodeports: true,
         random_fully: true,
+        nodeport_addresses: vec![],
     }
 }
 

@@ -36,6 +36,10 @@ pub struct RenderConfig {
     pub localhost_nodeports: bool,
     /// `MASQUERADE --random-fully`.
     pub random_fully: bool,
+    /// `--nodeport-addresses` of this family (empty: every local address).
+    pub nodeport_addresses: Vec<IpNet>,
+    /// All of this node's IPs of this family.
+    pub node_ips: Vec<IpAddr>,
 }
 
 /// The rendered ruleset of one IP family.
@@ -287,15 +291,48 @@ pub fn render(view: &ProxyView, cfg: &RenderConfig) -> RuleSet {
         } else {
             ""
         };
-        r.add(&[
-            "-A",
-            &c.services,
-            "-m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\"",
-            "-m addrtype --dst-type LOCAL",
-            exclude,
-            "-j",
-            &c.nodeports,
-        ]);
+        let comment = "-m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\"";
+        let everywhere = cfg.nodeport_addresses.is_empty()
+            || cfg.nodeport_addresses.iter().any(|n| n.prefix_len() == 0);
+        if everywhere {
+            r.add(&[
+                "-A",
+                &c.services,
+                comment,
+                "-m addrtype --dst-type LOCAL",
+                exclude,
+                "-j",
+                &c.nodeports,
+            ]);
+        } else {
+            // kube-proxy's --nodeport-addresses: one jump per matching node IP.
+            let mut ips: Vec<IpAddr> = cfg
+                .node_ips
+                .iter()
+                .copied()
+                .filter(|ip| cfg.nodeport_addresses.iter().any(|n| n.contains(ip)))
+                .collect();
+            let localhost: IpAddr = if v6 {
+                "::1".parse().unwrap_or(IpAddr::from([0u16; 8]))
+            } else {
+                IpAddr::from([127, 0, 0, 1])
+            };
+            if !v6
+                && cfg.localhost_nodeports
+                && cfg
+                    .nodeport_addresses
+                    .iter()
+                    .any(|n| n.contains(&localhost))
+            {
+                ips.push(localhost);
+            }
+            ips.sort();
+            ips.dedup();
+            for ip in ips {
+                let dst = format!("-d {}/{}", ip, if v6 { 128 } else { 32 });
+                r.add(&["-A", &c.services, comment, &dst, "-j", &c.nodeports]);
+            }
+        }
     }
     rs.nat_rules = nat;
     rs.nat_rule_count += ncount;

@@ -21,6 +21,8 @@ fn cfg() -> RenderConfig {
         node_ip: Some(ip("192.168.0.2")),
         localhost_nodeports: true,
         random_fully: false,
+        nodeport_addresses: vec![],
+        node_ips: vec![ip("192.168.0.2")],
     }
 }
 
@@ -336,4 +338,37 @@ fn ipv6_excludes_localhost_node_ports_and_brackets_endpoints() {
     assert!(text.contains("-m addrtype --dst-type LOCAL ! -d ::1/128 -j KUBE-NODEPORTS"));
     assert!(!text.contains(":KUBE-FIREWALL"));
     assert!(text.contains("! -s 2001:db8:2::/64 -j KUBE-MARK-MASQ"));
+}
+
+#[test]
+fn nodeport_addresses_limit_the_nodeports_jump_to_matching_node_ips() {
+    let snap = Snapshot::from_resources([
+        Resource::Service(svc("ns1", "svc1", "172.30.0.41")),
+        slice("ns1", "svc1", vec![Endpoint::ready(ip("10.180.0.1"))]),
+    ]);
+    let view = ProxyView::build(&snap, "node1", IpFamily::V4);
+    let mut c = cfg();
+    c.node_ips = vec![ip("192.168.0.2"), ip("172.16.9.9")];
+    c.nodeport_addresses = vec![
+        "192.168.0.0/24".parse().unwrap(),
+        "127.0.0.0/8".parse().unwrap(),
+    ];
+    let text = render(&view, &c).full_text(&[]);
+    let (rules, _) = parse(&text);
+    let tail: Vec<&String> = rules[&("nat".to_string(), "KUBE-SERVICES".to_string())]
+        .iter()
+        .filter(|r| r.ends_with("-j KUBE-NODEPORTS"))
+        .collect();
+    assert_eq!(tail.len(), 2, "{tail:?}");
+    assert!(tail[0].contains("-d 127.0.0.1/32"), "{tail:?}");
+    assert!(tail[1].contains("-d 192.168.0.2/32"), "{tail:?}");
+    assert!(!text.contains("--dst-type LOCAL -j KUBE-NODEPORTS"));
+
+    // 0.0.0.0/0 means every local address: the default rule.
+    c.nodeport_addresses = vec!["0.0.0.0/0".parse().unwrap()];
+    assert!(
+        render(&view, &c)
+            .full_text(&[])
+            .contains("-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS")
+    );
 }

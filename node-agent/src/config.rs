@@ -498,15 +498,26 @@ mod tests {
     }
 
     #[test]
-    fn metrics_bind_address_is_an_alias() {
+    fn metrics_bind_address_is_a_second_listener() {
         let c = parse(&[
             "--node-name=n1",
             "--control-plane=http://127.0.0.1:1",
             "--insecure",
+            "--admin-listen=0.0.0.0:9591",
             "--metrics-bind-address=127.0.0.1:0",
         ])
         .unwrap();
-        assert_eq!(c.admin_listen, "127.0.0.1:0");
+        assert_eq!(c.admin_listen, "0.0.0.0:9591");
+        assert_eq!(c.metrics_bind_address.as_deref(), Some("127.0.0.1:0"));
+        assert!(
+            parse(&[
+                "--node-name=n1",
+                "--control-plane=http://127.0.0.1:1",
+                "--insecure",
+                "--metrics-bind-address=nope",
+            ])
+            .is_err()
+        );
     }
 
     #[test]

@@ -3,7 +3,14 @@
 //! - [`apiserver`]: the Kubernetes API stand-in (real list/watch protocol over HTTP).
 //! - [`procs`]: launching the real binaries and stopping them by PID.
 //! - [`otlp`]: a real OTLP/gRPC trace receiver.
+//! - [`netns`]: network namespaces, veth links, identity HTTP servers and clients.
+//! - [`cluster`]: a two-node cluster in namespaces; [`stack`]: meshlite's processes in it.
+//! - [`demo`]: the seed demo (`cargo run --release --bin demo`).
 
 pub mod apiserver;
+pub mod cluster;
+pub mod demo;
+pub mod netns;
 pub mod otlp;
 pub mod procs;
+pub mod stack;

@@ -49,6 +49,11 @@ impl TestPki {
         }
     }
 
+    /// Keeps the files after the PKI is dropped (for `--keep` runs); returns the directory.
+    pub fn keep(self) -> std::path::PathBuf {
+        self.dir.keep()
+    }
+
     pub fn ca_path(&self) -> &Path {
         &self.ca_path
     }

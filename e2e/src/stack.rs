@@ -1,0 +1,292 @@
+//! meshlite's three processes, started in a [`Cluster`] over real mTLS: the control
+//! plane on node1 (on 198.18.0.1, as a host-network pod), a node agent per node, and
+//! DNS agents in pods.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use meshlite_runtime::testing::TestPki;
+
+use crate::cluster::Cluster;
+use crate::netns::{Outcome, get};
+use crate::procs::{Process, binary};
+
+/// The control plane's gRPC port on node1.
+pub const CONTROL_PLANE_PORT: u16 = 7443;
+
+/// Where the control plane reads cluster state.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A manifest directory (`--source file:<dir>`).
+    Files(PathBuf),
+    /// A kubeconfig for the API stand-in (`--source kube`).
+    Kube(PathBuf),
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct StackConfig {
+    pub source: Source,
+    /// The node the control plane runs on.
+    pub control_plane_node: String,
+    /// Pods (already in the cluster) that run a DNS agent.
+    pub dns_pods: Vec<String>,
+    pub pod_records: bool,
+    /// Extra environment for every process (e.g. OTEL_*).
+    pub env: Vec<(String, String)>,
+    /// `--file-poll-interval` and `--min-sync-period`: quick, for demos and tests.
+    pub fast: bool,
+}
+
+/// A running process and its admin address (inside its namespace).
+#[derive(Debug)]
+pub struct Running {
+    pub process: Process,
+    pub admin: SocketAddr,
+    /// The namespace it runs in.
+    pub netns: String,
+}
+
+/// The running stack.
+#[derive(Debug)]
+pub struct Stack {
+    pub pki: TestPki,
+    pub dir: PathBuf,
+    pub control_plane: Running,
+    pub node_agents: BTreeMap<String, Running>,
+    pub dns_agents: BTreeMap<String, Running>,
+}
+
+fn s(v: impl ToString) -> String {
+    v.to_string()
+}
+
+impl Stack {
+    /// Starts everything and waits until every process is ready (`/readyz` 200).
+    pub async fn start(
+        cluster: &Cluster,
+        cfg: &StackConfig,
+        dir: &Path,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let pki = TestPki::new("meshlite-demo-ca");
+        let cp_node = cluster.node(&cfg.control_plane_node)?;
+        let cp_ip = cp_node.ip;
+        let (cert, key) = pki.leaf(
+            "control-plane",
+            &[&cp_ip.to_string(), "meshlite-control-plane"],
+            true,
+        );
+        let ca = pki.ca_path().to_path_buf();
+        let wrap = |ns: &str| vec![s("ip"), s("netns"), s("exec"), s(ns)];
+        let source = match &cfg.source {
+            Source::Files(d) => vec![s("--source"), format!("file:{}", d.display())],
+            Source::Kube(k) => vec![s("--source=kube"), format!("--kubeconfig={}", k.display())],
+        };
+        let mut args = source;
+        args.extend([
+            format!("--listen={cp_ip}:{CONTROL_PLANE_PORT}"),
+            s("--admin-listen=127.0.0.1:0"),
+            format!("--tls-cert={}", cert.display()),
+            format!("--tls-key={}", key.display()),
+            format!("--client-ca={}", ca.display()),
+            s("--node-identity=certificate"),
+        ]);
+        if cfg.fast {
+            args.push(s("--file-poll-interval=100ms"));
+        }
+        let mut process = Process::start_env(
+            dir,
+            "control-plane",
+            &binary("meshlite-control-plane")?,
+            &args,
+            &wrap(&cp_node.ns.name),
+            &cfg.env,
+        )?;
+        let admin = process
+            .addresses(timeout)?
+            .get("admin")
+            .copied()
+            .context("admin address")?;
+        let control_plane = Running {
+            process,
+            admin,
+            netns: cp_node.ns.name.clone(),
+        };
+        let endpoint = format!("https://{cp_ip}:{CONTROL_PLANE_PORT}");
+
+        let mut node_agents = BTreeMap::new();
+        for node in cluster.nodes.values() {
+            let (cert, key) = pki.leaf(
+                &format!("node-agent-{}", node.name),
+                &[&format!("{}.nodes.meshlite", node.name)],
+                false,
+            );
+            let mut args = vec![
+                format!("--control-plane={endpoint}"),
+                format!("--node-name={}", node.name),
+                s("--mode=iptables"),
+                s("--admin-listen=127.0.0.1:0"),
+                s("--healthz-bind-address=0.0.0.0:10256"),
+                format!("--tls-cert={}", cert.display()),
+                format!("--tls-key={}", key.display()),
+                format!("--ca={}", ca.display()),
+                s("--cluster-cidr=198.18.0.0/16"),
+                format!("--node-ip={}", node.ip),
+                s("--ip-families=ipv4"),
+            ];
+            if cfg.fast {
+                args.push(s("--min-sync-period=100ms"));
+            }
+            let mut p = Process::start_env(
+                dir,
+                &format!("node-agent-{}", node.name),
+                &binary("meshlite-node-agent")?,
+                &args,
+                &wrap(&node.ns.name),
+                &cfg.env,
+            )?;
+            let admin = p
+                .addresses(timeout)?
+                .get("admin")
+                .copied()
+                .context("admin address")?;
+            node_agents.insert(
+                node.name.clone(),
+                Running {
+                    process: p,
+                    admin,
+                    netns: node.ns.name.clone(),
+                },
+            );
+        }
+
+        let mut dns_agents = BTreeMap::new();
+        for pod_name in &cfg.dns_pods {
+            let pod = cluster.pod(pod_name)?;
+            let (cert, key) = pki.leaf(&format!("dns-{pod_name}"), &["dns-agent"], false);
+            let args = vec![
+                format!("--control-plane={endpoint}"),
+                s("--listen=0.0.0.0:53"),
+                s("--admin-listen=127.0.0.1:0"),
+                s("--cluster-domain=cluster.local"),
+                format!(
+                    "--pod-records={}",
+                    if cfg.pod_records {
+                        "insecure"
+                    } else {
+                        "disabled"
+                    }
+                ),
+                s("--service-cidr=198.19.0.0/16"),
+                s("--pod-cidr=198.18.0.0/16"),
+                // Nothing outside the cluster zone is reachable from the lab: forward
+                // to a closed local port rather than to a real resolver.
+                s("--upstream=127.0.0.1:1"),
+                format!("--node-name={pod_name}"),
+                format!("--tls-cert={}", cert.display()),
+                format!("--tls-key={}", key.display()),
+                format!("--ca={}", ca.display()),
+            ];
+            let mut p = Process::start_env(
+                dir,
+                &format!("dns-agent-{pod_name}"),
+                &binary("meshlite-dns-agent")?,
+                &args,
+                &wrap(&pod.ns.name),
+                &cfg.env,
+            )?;
+            let admin = p
+                .addresses(timeout)?
+                .get("admin")
+                .copied()
+                .context("admin address")?;
+            dns_agents.insert(
+                pod_name.clone(),
+                Running {
+                    process: p,
+                    admin,
+                    netns: pod.ns.name.clone(),
+                },
+            );
+        }
+        let stack = Self {
+            pki,
+            dir: dir.to_path_buf(),
+            control_plane,
+            node_agents,
+            dns_agents,
+        };
+        stack.wait_ready(cluster, timeout).await?;
+        Ok(stack)
+    }
+
+    /// Every process, for listing PIDs.
+    pub fn all(&self) -> Vec<&Running> {
+        std::iter::once(&self.control_plane)
+            .chain(self.node_agents.values())
+            .chain(self.dns_agents.values())
+            .collect()
+    }
+
+    /// Waits until every process's `/readyz` answers 200.
+    pub async fn wait_ready(&self, cluster: &Cluster, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        for r in self.all() {
+            loop {
+                let (code, body) = admin_get(cluster, r, "/readyz")
+                    .await
+                    .unwrap_or((0, String::new()));
+                if code == 200 {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "{} not ready after {timeout:?}: {}\n{}",
+                        r.process.name,
+                        body.trim(),
+                        r.process.log_tail()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// GET on a process's admin address, from inside its namespace.
+pub async fn admin_get(cluster: &Cluster, r: &Running, path: &str) -> Result<(u16, String)> {
+    let rt = cluster
+        .nodes
+        .values()
+        .find(|n| n.ns.name == r.netns)
+        .map(|n| &n.rt)
+        .or_else(|| {
+            cluster
+                .pods
+                .values()
+                .find(|p| p.ns.name == r.netns)
+                .map(|p| &p.rt)
+        })
+        .with_context(|| format!("no namespace {}", r.netns))?;
+    let (addr, p) = (r.admin, path.to_string());
+    match rt
+        .run(async move { get(addr, &p, Duration::from_secs(3)).await })
+        .await
+    {
+        Outcome::Ok(code, body) => Ok((code, body)),
+        other => bail!("{} {path}: {other:?}", r.process.name),
+    }
+}
+
+/// The value of a Prometheus sample line starting with `prefix` (first match).
+pub fn metric(body: &str, prefix: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}

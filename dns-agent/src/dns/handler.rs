@@ -1,0 +1,348 @@
+//! The request handler: one query in, one response out. Cluster-zone and configured
+//! reverse names are answered from the current [`Zone`](crate::zone::Zone)
+//! (authoritative); everything else goes to the [`Forwarder`].
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, PTR, SOA, SRV, TXT};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_proto::serialize::binary::BinEncoder;
+use hickory_resolver::net::runtime::Time;
+use hickory_resolver::net::xfer::Protocol;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use tracing::{debug, warn};
+
+use super::forward::{Forwarded, Forwarder};
+use crate::metrics::{Answered, Metrics, QueryType, Rcode, Source, Transport};
+use crate::zone::{self, Outcome, Owner, QType, Rr, ZoneCell};
+
+/// Answers requests from the zone cell and the forwarder.
+#[derive(Debug, Clone)]
+pub struct DnsHandler {
+    zone: Arc<ZoneCell>,
+    forwarder: Option<Arc<Forwarder>>,
+    metrics: Arc<Metrics>,
+    max_udp_payload: u16,
+}
+
+/// A response before encoding, owning its records.
+struct Response {
+    metadata: Metadata,
+    answers: Vec<Record>,
+    authorities: Vec<Record>,
+    additionals: Vec<Record>,
+    edns: Option<Edns>,
+    source: Source,
+}
+
+// === impl DnsHandler ===
+
+impl DnsHandler {
+    /// `forwarder: None` refuses every name outside the cluster zones.
+    /// `max_udp_payload` caps the EDNS size we honour (and advertise).
+    pub fn new(
+        zone: Arc<ZoneCell>,
+        forwarder: Option<Arc<Forwarder>>,
+        metrics: Arc<Metrics>,
+        max_udp_payload: u16,
+    ) -> Self {
+        Self {
+            zone,
+            forwarder,
+            metrics,
+            max_udp_payload: max_udp_payload.max(512),
+        }
+    }
+
+    async fn answer(&self, request: &Request) -> Response {
+        let mut edns = None;
+        if let Some(req) = &request.edns {
+            let mut e = Edns::new();
+            e.set_max_payload(req.max_payload().clamp(512, self.max_udp_payload));
+            e.set_version(0);
+            if req.version() > 0 {
+                // RFC 6891 6.1.3: a version we do not implement gets BADVERS.
+                e.set_rcode_high(ResponseCode::BADVERS.high());
+                return Response::error(request, ResponseCode::BADVERS, Some(e));
+            }
+            edns = Some(e);
+        }
+        if request.metadata.op_code != OpCode::Query {
+            return Response::error(request, ResponseCode::NotImp, edns);
+        }
+        let [query] = request.queries.queries() else {
+            return Response::error(request, ResponseCode::FormErr, edns);
+        };
+        let qtype = query.query_type();
+        if matches!(qtype, RecordType::OPT) {
+            return Response::error(request, ResponseCode::FormErr, edns);
+        }
+        if !matches!(query.query_class(), DNSClass::IN | DNSClass::ANY) {
+            return Response::error(request, ResponseCode::Refused, edns);
+        }
+        // Labels as lower-case strings: LowerName has folded the case already.
+        let labels: Vec<String> = query
+            .name()
+            .iter()
+            .map(|l| String::from_utf8_lossy(l).into_owned())
+            .collect();
+        let zone = self.zone.load();
+        if matches!(qtype, RecordType::AXFR | RecordType::IXFR) {
+            // No zone transfers, for the cluster zone or through us.
+            return Response::error(request, ResponseCode::Refused, edns);
+        }
+        let answer = zone.lookup(&labels, zone_qtype(qtype));
+        let qname = query.original().name();
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.recursion_available = true;
+        match answer.outcome {
+            Outcome::NotAuthoritative => return self.forward(request, qname, qtype, edns).await,
+            Outcome::Found | Outcome::NoData => metadata.response_code = ResponseCode::NoError,
+            Outcome::NxDomain => metadata.response_code = ResponseCode::NXDomain,
+        }
+        metadata.authoritative = true;
+        Response {
+            metadata,
+            answers: records(&answer.answers, qname),
+            authorities: records(answer.authority.as_slice(), qname),
+            additionals: records(&answer.additionals, qname),
+            edns,
+            source: Source::Zone,
+        }
+    }
+
+    async fn forward(
+        &self,
+        request: &Request,
+        qname: &Name,
+        qtype: RecordType,
+        edns: Option<Edns>,
+    ) -> Response {
+        let Some(forwarder) = &self.forwarder else {
+            return Response::error(request, ResponseCode::Refused, edns);
+        };
+        let (forwarded, cached) = forwarder.resolve(qname, qtype).await;
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.recursion_available = true;
+        let mut response = Response {
+            metadata,
+            answers: Vec::new(),
+            authorities: Vec::new(),
+            additionals: Vec::new(),
+            edns,
+            source: if cached {
+                Source::Cache
+            } else {
+                Source::Upstream
+            },
+        };
+        match forwarded {
+            Forwarded::Answer(records) => response.answers = records,
+            Forwarded::Negative { rcode, soa } => {
+                response.metadata.response_code = rcode;
+                response.authorities = soa.into_iter().map(|r| *r).collect();
+            }
+            Forwarded::Failed(code) => response.metadata.response_code = code,
+        }
+        response
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for DnsHandler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        response_handle: R,
+    ) -> ResponseInfo {
+        let started = Instant::now();
+        let qtype = request
+            .queries
+            .queries()
+            .first()
+            .map_or(QueryType::OTHER, |q| query_type_label(q.query_type()));
+        let transport = match request.protocol() {
+            Protocol::Udp => Transport::Udp,
+            Protocol::Tcp => Transport::Tcp,
+            _ => Transport::Other,
+        };
+        let response = self.answer(request).await;
+        let source = response.source;
+        let (info, size, truncated) = response.send(request, response_handle).await;
+        self.metrics.request(&Answered {
+            qtype,
+            rcode: rcode_label(info.response_code),
+            source,
+            elapsed: started.elapsed(),
+            transport,
+            bytes: size,
+            truncated,
+        });
+        info
+    }
+}
+
+// === impl Response ===
+
+impl Response {
+    fn error(request: &Request, code: ResponseCode, edns: Option<Edns>) -> Self {
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.response_code = code;
+        metadata.recursion_available = true;
+        Self {
+            metadata,
+            answers: Vec::new(),
+            authorities: Vec::new(),
+            additionals: Vec::new(),
+            edns,
+            source: Source::Error,
+        }
+    }
+
+    /// Sends the response; returns what was sent, its encoded size and whether it
+    /// was truncated (measured with the same size limit the server applies).
+    async fn send<R: ResponseHandler>(
+        self,
+        request: &Request,
+        mut handle: R,
+    ) -> (ResponseInfo, usize, bool) {
+        let build = || {
+            let mut b = MessageResponseBuilder::from_message_request(request);
+            if let Some(e) = &self.edns {
+                b.edns(e);
+            }
+            b.build(
+                self.metadata,
+                self.answers.iter(),
+                self.authorities.iter(),
+                std::iter::empty(),
+                self.additionals.iter(),
+            )
+        };
+        let max = match request.protocol() {
+            Protocol::Udp => self.edns.as_ref().map_or(512, Edns::max_payload),
+            _ => u16::MAX,
+        };
+        let mut buf = Vec::with_capacity(512);
+        let mut encoder = BinEncoder::new(&mut buf);
+        encoder.set_max_size(max);
+        let truncated = match build().destructive_emit(&mut encoder) {
+            Ok(info) => info.truncation,
+            Err(e) => {
+                warn!(error = %e, "response does not encode");
+                false
+            }
+        };
+        let size = buf.len();
+        match handle.send_response(build()).await {
+            Ok(info) => (info, size, truncated),
+            Err(e) => {
+                debug!(error = %e, "failed to send response");
+                let mut metadata = self.metadata;
+                metadata.response_code = ResponseCode::ServFail;
+                let info = ResponseInfo::from(Header {
+                    metadata,
+                    counts: HeaderCounts::default(),
+                });
+                (info, 0, false)
+            }
+        }
+    }
+}
+
+/// Converts zone records to hickory records; the query name keeps its case.
+fn records(rrs: &[Rr], qname: &Name) -> Vec<Record> {
+    rrs.iter().filter_map(|rr| record(rr, qname)).collect()
+}
+
+fn record(rr: &Rr, qname: &Name) -> Option<Record> {
+    let owner = match &rr.owner {
+        Owner::Query => qname.clone(),
+        Owner::Name(n) => fqdn(n)?,
+    };
+    let data = match &rr.data {
+        zone::RData::A(ip) => RData::A(A(*ip)),
+        zone::RData::Aaaa(ip) => RData::AAAA(AAAA(*ip)),
+        zone::RData::Srv {
+            priority,
+            weight,
+            port,
+            target,
+        } => RData::SRV(SRV::new(*priority, *weight, *port, fqdn(target)?)),
+        zone::RData::Ptr(t) => RData::PTR(PTR(fqdn(t)?)),
+        zone::RData::Cname(t) => RData::CNAME(CNAME(fqdn(t)?)),
+        zone::RData::Ns(t) => RData::NS(NS(fqdn(t)?)),
+        zone::RData::Txt(t) => RData::TXT(TXT::new(vec![t.clone()])),
+        zone::RData::Soa(s) => RData::SOA(SOA::new(
+            fqdn(&s.mname)?,
+            fqdn(&s.rname)?,
+            s.serial,
+            s.refresh,
+            s.retry,
+            s.expire,
+            s.minimum,
+        )),
+    };
+    Some(Record::from_rdata(owner, rr.ttl, data))
+}
+
+fn fqdn(name: &str) -> Option<Name> {
+    match Name::from_ascii(name) {
+        Ok(mut n) => {
+            n.set_fqdn(true);
+            Some(n)
+        }
+        Err(e) => {
+            // Only a hostname that is not a DNS label could get here; skip the record.
+            warn!(name, error = %e, "name in the zone is not a valid DNS name");
+            None
+        }
+    }
+}
+
+fn zone_qtype(t: RecordType) -> QType {
+    match t {
+        RecordType::A => QType::A,
+        RecordType::AAAA => QType::Aaaa,
+        RecordType::SRV => QType::Srv,
+        RecordType::PTR => QType::Ptr,
+        RecordType::CNAME => QType::Cname,
+        RecordType::TXT => QType::Txt,
+        RecordType::NS => QType::Ns,
+        RecordType::SOA => QType::Soa,
+        RecordType::ANY => QType::Any,
+        _ => QType::Other,
+    }
+}
+
+fn query_type_label(t: RecordType) -> QueryType {
+    match t {
+        RecordType::A => QueryType::A,
+        RecordType::AAAA => QueryType::AAAA,
+        RecordType::SRV => QueryType::SRV,
+        RecordType::PTR => QueryType::PTR,
+        RecordType::CNAME => QueryType::CNAME,
+        RecordType::TXT => QueryType::TXT,
+        RecordType::SOA => QueryType::SOA,
+        RecordType::NS => QueryType::NS,
+        RecordType::MX => QueryType::MX,
+        RecordType::ANY => QueryType::ANY,
+        _ => QueryType::OTHER,
+    }
+}
+
+fn rcode_label(c: ResponseCode) -> Rcode {
+    match c {
+        ResponseCode::NoError => Rcode::NOERROR,
+        ResponseCode::NXDomain => Rcode::NXDOMAIN,
+        ResponseCode::ServFail => Rcode::SERVFAIL,
+        ResponseCode::FormErr => Rcode::FORMERR,
+        ResponseCode::NotImp => Rcode::NOTIMP,
+        ResponseCode::Refused => Rcode::REFUSED,
+        ResponseCode::BADVERS => Rcode::BADVERS,
+        _ => Rcode::OTHER,
+    }
+}

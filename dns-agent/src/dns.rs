@@ -246,3 +246,6 @@ impl ResponseHandler for Capture {
         Ok(info)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -86,3 +86,52 @@ impl Handler for ZoneUpdater {
         Ok(Applied { rules_changed })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use meshlite_runtime::admin::Readiness;
+
+    use super::*;
+    use crate::fixtures;
+    use crate::zone::{PodRecords, ZoneConfig};
+
+    #[tokio::test]
+    async fn swaps_then_turns_ready() {
+        let config = ZoneConfig {
+            domain: "cluster.local".into(),
+            ttl: 30,
+            pod_records: PodRecords::Disabled,
+            reverse_cidrs: vec![],
+        };
+        let cell = Arc::new(ZoneCell::new(Zone::empty(config)));
+        let readiness = Readiness::new();
+        let mut updater = ZoneUpdater::new(
+            cell.clone(),
+            Arc::new(Metrics::unregistered()),
+            Some(readiness.block("zone")),
+        );
+        assert!(!readiness.is_ready());
+        let snap = fixtures::seed();
+        // A resumed agent's first update may say "nothing changed": it still builds.
+        let changed = updater.apply_now(&snap, &ChangeSet::default());
+        assert!(changed > 0);
+        assert!(readiness.is_ready());
+        assert_eq!(cell.load().service_count(), 2);
+        // Later deltas are incremental.
+        let mut snap2 = snap.clone();
+        snap2.remove(&meshlite_proto::model::ResourceKey::service(
+            "default",
+            "headless-service",
+        ));
+        let ch = ChangeSet {
+            services: [meshlite_proto::model::ServiceName::new(
+                "default",
+                "headless-service",
+            )]
+            .into(),
+            ..ChangeSet::default()
+        };
+        updater.apply_now(&snap2, &ch);
+        assert_eq!(cell.load().service_count(), 1);
+    }
+}

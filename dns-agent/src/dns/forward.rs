@@ -250,21 +250,4 @@ pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn resolv_conf() {
-        let text = "# comment\nsearch default.svc.cluster.local\nnameserver 127.0.0.53\n\
-                    nameserver ::1\nnameserver fe80::1%eth0\nnameserver bogus\noptions ndots:5\n";
-        let got = parse_resolv_conf(text);
-        assert_eq!(
-            got,
-            vec![
-                "127.0.0.53:53".parse().unwrap(),
-                "[::1]:53".parse().unwrap(),
-                "[fe80::1]:53".parse().unwrap(),
-            ]
-        );
-    }
-}
+mod tests;

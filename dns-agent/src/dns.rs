@@ -192,6 +192,34 @@ pub async fn answer_bytes(
     capture.out.lock().unwrap_or_else(|p| p.into_inner()).take()
 }
 
+/// Checks a response produced by [`answer_bytes`] against its request: it decodes,
+/// is a response, echoes the id and fits the transport's limit. For fuzzing.
+///
+/// # Errors
+/// A description of what is wrong.
+pub fn check_response(
+    request: &[u8],
+    response: &[u8],
+    transport: Transport,
+) -> std::result::Result<(), String> {
+    let m = hickory_proto::op::Message::from_vec(response)
+        .map_err(|e| format!("response does not decode: {e}"))?;
+    if m.metadata.message_type != hickory_proto::op::MessageType::Response {
+        return Err("QR bit not set".into());
+    }
+    let id = request
+        .get(..2)
+        .map(|b| u16::from_be_bytes([b[0], b[1]]))
+        .ok_or("request shorter than an id")?;
+    if m.metadata.id != id {
+        return Err(format!("id {} for request id {id}", m.metadata.id));
+    }
+    if transport == Transport::Udp && response.len() > usize::from(u16::MAX / 2) {
+        return Err(format!("{} bytes over UDP", response.len()));
+    }
+    Ok(())
+}
+
 /// FORMERR for a request whose header parses but whose body does not.
 fn formerr(bytes: &[u8]) -> Option<Vec<u8>> {
     use hickory_proto::op::{Header, Metadata, ResponseCode};

@@ -8,11 +8,11 @@ use std::time::Instant;
 use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
-use hickory_proto::serialize::binary::BinEncoder;
+use hickory_proto::serialize::binary::{BinDecoder, BinEncodable, BinEncoder, NameEncoding};
 use hickory_resolver::net::runtime::Time;
 use hickory_resolver::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_server::zone_handler::{MessageResponseBuilder, Queries};
 use tracing::{debug, warn};
 
 use super::forward::{Forwarded, Forwarder};
@@ -209,8 +209,15 @@ impl Response {
         request: &Request,
         mut handle: R,
     ) -> (ResponseInfo, usize, bool) {
+        let rebuilt;
+        let queries = if question_is_compressed(request.queries.as_bytes()) {
+            rebuilt = reencode_queries(request);
+            &rebuilt
+        } else {
+            &request.queries
+        };
         let build = || {
-            let mut b = MessageResponseBuilder::from_message_request(request);
+            let mut b = MessageResponseBuilder::new(queries, None);
             if let Some(e) = &self.edns {
                 b.edns(e);
             }
@@ -251,6 +258,39 @@ impl Response {
             }
         }
     }
+}
+
+/// Whether a question name uses a compression pointer. hickory echoes the question
+/// section byte for byte, so such a pointer (relative to the request) would point
+/// into the wrong place of the response: found by the fuzz test.
+fn question_is_compressed(raw: &[u8]) -> bool {
+    let mut i = 0;
+    while let Some(&len) = raw.get(i) {
+        if len & 0xC0 != 0 {
+            return true;
+        }
+        // The root label ends a name; skip its type and class.
+        i += if len == 0 { 5 } else { usize::from(len) + 1 };
+    }
+    false
+}
+
+/// The request's questions encoded afresh, without compression.
+fn reencode_queries(request: &Request) -> Queries {
+    let mut bytes = Vec::with_capacity(64);
+    let mut encoder = BinEncoder::new(&mut bytes);
+    // Uncompressed: offsets here would not be offsets in the response.
+    encoder.set_name_encoding(NameEncoding::Uncompressed);
+    let mut count = 0;
+    for q in request.queries.queries() {
+        if q.original().emit(&mut encoder).is_err() {
+            break;
+        }
+        count += 1;
+    }
+    Queries::read(&mut BinDecoder::new(&bytes), count).unwrap_or_else(|_| {
+        Queries::read(&mut BinDecoder::new(&[]), 0).expect("zero queries from no bytes parse")
+    })
 }
 
 /// Converts zone records to hickory records; the query name keeps its case.

@@ -607,6 +607,21 @@ async fn malformed_and_unsupported_requests() {
     assert!(answer_bytes(&h, &resp, Transport::Udp).await.is_none());
 }
 
+#[tokio::test]
+async fn compressed_question_names_are_echoed_uncompressed() {
+    // Found by the fuzz test: a question name that is a pointer into the header.
+    // hickory echoes question bytes verbatim; the pointer would be wrong in the
+    // response, so the handler re-encodes such questions.
+    let h = rules();
+    let bytes = [
+        0x00, 0x01, 0x01, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xc0, 0x02, 0x00,
+        0x01, 0x00, 0x01,
+    ];
+    let r = reply(&h, &bytes).await;
+    assert_eq!(r.metadata.id, 1);
+    assert_eq!(r.queries.len(), 1);
+}
+
 async fn reply(h: &DnsHandler, bytes: &[u8]) -> Message {
     let out = answer_bytes(h, bytes, Transport::Udp)
         .await

@@ -252,6 +252,12 @@ impl Zone {
         self.records
     }
 
+    /// Every service's records (unordered): for exports such as the benchmark's
+    /// zone file.
+    pub fn all_services(&self) -> impl Iterator<Item = &Arc<ServiceRecords>> {
+        self.namespaces.values().flat_map(|n| n.services.values())
+    }
+
     /// The records of one service.
     pub fn service(&self, namespace: &str, name: &str) -> Option<&Arc<ServiceRecords>> {
         self.namespaces.get(namespace)?.services.get(name)

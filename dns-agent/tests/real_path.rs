@@ -461,3 +461,104 @@ fn check_config_prints_and_invalid_config_exits_64() {
         assert_eq!(out.status.code(), Some(64), "{bad:?}: {out:?}");
     }
 }
+
+#[test]
+fn mutual_tls_to_the_control_plane() -> Result<()> {
+    require_dig();
+    let cp_bin = control_plane_bin()?;
+    let agent_bin = PathBuf::from(env!("CARGO_BIN_EXE_meshlite-dns-agent"));
+    let tmp = tempfile::tempdir()?;
+    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/seed");
+    let pki = meshlite_runtime::testing::TestPki::new("meshlite-test-ca");
+    let server = pki.server();
+    let client = pki.client("dns-test", &["dns-test"]);
+
+    let cp_addrs = tmp.path().join("cp.json");
+    let cp = spawn(
+        &cp_bin,
+        &[
+            format!("--source=file:{}", seed.display()),
+            "--listen=127.0.0.1:0".into(),
+            "--admin-listen=127.0.0.1:0".into(),
+            format!("--tls-cert={}", server.cert.display()),
+            format!("--tls-key={}", server.key.display()),
+            format!("--client-ca={}", server.client_ca.display()),
+            format!("--addresses-file={}", cp_addrs.display()),
+        ],
+        tmp.path().join("cp.log"),
+    )?;
+    let grpc = addr(&read_addresses(&cp_addrs, &cp)?, "grpc")?;
+
+    let agent_addrs = tmp.path().join("agent.json");
+    let agent = spawn(
+        &agent_bin,
+        &[
+            format!("--control-plane=https://{grpc}"),
+            format!("--tls-cert={}", client.cert.display()),
+            format!("--tls-key={}", client.key.display()),
+            format!("--ca={}", client.ca.display()),
+            "--tls-server-name=localhost".into(),
+            "--node-name=dns-test".into(),
+            "--upstream=none".into(),
+            "--listen=127.0.0.1:0".into(),
+            "--admin-listen=127.0.0.1:0".into(),
+            format!("--addresses-file={}", agent_addrs.display()),
+        ],
+        tmp.path().join("agent.log"),
+    )?;
+    let a = read_addresses(&agent_addrs, &agent)?;
+    let (dns, admin) = (addr(&a, "dns")?, addr(&a, "admin")?);
+    eventually(
+        &format!(
+            "/readyz over mTLS (logs {} {})",
+            cp.log.display(),
+            agent.log.display()
+        ),
+        Duration::from_secs(20),
+        || (http_get(admin, "/readyz")?.0 == 200).then_some(()),
+    )?;
+    assert_eq!(
+        dig(
+            dns,
+            "clusterip-service.default.svc.cluster.local",
+            "A",
+            false
+        ),
+        vec!["198.19.100.100"]
+    );
+
+    // A client certificate from another CA is refused: the agent never turns ready.
+    let other = meshlite_runtime::testing::TestPki::new("someone-else");
+    let stranger = other.client("dns-stranger", &["dns-stranger"]);
+    let bad_addrs = tmp.path().join("bad.json");
+    let bad = spawn(
+        &agent_bin,
+        &[
+            format!("--control-plane=https://{grpc}"),
+            format!("--tls-cert={}", stranger.cert.display()),
+            format!("--tls-key={}", stranger.key.display()),
+            format!("--ca={}", client.ca.display()),
+            "--tls-server-name=localhost".into(),
+            "--node-name=dns-stranger".into(),
+            "--upstream=none".into(),
+            "--listen=127.0.0.1:0".into(),
+            "--admin-listen=127.0.0.1:0".into(),
+            format!("--addresses-file={}", bad_addrs.display()),
+        ],
+        tmp.path().join("bad.log"),
+    )?;
+    let b = read_addresses(&bad_addrs, &bad)?;
+    let bad_admin = addr(&b, "admin")?;
+    // Give it the time a good agent needed many times over, then check it is not ready.
+    let refused = eventually(
+        "the stranger's connection attempts are logged",
+        Duration::from_secs(10),
+        || {
+            let log = std::fs::read_to_string(&bad.log).ok()?;
+            log.contains("reconnecting").then_some(())
+        },
+    );
+    assert!(refused.is_ok(), "log {}", bad.log.display());
+    assert_eq!(http_get(bad_admin, "/readyz").map(|r| r.0), Some(503));
+    Ok(())
+}

@@ -30,7 +30,63 @@ fn best<T>(runs: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
     (best, out.expect("runs > 0"))
 }
 
+/// In-process cost of one request through the handler (parse, lookup, encode), for
+/// the dnsperf mix, without sockets.
+fn handler_cost() {
+    use std::sync::Arc;
+
+    use meshlite_dns_agent::dns::{DnsHandler, Transport, answer_bytes};
+    use meshlite_dns_agent::metrics::Metrics;
+    use meshlite_dns_agent::zone::ZoneCell;
+
+    let zone = Zone::build(config(), &fixtures::large(10_000, 1_000, 10));
+    let h = DnsHandler::new(
+        Arc::new(ZoneCell::new(zone)),
+        None,
+        Arc::new(Metrics::unregistered()),
+        1232,
+    );
+    let names = [
+        ("svc-5001.ns-1.svc.cluster.local", 1u16),
+        ("svc-7.ns-7.svc.cluster.local", 1),
+        ("_http._tcp.svc-7.ns-7.svc.cluster.local", 33),
+        ("nope-3.ns-3.svc.cluster.local", 1),
+    ];
+    let queries: Vec<Vec<u8>> = names
+        .iter()
+        .map(|(n, t)| {
+            let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+            for l in n.split('.') {
+                q.push(u8::try_from(l.len()).expect("short label"));
+                q.extend_from_slice(l.as_bytes());
+            }
+            q.push(0);
+            q.extend_from_slice(&t.to_be_bytes());
+            q.extend_from_slice(&[0, 1]);
+            q
+        })
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let n = 200_000;
+    let t = Instant::now();
+    rt.block_on(async {
+        for i in 0..n {
+            let out = answer_bytes(&h, &queries[i % 4], Transport::Udp).await;
+            assert!(out.is_some());
+        }
+    });
+    let per = t.elapsed() / n as u32;
+    println!(
+        "handler in-process (parse + lookup + encode, dnsperf mix): {:.2} us/query = {:.0} queries/s on one core",
+        per.as_secs_f64() * 1e6,
+        1.0 / per.as_secs_f64()
+    );
+}
+
 fn main() {
+    handler_cost();
     for (services, headless, eps) in [(10_000, 10_000, 10), (10_000, 1_000, 10)] {
         let snap = fixtures::large(services, headless, eps);
         let (full, zone) = best(5, || Zone::build(config(), &snap));

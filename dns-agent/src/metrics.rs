@@ -79,7 +79,8 @@ pub struct Answered {
     pub source: Source,
     pub elapsed: Duration,
     pub transport: Transport,
-    pub bytes: usize,
+    /// Encoded size, when this response was sampled for it.
+    pub bytes: Option<usize>,
     pub truncated: bool,
 }
 
@@ -137,7 +138,7 @@ impl Metrics {
         );
         r.register(
             "response_size_bytes",
-            "Size of the DNS responses sent",
+            "Size of the DNS responses sent (a uniform sample: one response in 16 is measured)",
             m.response_bytes.clone(),
         );
         r.register(
@@ -239,11 +240,13 @@ impl Metrics {
         self.latency
             .get_or_create(&SourceLabels { source: a.source })
             .observe(a.elapsed.as_secs_f64());
-        self.response_bytes
-            .get_or_create(&TransportLabels {
-                transport: a.transport,
-            })
-            .observe(a.bytes as f64);
+        if let Some(bytes) = a.bytes {
+            self.response_bytes
+                .get_or_create(&TransportLabels {
+                    transport: a.transport,
+                })
+                .observe(bytes as f64);
+        }
         if a.truncated {
             self.truncated.inc();
         }

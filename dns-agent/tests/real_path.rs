@@ -315,6 +315,15 @@ fn seed_over_dig_udp_and_tcp_with_live_edits_and_forwarding() -> Result<()> {
         ) >= 1.0
     );
     assert!(metric_sum(&metrics, "meshlite_dns_zone_records", "") > 0.0);
+    for series in [
+        "meshlite_dns_response_size_bytes_count",
+        "meshlite_dns_request_duration_seconds_bucket",
+        "meshlite_dns_update_apply_duration_seconds_count",
+        "meshlite_dns_cache_entries",
+        "meshlite_dns_truncated_total",
+    ] {
+        assert!(metrics.contains(series), "{series} missing from /metrics");
+    }
     // The upstream never saw a cluster.local name: it would have REFUSED it.
     let (_, up_metrics) = http_get(up_admin, "/metrics").context("upstream metrics")?;
     assert!(

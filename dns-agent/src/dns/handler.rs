@@ -112,11 +112,12 @@ impl DnsHandler {
             Outcome::NxDomain => metadata.response_code = ResponseCode::NXDomain,
         }
         metadata.authoritative = true;
+        let mut names = NameCache::default();
         Response {
             metadata,
-            answers: records(&answer.answers, qname),
-            authorities: records(answer.authority.as_slice(), qname),
-            additionals: records(&answer.additionals, qname),
+            answers: names.records(&answer.answers, qname),
+            authorities: names.records(answer.authority.as_slice(), qname),
+            additionals: names.records(&answer.additionals, qname),
             edns,
             source: Source::Zone,
             sample: false,
@@ -314,40 +315,58 @@ fn reencode_queries(request: &Request) -> Queries {
     })
 }
 
-/// Converts zone records to hickory records; the query name keeps its case.
-fn records(rrs: &[Rr], qname: &Name) -> Vec<Record> {
-    rrs.iter().filter_map(|rr| record(rr, qname)).collect()
+/// Converts zone records to hickory records for one response; the query name keeps
+/// its case. Names repeat within a response (an SRV target is also an additional
+/// record's owner), so each is parsed once.
+#[derive(Default)]
+struct NameCache<'a> {
+    names: Vec<(&'a str, Name)>,
 }
 
-fn record(rr: &Rr, qname: &Name) -> Option<Record> {
-    let owner = match &rr.owner {
-        Owner::Query => qname.clone(),
-        Owner::Name(n) => fqdn(n)?,
-    };
-    let data = match &rr.data {
-        zone::RData::A(ip) => RData::A(A(*ip)),
-        zone::RData::Aaaa(ip) => RData::AAAA(AAAA(*ip)),
-        zone::RData::Srv {
-            priority,
-            weight,
-            port,
-            target,
-        } => RData::SRV(SRV::new(*priority, *weight, *port, fqdn(target)?)),
-        zone::RData::Ptr(t) => RData::PTR(PTR(fqdn(t)?)),
-        zone::RData::Cname(t) => RData::CNAME(CNAME(fqdn(t)?)),
-        zone::RData::Ns(t) => RData::NS(NS(fqdn(t)?)),
-        zone::RData::Txt(t) => RData::TXT(TXT::new(vec![t.clone()])),
-        zone::RData::Soa(s) => RData::SOA(SOA::new(
-            fqdn(&s.mname)?,
-            fqdn(&s.rname)?,
-            s.serial,
-            s.refresh,
-            s.retry,
-            s.expire,
-            s.minimum,
-        )),
-    };
-    Some(Record::from_rdata(owner, rr.ttl, data))
+impl<'a> NameCache<'a> {
+    fn records(&mut self, rrs: &'a [Rr], qname: &Name) -> Vec<Record> {
+        rrs.iter().filter_map(|rr| self.record(rr, qname)).collect()
+    }
+
+    fn name(&mut self, s: &'a str) -> Option<Name> {
+        if let Some((_, n)) = self.names.iter().find(|(k, _)| *k == s) {
+            return Some(n.clone());
+        }
+        let n = fqdn(s)?;
+        self.names.push((s, n.clone()));
+        Some(n)
+    }
+
+    fn record(&mut self, rr: &'a Rr, qname: &Name) -> Option<Record> {
+        let owner = match &rr.owner {
+            Owner::Query => qname.clone(),
+            Owner::Name(n) => self.name(n)?,
+        };
+        let data = match &rr.data {
+            zone::RData::A(ip) => RData::A(A(*ip)),
+            zone::RData::Aaaa(ip) => RData::AAAA(AAAA(*ip)),
+            zone::RData::Srv {
+                priority,
+                weight,
+                port,
+                target,
+            } => RData::SRV(SRV::new(*priority, *weight, *port, self.name(target)?)),
+            zone::RData::Ptr(t) => RData::PTR(PTR(self.name(t)?)),
+            zone::RData::Cname(t) => RData::CNAME(CNAME(self.name(t)?)),
+            zone::RData::Ns(t) => RData::NS(NS(self.name(t)?)),
+            zone::RData::Txt(t) => RData::TXT(TXT::new(vec![t.clone()])),
+            zone::RData::Soa(s) => RData::SOA(SOA::new(
+                self.name(&s.mname)?,
+                self.name(&s.rname)?,
+                s.serial,
+                s.refresh,
+                s.retry,
+                s.expire,
+                s.minimum,
+            )),
+        };
+        Some(Record::from_rdata(owner, rr.ttl, data))
+    }
 }
 
 fn fqdn(name: &str) -> Option<Name> {

@@ -311,6 +311,9 @@ impl Args {
                 agent_version: concat!("meshlite-dns-agent/", env!("CARGO_PKG_VERSION")).into(),
                 backoff: default_backoff(),
                 max_message_bytes: 64 * 1024 * 1024,
+                // Bearer tokens identify node agents (`--node-identity token`); a DNS
+                // agent is identified by its certificate alone.
+                token_file: None,
             },
             server: ServerConfig {
                 listen,

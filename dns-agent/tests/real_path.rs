@@ -480,7 +480,8 @@ fn mutual_tls_to_the_control_plane() -> Result<()> {
     let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/seed");
     let pki = meshlite_runtime::testing::TestPki::new("meshlite-test-ca");
     let server = pki.server();
-    let client = pki.client("dns-test", &["dns-test"]);
+    // The control plane admits DNS agents by the `dns-agent` SAN.
+    let client = pki.client("dns-test", &["dns-agent"]);
 
     let cp_addrs = tmp.path().join("cp.json");
     let cp = spawn(
@@ -536,9 +537,9 @@ fn mutual_tls_to_the_control_plane() -> Result<()> {
         vec!["198.19.100.100"]
     );
 
-    // A client certificate from another CA is refused: the agent never turns ready.
-    let other = meshlite_runtime::testing::TestPki::new("someone-else");
-    let stranger = other.client("dns-stranger", &["dns-stranger"]);
+    // A certificate from the right CA for another role (a node agent's) is refused:
+    // that agent never turns ready.
+    let stranger = pki.client("node1", &["node1.nodes.meshlite"]);
     let bad_addrs = tmp.path().join("bad.json");
     let bad = spawn(
         &agent_bin,

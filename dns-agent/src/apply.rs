@@ -1,0 +1,137 @@
+//! The subscriber handler: builds the next zone from each update, swaps it in and
+//! only then returns, so the ACK the control plane receives means "answers changed".
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use meshlite_runtime::admin::BlockReady;
+use meshlite_runtime::{Applied, ApplyError, ChangeSet, Handler, Snapshot, UpdateInfo};
+use tracing::{debug, info};
+
+use crate::metrics::Metrics;
+use crate::zone::{Zone, ZoneCell};
+
+/// Swaps zones on every update. Readiness is held down until the first swap.
+#[derive(Debug)]
+pub struct ZoneUpdater {
+    cell: Arc<ZoneCell>,
+    metrics: Arc<Metrics>,
+    not_ready: Option<BlockReady>,
+}
+
+// === impl ZoneUpdater ===
+
+impl ZoneUpdater {
+    /// `not_ready` is released after the first zone is in place.
+    pub fn new(cell: Arc<ZoneCell>, metrics: Arc<Metrics>, not_ready: Option<BlockReady>) -> Self {
+        Self {
+            cell,
+            metrics,
+            not_ready,
+        }
+    }
+
+    /// Builds and swaps in the zone for this update; returns records changed.
+    pub fn apply_now(&mut self, snapshot: &Snapshot, changes: &ChangeSet) -> u64 {
+        let started = Instant::now();
+        let current = self.cell.load();
+        // The first update rebuilds from scratch whatever it says: a resumed agent
+        // starts with an empty zone but a non-empty snapshot.
+        let next = if self.not_ready.is_some() || changes.full {
+            Zone::build(current.config().clone(), snapshot)
+        } else {
+            current.update(snapshot, changes)
+        };
+        let changed = next.record_count().abs_diff(current.record_count());
+        let (records, services, serial) =
+            (next.record_count(), next.service_count(), next.serial());
+        self.cell.store(Arc::new(next));
+        let took = started.elapsed();
+        self.metrics.zone_applied(records, services, serial, took);
+        if let Some(guard) = self.not_ready.take() {
+            info!(
+                records,
+                services,
+                serial,
+                ?took,
+                "first zone applied; ready"
+            );
+            guard.release();
+        } else {
+            debug!(
+                records,
+                services,
+                serial,
+                ?took,
+                services_changed = changes.services.len(),
+                "zone swapped"
+            );
+        }
+        // Services touched is the honest "rules changed" count when record totals
+        // stay equal (an address moved).
+        u64::try_from(changed.max(changes.services.len())).unwrap_or(u64::MAX)
+    }
+}
+
+impl Handler for ZoneUpdater {
+    async fn apply(
+        &mut self,
+        snapshot: &Snapshot,
+        changes: &ChangeSet,
+        _info: &UpdateInfo,
+    ) -> Result<Applied, ApplyError> {
+        // Zone building is pure and cannot fail: every resource reaching here was
+        // validated when it was decoded.
+        let rules_changed = self.apply_now(snapshot, changes);
+        Ok(Applied { rules_changed })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use meshlite_runtime::admin::Readiness;
+
+    use super::*;
+    use crate::fixtures;
+    use crate::zone::{PodRecords, ZoneConfig};
+
+    #[tokio::test]
+    async fn swaps_then_turns_ready() {
+        let config = ZoneConfig {
+            domain: "cluster.local".into(),
+            ttl: 30,
+            pod_records: PodRecords::Disabled,
+            reverse_cidrs: vec![],
+        };
+        let cell = Arc::new(ZoneCell::new(Zone::empty(config)));
+        let readiness = Readiness::new();
+        let mut updater = ZoneUpdater::new(
+            cell.clone(),
+            Arc::new(Metrics::unregistered()),
+            Some(readiness.block("zone")),
+        );
+        assert!(!readiness.is_ready());
+        let snap = fixtures::seed();
+        // A resumed agent's first update may say "nothing changed": it still builds.
+        let changed = updater.apply_now(&snap, &ChangeSet::default());
+        assert!(changed > 0);
+        assert!(readiness.is_ready());
+        assert_eq!(cell.load().service_count(), 2);
+        // Later deltas are incremental.
+        let mut snap2 = snap.clone();
+        snap2.remove(&meshlite_proto::model::ResourceKey::service(
+            "default",
+            "headless-service",
+        ));
+        let ch = ChangeSet {
+            services: [meshlite_proto::model::ServiceName::new(
+                "default",
+                "headless-service",
+            )]
+            .into(),
+            ..ChangeSet::default()
+        };
+        updater.apply_now(&snap2, &ch);
+        assert_eq!(cell.load().service_count(), 1);
+    }
+}

@@ -1,0 +1,227 @@
+//! Per-service records, built from one Service and its EndpointSlices.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use meshlite_proto::model::{EndpointSlice, Protocol, Service, ServiceType};
+
+use super::name::dashed;
+
+/// What a service's name answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServiceKind {
+    /// A/AAAA of the cluster IPs.
+    ClusterIp,
+    /// A/AAAA of each ready endpoint; the name does not exist without one.
+    Headless,
+    /// CNAME to this name (lower case, no trailing dot).
+    ExternalName(String),
+}
+
+/// One SRV record: `_<port>._<proto>.<svc>...  SRV 0 <w> <port> <target>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SrvRecord {
+    pub port: u16,
+    /// `None`: the service name itself (ClusterIP); `Some(label)`: the endpoint
+    /// `<label>.<svc>.<ns>.svc.<zone>` (headless).
+    pub endpoint: Option<Arc<str>>,
+}
+
+/// The SRV records under one `_<port>._<proto>` pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SrvSet {
+    /// Port name, lower case. Empty for an unnamed port: such a set only answers SRV
+    /// queries on the service name itself, as CoreDNS does.
+    pub port_name: String,
+    pub protocol: Protocol,
+    pub records: Vec<SrvRecord>,
+}
+
+/// How a service uses an address, for PTR records and verified pod records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IpUseKind {
+    ClusterIp,
+    Endpoint {
+        /// The endpoint's label under the service (hostname or dashed IP).
+        label: Arc<str>,
+        /// Included in the service's records (ready, or publishNotReadyAddresses).
+        published: bool,
+    },
+}
+
+/// One use of an address by a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpUse {
+    pub namespace: Arc<str>,
+    pub service: Arc<str>,
+    pub kind: IpUseKind,
+}
+
+/// Everything under `<svc>.<ns>.svc.<zone>`, immutable once built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRecords {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    pub kind: ServiceKind,
+    /// A/AAAA at the service name: cluster IPs, or the published endpoints' IPs for
+    /// headless services, de-duplicated, in a stable order.
+    pub addresses: Vec<IpAddr>,
+    /// Endpoint label -> addresses (`<label>.<svc>.<ns>.svc.<zone>`).
+    pub endpoints: HashMap<Arc<str>, Vec<IpAddr>>,
+    /// SRV sets, ordered by port name and protocol.
+    pub srv: Vec<SrvSet>,
+    /// Every address this service uses, for the reverse index.
+    pub ip_uses: Vec<(IpAddr, IpUseKind)>,
+    /// Number of records this service contributes (forward and PTR).
+    pub record_count: usize,
+}
+
+// === impl ServiceRecords ===
+
+impl ServiceRecords {
+    /// Builds the records of one service from its slices (spec 1.1.0 sections 2.3-2.5,
+    /// CoreDNS where the spec is silent).
+    pub fn build<'a>(
+        svc: &Service,
+        slices: impl IntoIterator<Item = &'a Arc<EndpointSlice>>,
+    ) -> Self {
+        let namespace: Arc<str> = svc.namespace.to_ascii_lowercase().into();
+        let name: Arc<str> = svc.name.to_ascii_lowercase().into();
+        let kind = if svc.kind == ServiceType::ExternalName {
+            match svc.external_name.as_deref() {
+                // CoreDNS answers nothing for an ExternalName that is an IP address.
+                Some(target) if !target.is_empty() && target.parse::<IpAddr>().is_err() => {
+                    ServiceKind::ExternalName(target.trim_end_matches('.').to_ascii_lowercase())
+                }
+                _ => ServiceKind::ExternalName(String::new()),
+            }
+        } else if svc.headless || svc.cluster_ips.is_empty() {
+            ServiceKind::Headless
+        } else {
+            ServiceKind::ClusterIp
+        };
+
+        let mut records = Self {
+            namespace,
+            name,
+            kind,
+            addresses: Vec::new(),
+            endpoints: HashMap::new(),
+            srv: Vec::new(),
+            ip_uses: Vec::new(),
+            record_count: 0,
+        };
+        if matches!(records.kind, ServiceKind::ExternalName(_)) {
+            // ExternalName services have no endpoints and no ports in DNS.
+            records.record_count = usize::from(records.exists());
+            return records;
+        }
+
+        // Endpoints: published ones get names; every address is indexed for pods.
+        let mut srv_sets: BTreeMap<(String, Protocol), Vec<SrvRecord>> = BTreeMap::new();
+        let headless = records.kind == ServiceKind::Headless;
+        for slice in slices {
+            for ep in &slice.endpoints {
+                let published = ep.ready || svc.publish_not_ready_addresses;
+                for ip in &ep.addresses {
+                    let label: Arc<str> = match &ep.hostname {
+                        Some(h) if !h.is_empty() => h.to_ascii_lowercase().into(),
+                        _ => dashed(*ip).into(),
+                    };
+                    records.ip_uses.push((
+                        *ip,
+                        IpUseKind::Endpoint {
+                            label: label.clone(),
+                            published,
+                        },
+                    ));
+                    if !published {
+                        continue;
+                    }
+                    let ips = records.endpoints.entry(label.clone()).or_default();
+                    if !ips.contains(ip) {
+                        ips.push(*ip);
+                    }
+                    if headless {
+                        if !records.addresses.contains(ip) {
+                            records.addresses.push(*ip);
+                        }
+                        for p in &slice.ports {
+                            srv_sets
+                                .entry((p.name.to_ascii_lowercase(), p.protocol))
+                                .or_default()
+                                .push(SrvRecord {
+                                    port: p.port,
+                                    endpoint: Some(label.clone()),
+                                });
+                        }
+                    }
+                }
+            }
+        }
+        if !headless {
+            for ip in &svc.cluster_ips {
+                if !records.addresses.contains(ip) {
+                    records.addresses.push(*ip);
+                }
+                records.ip_uses.push((*ip, IpUseKind::ClusterIp));
+            }
+            for p in &svc.ports {
+                srv_sets
+                    .entry((p.name.to_ascii_lowercase(), p.protocol))
+                    .or_default()
+                    .push(SrvRecord {
+                        port: p.port,
+                        endpoint: None,
+                    });
+            }
+        }
+        records.srv = srv_sets
+            .into_iter()
+            .map(|((port_name, protocol), mut recs)| {
+                recs.sort();
+                recs.dedup();
+                SrvSet {
+                    port_name,
+                    protocol,
+                    records: recs,
+                }
+            })
+            .collect();
+
+        records.record_count = if records.exists() {
+            records.addresses.len()
+                + records.endpoints.values().map(Vec::len).sum::<usize>()
+                + records.srv.iter().map(|s| s.records.len()).sum::<usize>()
+                + records
+                    .ip_uses
+                    .iter()
+                    .filter(|(_, k)| {
+                        matches!(
+                            k,
+                            IpUseKind::ClusterIp
+                                | IpUseKind::Endpoint {
+                                    published: true,
+                                    ..
+                                }
+                        )
+                    })
+                    .count()
+        } else {
+            0
+        };
+        records
+    }
+
+    /// Whether `<svc>.<ns>.svc.<zone>` exists: a headless service without a published
+    /// endpoint does not (spec 2.4.1: "no ready endpoints -> NXDOMAIN"), nor does an
+    /// ExternalName service without a usable target.
+    pub fn exists(&self) -> bool {
+        match &self.kind {
+            ServiceKind::ClusterIp => true,
+            ServiceKind::Headless => !self.addresses.is_empty(),
+            ServiceKind::ExternalName(target) => !target.is_empty(),
+        }
+    }
+}

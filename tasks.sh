@@ -77,24 +77,11 @@ cmd_test() {
 cmd_demo() {
   need_rust
   runtime_tools
-  say "building release binaries"
+  [ "$(id -u)" -eq 0 ] || die "the demo needs root (network namespaces, iptables): run as root"
+  say "building release binaries (first time: a few minutes)"
   cargo build --release --workspace --bins --locked
   local bin; bin="$(target_dir)/release"
-  if [ -x "$bin/demo" ]; then
-    exec "$bin/demo" "$@"
-  fi
-  # Until the node and DNS agents land: the control plane alone on the seed.
-  local dir; dir=$(mktemp -d)
-  "$bin/meshlite-control-plane" --source file:examples/seed --insecure \
-    --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --addresses-file "$dir/addr.json" \
-    >"$dir/cp.log" 2>&1 &
-  local pid=$!
-  trap 'kill $pid 2>/dev/null; rm -rf "$dir"' EXIT
-  for _ in $(seq 100); do [ -s "$dir/addr.json" ] && break; sleep 0.1; done
-  local admin; admin=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["admin"])' "$dir/addr.json")
-  for _ in $(seq 100); do curl -sf "http://$admin/readyz" >/dev/null && break; sleep 0.1; done
-  say "control plane serving examples/seed"
-  curl -s "http://$admin/metrics" | grep -E '^meshlite_control_plane_(resources|version)'
+  MESHLITE_BIN_DIR="$bin" exec "$bin/demo" "$@"
 }
 
 case "${1:-}" in

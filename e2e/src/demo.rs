@@ -202,16 +202,24 @@ fn services_table(dir: &Path) -> Result<String> {
         .join("\n"))
 }
 
-/// Polls `f` every 20 ms until it holds; returns how long it took, or None after `limit`.
-async fn time_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+/// Polls two conditions together from now (the manifest write) for up to 5 s;
+/// returns when each first held.
+async fn follow(
+    mut dns: impl FnMut() -> bool,
+    mut traffic: impl FnMut() -> bool,
+) -> (Option<Duration>, Option<Duration>) {
     let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return Some(start.elapsed());
+    let (mut d, mut t) = (None, None);
+    while start.elapsed() < Duration::from_secs(5) && (d.is_none() || t.is_none()) {
+        if d.is_none() && dns() {
+            d = Some(start.elapsed());
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        if t.is_none() && traffic() {
+            t = Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    None
+    (d, t)
 }
 
 /// Sends `n` requests to `url` from testpod; counts which pod served each.
@@ -290,7 +298,7 @@ pub async fn run(opts: Options) -> Result<usize> {
         ],
         5,
     )?;
-    println!("  {:<24} {:<8} {}", "NAME", "NODE", "IP");
+    println!("  {:<24} {:<8} IP", "NAME", "NODE");
     for p in cluster.pods.values() {
         println!("  {:<24} {:<8} {}", p.name, p.node, p.ip);
     }
@@ -344,16 +352,21 @@ pub async fn run(opts: Options) -> Result<usize> {
         .filter(|l| l.starts_with(&format!("-A {svc_chain} ")) && l.contains("-j KUBE-SEP-"))
         .filter_map(|l| l.rsplit(' ').next().map(String::from))
         .collect();
-    let shown: Vec<&str> = rules
+    // In the order a packet meets them: KUBE-SERVICES, the service chain, the endpoints.
+    let mut shown: Vec<&str> = rules
         .lines()
-        .filter(|l| {
-            (l.contains("clusterip-service") && l.starts_with("-A KUBE-SERVICES"))
-                || (!svc_chain.is_empty() && l.starts_with(&format!("-A {svc_chain} ")))
-                || sep_chains
-                    .iter()
-                    .any(|c| l.starts_with(&format!("-A {c} ")))
-        })
+        .filter(|l| l.contains("clusterip-service") && l.starts_with("-A KUBE-SERVICES"))
         .collect();
+    if !svc_chain.is_empty() {
+        shown.extend(
+            rules
+                .lines()
+                .filter(|l| l.starts_with(&format!("-A {svc_chain} "))),
+        );
+    }
+    for c in &sep_chains {
+        shown.extend(rules.lines().filter(|l| l.starts_with(&format!("-A {c} "))));
+    }
     for l in &shown {
         println!("    {l}");
     }
@@ -430,15 +443,16 @@ pub async fn run(opts: Options) -> Result<usize> {
         ("webui-5d4f8b7c9-j7k8l", "198.18.1.2", "node1"),
     ];
     write_slices(&manifests, &webui)?;
-    let t_dns = time_until(Duration::from_secs(5), || {
-        dig_short(&cluster, "headless-service.default.svc.cluster.local")
-            .is_ok_and(|v| v.len() == 4)
-    })
-    .await;
-    let t_traffic = time_until(Duration::from_secs(5), || {
-        curl(&cluster, "http://clusterip-service/")
-            .is_ok_and(|b| b.starts_with("webui-5d4f8b7c9-j7k8l"))
-    })
+    let (t_dns, t_traffic) = follow(
+        || {
+            dig_short(&cluster, "headless-service.default.svc.cluster.local")
+                .is_ok_and(|v| v.len() == 4)
+        },
+        || {
+            curl(&cluster, "http://clusterip-service/")
+                .is_ok_and(|b| b.starts_with("webui-5d4f8b7c9-j7k8l"))
+        },
+    )
     .await;
     report_follow(
         &mut checks,
@@ -449,17 +463,20 @@ pub async fn run(opts: Options) -> Result<usize> {
 
     webui.retain(|p| p.0 != "webui-5d4f8b7c9-d3e4f");
     write_slices(&manifests, &webui)?;
-    let t_dns = time_until(Duration::from_secs(5), || {
-        dig_short(&cluster, "headless-service.default.svc.cluster.local")
-            .is_ok_and(|v| v.len() == 3 && !v.contains(&"198.18.2.1".to_string()))
-    })
-    .await;
-    let t_traffic = time_until(Duration::from_secs(5), || {
-        // The rules changed once no KUBE-SEP points at the removed pod any more.
-        cluster
-            .iptables("node1", &["-t", "nat", "-S"])
-            .is_ok_and(|r| !r.contains("198.18.2.1:80"))
-    })
+    let (t_dns, t_traffic) = follow(
+        || {
+            dig_short(&cluster, "headless-service.default.svc.cluster.local")
+                .is_ok_and(|v| v.len() == 3 && !v.contains(&"198.18.2.1".to_string()))
+        },
+        // Traffic has left the removed pod once no rule on either node sends to it.
+        || {
+            ["node1", "node2"].iter().all(|n| {
+                cluster
+                    .iptables(n, &["-t", "nat", "-S"])
+                    .is_ok_and(|r| !r.contains("198.18.2.1:80"))
+            })
+        },
+    )
     .await;
     report_follow(
         &mut checks,
@@ -559,7 +576,7 @@ fn report_follow(
         })
     };
     println!(
-        "  {what}: DNS followed after {}, traffic after {}",
+        "  {what}: DNS followed {} after the manifest write, traffic {}",
         ms(dns),
         ms(traffic)
     );

@@ -246,6 +246,84 @@ impl Cluster {
         Ok(path)
     }
 
+    /// Adds an off-cluster client (like a machine outside the cluster) on the
+    /// underlay, at `198.18.200.<n>`: outside every pod CIDR and the cluster CIDR
+    /// (198.18.0.0/17), routed to the nodes by the fabric.
+    pub fn add_external(&mut self, name: &str, n: u8) -> Result<&Pod> {
+        let ip = Ipv4Addr::new(198, 18, 200, n);
+        let ns = Netns::new(name)?;
+        self.next_veth += 1;
+        let veth = format!("x{}", self.next_veth);
+        self.fabric.exec(&[
+            "ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ])?;
+        self.fabric.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{FABRIC_IP}/32"),
+            "dev",
+            &veth,
+        ])?;
+        self.fabric.exec(&["ip", "link", "set", &veth, "up"])?;
+        self.fabric
+            .exec(&["ip", "route", "add", &format!("{ip}/32"), "dev", &veth])?;
+        ns.exec(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+        ns.exec(&["ip", "link", "set", "eth0", "up"])?;
+        ns.exec(&[
+            "ip",
+            "route",
+            "add",
+            &format!("{FABRIC_IP}/32"),
+            "dev",
+            "eth0",
+        ])?;
+        ns.exec(&[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            &FABRIC_IP.to_string(),
+        ])?;
+        // Nodes answer it through the fabric.
+        for node in self.nodes.values() {
+            let _ = node.ns.exec(&[
+                "ip",
+                "route",
+                "add",
+                &format!("{ip}/32"),
+                "via",
+                &FABRIC_IP.to_string(),
+            ]);
+        }
+        let rt = ns.runtime()?;
+        self.pods.insert(
+            name.to_string(),
+            Pod {
+                name: name.to_string(),
+                ip,
+                node: String::new(),
+                ns,
+                rt,
+                veth,
+            },
+        );
+        self.pod(name)
+    }
+
+    /// Runs a command in a pod's namespace (as `ip netns exec`, so with the pod's
+    /// resolv.conf); returns stdout whatever the exit status.
+    pub fn exec_in(&self, pod: &str, args: &[&str]) -> Result<String> {
+        let p = self.pod(pod)?;
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &p.ns.name])
+            .args(args)
+            .output()
+            .with_context(|| format!("run {args:?} in {pod}"))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// `iptables` in a node's namespace.
     pub fn iptables(&self, node: &str, args: &[&str]) -> Result<String> {
         let mut v = vec!["iptables", "-w"];

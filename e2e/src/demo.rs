@@ -60,13 +60,7 @@ fn heading(n: &str, title: &str) {
 
 /// Runs a command in a pod's namespace (with its /etc/netns resolv.conf).
 fn in_pod(cluster: &Cluster, pod: &str, args: &[&str]) -> Result<String> {
-    let p = cluster.pod(pod)?;
-    let out = Command::new("ip")
-        .args(["netns", "exec", &p.ns.name])
-        .args(args)
-        .output()
-        .with_context(|| format!("run {args:?} in {pod}"))?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    cluster.exec_in(pod, args)
 }
 
 fn curl(cluster: &Cluster, url: &str) -> Result<String> {

@@ -134,7 +134,7 @@ impl Stack {
                 format!("--tls-cert={}", cert.display()),
                 format!("--tls-key={}", key.display()),
                 format!("--ca={}", ca.display()),
-                s("--cluster-cidr=198.18.0.0/16"),
+                s("--cluster-cidr=198.18.0.0/17"),
                 format!("--node-ip={}", node.ip),
                 s("--ip-families=ipv4"),
             ];

@@ -1,0 +1,481 @@
+//! The whole system: the three real binaries over real mTLS, the control plane
+//! watching the Kubernetes API stand-in (real list/watch), node agents programming
+//! iptables in node namespaces and DNS agents serving the cluster zone, checked with
+//! real traffic (`curl`) and real DNS queries (`dig`) from pods.
+//!
+//! Needs root, iptables, conntrack, curl and dig; fails with a message otherwise.
+//! Run one case: `cargo nextest run -p meshlite-e2e --test system <name>` (build the
+//! binaries first: `cargo build --workspace --bins`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use meshlite_e2e::apiserver::{ApiServer, Collection};
+use meshlite_e2e::cluster::Cluster;
+use meshlite_e2e::stack::{Source, Stack, StackConfig, admin_get};
+
+const T: Duration = Duration::from_secs(30);
+const DNS_IP: &str = "198.19.0.10";
+
+struct System {
+    cluster: Cluster,
+    api: ApiServer,
+    stack: Stack,
+    _dir: tempfile::TempDir,
+}
+
+fn webui_slice(svc: &str, eps: &[(&str, &str, bool)]) -> String {
+    let mut s = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {svc}-abc\n  namespace: default\n  labels: {{kubernetes.io/service-name: {svc}}}\naddressType: IPv4\nports: [{{name: http, port: 80, protocol: TCP}}]\nendpoints:\n"
+    );
+    for (ip, node, ready) in eps {
+        s.push_str(&format!(
+            "- addresses: [\"{ip}\"]\n  conditions: {{ready: {ready}, serving: {ready}, terminating: false}}\n  nodeName: {node}\n"
+        ));
+    }
+    s
+}
+
+async fn system() -> System {
+    meshlite_runtime::tls::install_default_provider();
+    meshlite_e2e::netns::set_prefix("mlsys");
+    let mut cluster = Cluster::new(&["node1", "node2"]).unwrap_or_else(|e| panic!("{e:#}"));
+    for tool in ["curl", "dig"] {
+        assert!(
+            std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .unwrap()
+                .status
+                .success(),
+            "this test needs `{tool}` (apt-get install curl dnsutils)"
+        );
+    }
+    for (name, node, ip, http) in [
+        ("web-1", "node1", "198.18.1.1", true),
+        ("web-2", "node2", "198.18.2.1", true),
+        ("web-3", "node2", "198.18.2.2", true),
+        ("testpod", "node1", "198.18.1.10", false),
+        ("dns-a", "node1", "198.18.1.53", false),
+        ("dns-b", "node2", "198.18.2.53", false),
+    ] {
+        cluster
+            .add_pod(name, node, ip.parse().unwrap(), http)
+            .await
+            .unwrap();
+    }
+    cluster.add_external("outside", 2).unwrap();
+    cluster
+        .write_resolv_conf(
+            "testpod",
+            DNS_IP.parse().unwrap(),
+            &[
+                "default.svc.cluster.local",
+                "svc.cluster.local",
+                "cluster.local",
+            ],
+            5,
+        )
+        .unwrap();
+
+    // The API stand-in serves inside node1, where the control plane runs.
+    let node1 = cluster.node("node1").unwrap();
+    let api = node1
+        .rt
+        .run(async { ApiServer::start_with(Duration::from_millis(500)).await })
+        .await
+        .unwrap();
+    api.apply_yaml(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/seed/nodes.yaml"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    api.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: kube-dns, namespace: kube-system}}\nspec:\n  clusterIP: {DNS_IP}\n  ports: [{{name: dns, port: 53, protocol: UDP}}, {{name: dns-tcp, port: 53, protocol: TCP}}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: kube-dns-1, namespace: kube-system, labels: {{kubernetes.io/service-name: kube-dns}}}}\naddressType: IPv4\n\
+         ports: [{{name: dns, port: 53, protocol: UDP}}, {{name: dns-tcp, port: 53, protocol: TCP}}]\nendpoints:\n- addresses: [\"198.18.1.53\"]\n  nodeName: node1\n- addresses: [\"198.18.2.53\"]\n  nodeName: node2\n"
+    ))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let cfg = StackConfig {
+        source: Source::Kube(kubeconfig),
+        control_plane_node: "node1".into(),
+        dns_pods: vec!["dns-a".into(), "dns-b".into()],
+        pod_records: false,
+        env: vec![],
+        fast: true,
+    };
+    let stack = Stack::start(&cluster, &cfg, dir.path(), T)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    System {
+        cluster,
+        api,
+        stack,
+        _dir: dir,
+    }
+}
+
+impl System {
+    fn curl(&self, from: &str, url: &str) -> String {
+        self.cluster
+            .exec_in(from, &["curl", "-s", "--max-time", "1", url])
+            .unwrap()
+    }
+
+    /// curl's exit code: 0 ok, 7 connection refused, 28 timeout.
+    fn curl_code(&self, from: &str, url: &str) -> i32 {
+        let p = self.cluster.pod(from).unwrap();
+        std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &p.ns.name,
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "1",
+                url,
+            ])
+            .status()
+            .unwrap()
+            .code()
+            .unwrap_or(-1)
+    }
+
+    fn dig(&self, server: &str, name: &str, qtype: &str) -> (String, Vec<String>) {
+        let out = self
+            .cluster
+            .exec_in(
+                "testpod",
+                &[
+                    "dig",
+                    &format!("@{server}"),
+                    "+time=1",
+                    "+tries=1",
+                    name,
+                    qtype,
+                ],
+            )
+            .unwrap();
+        let status = out
+            .lines()
+            .find_map(|l| l.split("status: ").nth(1))
+            .and_then(|s| s.split(',').next())
+            .unwrap_or("")
+            .to_string();
+        let mut answers: Vec<String> = out
+            .lines()
+            .skip_while(|l| !l.starts_with(";; ANSWER SECTION"))
+            .skip(1)
+            .take_while(|l| !l.is_empty())
+            .filter_map(|l| l.split_whitespace().last().map(String::from))
+            .collect();
+        answers.sort();
+        (status, answers)
+    }
+
+    fn nat(&self, node: &str) -> String {
+        self.cluster.iptables(node, &["-t", "nat", "-S"]).unwrap()
+    }
+}
+
+/// Polls until `f` holds; returns the time it took; panics after `limit`.
+async fn within(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_lifecycle_by_vip_and_name() {
+    let s = system().await;
+
+    // Create a Deployment-like set of endpoints and a ClusterIP service.
+    let t0 = Instant::now();
+    s.api
+        .apply_yaml(&webui_slice(
+            "web",
+            &[
+                ("198.18.1.1", "node1", true),
+                ("198.18.2.1", "node2", true),
+                ("198.18.2.2", "node2", true),
+            ],
+        ))
+        .unwrap();
+    s.api
+        .apply_yaml("apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec: {clusterIP: 198.19.7.7, ports: [{name: http, port: 80}]}\n")
+        .unwrap();
+    let mut rules_at = Vec::new();
+    for node in ["node1", "node2"] {
+        within(&format!("rules on {node}"), T, || {
+            s.nat(node).contains("default/web:http cluster IP")
+        })
+        .await;
+        rules_at.push((node, t0.elapsed()));
+    }
+    let by_vip = within("reachable by VIP", T, || {
+        s.curl("testpod", "http://198.19.7.7/").starts_with("web-")
+    })
+    .await;
+    let by_name = within("reachable by name", T, || {
+        s.curl("testpod", "http://web/").starts_with("web-")
+    })
+    .await;
+    let mut dns_at = Vec::new();
+    for server in ["198.18.1.53", "198.18.2.53"] {
+        within("DNS answer", T, || {
+            s.dig(server, "web.default.svc.cluster.local", "A").1 == ["198.19.7.7"]
+        })
+        .await;
+        dns_at.push((server, t0.elapsed()));
+    }
+    println!(
+        "create: rules applied {rules_at:?}; DNS answers {dns_at:?}; reachable by VIP {by_vip:?}, by name {by_name:?} after that"
+    );
+    for (node, t) in &rules_at {
+        assert!(*t < Duration::from_secs(1), "rules on {node} took {t:?}");
+    }
+    for (server, t) in &dns_at {
+        assert!(*t < Duration::from_secs(1), "DNS on {server} took {t:?}");
+    }
+
+    // A headless service answers with its ready endpoints only.
+    s.api
+        .apply_yaml("apiVersion: v1\nkind: Service\nmetadata: {name: web-headless, namespace: default}\nspec: {clusterIP: None, ports: [{name: http, port: 80}]}\n")
+        .unwrap();
+    s.api
+        .apply_yaml(&webui_slice(
+            "web-headless",
+            &[
+                ("198.18.1.1", "node1", true),
+                ("198.18.2.1", "node2", false),
+                ("198.18.2.2", "node2", true),
+            ],
+        ))
+        .unwrap();
+    within("headless answers ready endpoints", T, || {
+        s.dig(DNS_IP, "web-headless.default.svc.cluster.local", "A")
+            .1
+            == ["198.18.1.1", "198.18.2.2"]
+    })
+    .await;
+
+    // Readiness flips: web-1 goes unready; traffic and DNS follow.
+    let t1 = Instant::now();
+    s.api
+        .apply_yaml(&webui_slice(
+            "web",
+            &[
+                ("198.18.1.1", "node1", false),
+                ("198.18.2.1", "node2", true),
+                ("198.18.2.2", "node2", true),
+            ],
+        ))
+        .unwrap();
+    s.api
+        .apply_yaml(&webui_slice(
+            "web-headless",
+            &[
+                ("198.18.1.1", "node1", false),
+                ("198.18.2.1", "node2", true),
+                ("198.18.2.2", "node2", true),
+            ],
+        ))
+        .unwrap();
+    within("traffic leaves the unready pod", T, || {
+        ["node1", "node2"]
+            .iter()
+            .all(|n| !s.nat(n).contains("198.18.1.1:80"))
+    })
+    .await;
+    let traffic = t1.elapsed();
+    within("DNS follows readiness", T, || {
+        s.dig(DNS_IP, "web-headless.default.svc.cluster.local", "A")
+            .1
+            == ["198.18.2.1", "198.18.2.2"]
+    })
+    .await;
+    println!("readiness flip: rules {traffic:?}, DNS {:?}", t1.elapsed());
+    for _ in 0..20 {
+        assert!(
+            !s.curl("testpod", "http://198.19.7.7/")
+                .starts_with("web-1 "),
+            "served by the unready pod"
+        );
+    }
+
+    // Delete the service: the VIP rejects, the name is NXDOMAIN, its chains are gone.
+    let t2 = Instant::now();
+    assert!(s.api.delete(Collection::Services, "default", "web"));
+    within("VIP rejects", T, || {
+        s.curl_code("testpod", "http://198.19.7.7/") == 7
+    })
+    .await;
+    within("name is NXDOMAIN", T, || {
+        s.dig(DNS_IP, "web.default.svc.cluster.local", "A").0 == "NXDOMAIN"
+    })
+    .await;
+    println!("delete: VIP refused and NXDOMAIN after {:?}", t2.elapsed());
+    for node in ["node1", "node2"] {
+        let nat = s.nat(node);
+        assert!(
+            !nat.contains("default/web:http"),
+            "{node} still has the service's chains:\n{nat}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodeport_local_traffic_policy_and_affinity() {
+    let s = system().await;
+    // NodePort with externalTrafficPolicy Local and a health check port; the only
+    // endpoint is on node1.
+    s.api
+        .apply_yaml(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: edge, namespace: default}\nspec:\n  type: LoadBalancer\n  clusterIP: 198.19.8.8\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n  ports: [{name: http, port: 80, nodePort: 30080}]\n---\n",
+        )
+        .unwrap();
+    s.api
+        .apply_yaml(&webui_slice("edge", &[("198.18.1.1", "node1", true)]))
+        .unwrap();
+    // A plain NodePort (Cluster policy) over all three pods, with session affinity.
+    s.api
+        .apply_yaml(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: sticky, namespace: default}\nspec:\n  type: NodePort\n  clusterIP: 198.19.9.9\n  sessionAffinity: ClientIP\n  ports: [{name: http, port: 80, nodePort: 30090}]\n",
+        )
+        .unwrap();
+    s.api
+        .apply_yaml(&webui_slice(
+            "sticky",
+            &[
+                ("198.18.1.1", "node1", true),
+                ("198.18.2.1", "node2", true),
+                ("198.18.2.2", "node2", true),
+            ],
+        ))
+        .unwrap();
+
+    // NodePort from the off-cluster namespace, on both nodes.
+    for node_ip in ["198.18.0.1", "198.18.0.2"] {
+        within(&format!("NodePort on {node_ip}"), T, || {
+            s.curl("outside", &format!("http://{node_ip}:30090/"))
+                .starts_with("web-")
+        })
+        .await;
+    }
+    // Session affinity: one client sticks to one pod.
+    let first = s.curl("outside", "http://198.18.0.1:30090/");
+    let pod = first.split_whitespace().next().unwrap().to_string();
+    for _ in 0..15 {
+        let b = s.curl("outside", "http://198.18.0.1:30090/");
+        assert_eq!(
+            b.split_whitespace().next(),
+            Some(pod.as_str()),
+            "affinity broke: {b}"
+        );
+    }
+
+    // Local policy: node1 has the endpoint and keeps the client's address (no SNAT);
+    // node2 has none and drops; the health check port says so.
+    let body = within("eTP Local on node1", T, || {
+        s.curl("outside", "http://198.18.0.1:30080/")
+            .starts_with("web-1")
+    })
+    .await;
+    let _ = body;
+    let b = s.curl("outside", "http://198.18.0.1:30080/");
+    assert_eq!(
+        b.split_whitespace().nth(1),
+        Some("198.18.200.2"),
+        "client address not preserved: {b}"
+    );
+    assert_eq!(
+        s.curl_code("outside", "http://198.18.0.2:30080/"),
+        28,
+        "node2 without a local endpoint must drop (timeout)"
+    );
+    let hc = |node: &str| {
+        let p = s.cluster.pod("outside").unwrap();
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &p.ns.name,
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "1",
+                &format!("http://{node}:32000/"),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    within("health check 200 on node1", T, || hc("198.18.0.1") == "200").await;
+    within("health check 503 on node2", T, || hc("198.18.0.2") == "503").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_converge_on_the_same_version() {
+    let s = system().await;
+    s.api
+        .apply_yaml(&webui_slice("conv", &[("198.18.1.1", "node1", true)]))
+        .unwrap();
+    s.api
+        .apply_yaml("apiVersion: v1\nkind: Service\nmetadata: {name: conv, namespace: default}\nspec: {clusterIP: 198.19.6.6, ports: [{name: http, port: 80}]}\n")
+        .unwrap();
+    let cp = &s.stack.control_plane;
+    let report = || {
+        let rt = &s.cluster.node("node1").unwrap().rt;
+        let addr = cp.admin;
+        let fut =
+            rt.run(async move { meshlite_control_plane::status::fetch(&addr.to_string()).await });
+        fut
+    };
+    let start = Instant::now();
+    let r = loop {
+        let r = report().await.unwrap();
+        if r.agents.len() == 4
+            && r.agents
+                .iter()
+                .all(|a| a.version == r.version && a.lag == 0)
+        {
+            break r;
+        }
+        assert!(start.elapsed() < T, "agents did not converge: {r:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let roles: Vec<&str> = r.agents.iter().map(|a| a.role.as_str()).collect();
+    assert_eq!(roles, ["dns", "dns", "node", "node"]);
+    println!("{}", meshlite_control_plane::status::table(&r));
+    // Both DNS agents answer the new service, and both nodes route it.
+    for server in ["198.18.1.53", "198.18.2.53"] {
+        within("DNS agent answers", T, || {
+            s.dig(server, "conv.default.svc.cluster.local", "A").1 == ["198.19.6.6"]
+        })
+        .await;
+    }
+    let (_, m) = admin_get(&s.cluster, cp, "/metrics").await.unwrap();
+    assert!(
+        m.contains("meshlite_control_plane_version_convergence_seconds_count"),
+        "{m}"
+    );
+}

@@ -446,9 +446,7 @@ async fn agents_converge_on_the_same_version() {
     let report = || {
         let rt = &s.cluster.node("node1").unwrap().rt;
         let addr = cp.admin;
-        let fut =
-            rt.run(async move { meshlite_control_plane::status::fetch(&addr.to_string()).await });
-        fut
+        rt.run(async move { meshlite_control_plane::status::fetch(&addr.to_string()).await })
     };
     let start = Instant::now();
     let r = loop {

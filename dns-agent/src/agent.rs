@@ -39,8 +39,13 @@ pub enum RunError {
 ///
 /// # Errors
 /// When a listener cannot be bound, or a server fails for good.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+pub async fn run(
+    config: Config,
+    telemetry: meshlite_runtime::telemetry::Telemetry,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
     let mut registry = Registry::default();
+    telemetry.register(&mut registry);
     let metrics = Arc::new(Metrics::register(&mut registry));
     let sub_metrics = Arc::new(SubscriberMetrics::register(&mut registry, "meshlite_dns"));
     let readiness = Readiness::new();

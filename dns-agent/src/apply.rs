@@ -34,6 +34,13 @@ impl ZoneUpdater {
     /// Builds and swaps in the zone for this update; returns records changed.
     pub fn apply_now(&mut self, snapshot: &Snapshot, changes: &ChangeSet) -> u64 {
         let started = Instant::now();
+        let span = tracing::info_span!(
+            "zone-swap",
+            full = changes.full,
+            services = changes.services.len(),
+            records = tracing::field::Empty
+        );
+        let _enter = span.enter();
         let current = self.cell.load();
         // The first update rebuilds from scratch whatever it says: a resumed agent
         // starts with an empty zone but a non-empty snapshot.
@@ -46,6 +53,7 @@ impl ZoneUpdater {
         let (records, services, serial) =
             (next.record_count(), next.service_count(), next.serial());
         self.cell.store(Arc::new(next));
+        span.record("records", records);
         let took = started.elapsed();
         self.metrics.zone_applied(records, services, serial, took);
         if let Some(guard) = self.not_ready.take() {

@@ -33,14 +33,7 @@ fn main() -> ExitCode {
         println!("{config:#?}");
         return ExitCode::SUCCESS;
     }
-    meshlite_runtime::telemetry::init_logging(config.log_json);
     meshlite_runtime::tls::install_default_provider();
-    if config.subscriber.tls.is_none() {
-        tracing::warn!(
-            "--insecure: the control-plane stream is PLAINTEXT and unauthenticated; local demos only"
-        );
-    }
-    tracing::info!(?config, "effective configuration");
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -52,11 +45,28 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(agent::run(config, meshlite_runtime::shutdown_signal())) {
+    // OTLP export (when OTEL_* asks for it) runs on the runtime.
+    let telemetry = {
+        let _enter = runtime.enter();
+        meshlite_runtime::telemetry::init("meshlite-dns-agent", config.log_json)
+    };
+    if config.subscriber.tls.is_none() {
+        tracing::warn!(
+            "--insecure: the control-plane stream is PLAINTEXT and unauthenticated; local demos only"
+        );
+    }
+    tracing::info!(?config, "effective configuration");
+    let code = match runtime.block_on(agent::run(
+        config,
+        telemetry.clone(),
+        meshlite_runtime::shutdown_signal(),
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "meshlite-dns-agent failed");
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown();
+    code
 }

@@ -98,7 +98,12 @@ impl TraceService for OtlpReceiver {
 impl OtlpReceiver {
     /// Serves on 127.0.0.1 with an OS-assigned port; returns the receiver and its address.
     pub async fn start() -> std::io::Result<(Self, SocketAddr)> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on("127.0.0.1:0".parse().map_err(std::io::Error::other)?).await
+    }
+
+    /// Serves on `addr` (e.g. a node's address inside a test namespace).
+    pub async fn start_on(addr: SocketAddr) -> std::io::Result<(Self, SocketAddr)> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let me = Self::default();
         let svc = TraceServiceServer::new(me.clone());

@@ -36,6 +36,7 @@ pub enum AppError {
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(
     cfg: Config,
+    telemetry: meshlite_runtime::telemetry::Telemetry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AppError> {
     meshlite_runtime::tls::install_default_provider();
@@ -53,6 +54,7 @@ pub async fn run(
     };
 
     let mut registry = Registry::default();
+    telemetry.register(&mut registry);
     let sub_metrics = Arc::new(SubscriberMetrics::register(&mut registry, "kubeproxy"));
     let metrics = Arc::new(ProxyMetrics::register(&mut registry));
     let readiness = Readiness::new();

@@ -17,7 +17,7 @@ use std::process::Stdio;
 use ipnet::IpNet;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::backend::{Backend, BackendError, Desired, SyncReport};
 use crate::proxy::{IpFamily, ProxyView, ServicePortName};
@@ -261,7 +261,8 @@ impl IptablesBackend {
     ) -> Result<SyncReport, BackendError> {
         let family = state.family;
         let names = ChainNames::new(&cfg.prefix);
-        let rs = render(view, &render_config(cfg, view));
+        let rs = tracing::info_span!("render", %family, service_ports = view.ports.len())
+            .in_scope(|| render(view, &render_config(cfg, view)));
         let full = want_full || state.applied.is_none();
 
         // The jumps are checked one rule at a time (each check reads the table), so
@@ -324,7 +325,14 @@ impl IptablesBackend {
             (rs.partial_text(&changed, &stale), written)
         };
 
-        if let Err(e) = restore(family, &text).await {
+        let restore_span = tracing::info_span!(
+            "iptables-restore",
+            %family,
+            full,
+            bytes = text.len(),
+            rules = written
+        );
+        if let Err(e) = restore(family, &text).instrument(restore_span).await {
             // The kernel kept its previous rules; make sure the next sync rewrites all.
             state.applied = None;
             state.jumps_ensured = false;
@@ -335,11 +343,19 @@ impl IptablesBackend {
         let mut deleted = 0;
         if cfg.conntrack_cleanup {
             let previous = state.applied.as_ref().map(|a| &a.udp);
-            for job in conntrack::stale(previous, &udp) {
-                match conntrack::delete(family, &job).await {
-                    Ok(n) => deleted += n,
-                    Err(e) => warn!(%family, error = %e, "conntrack cleanup failed"),
+            let jobs = conntrack::stale(previous, &udp);
+            if !jobs.is_empty() {
+                let span = tracing::info_span!("conntrack-cleanup", %family, jobs = jobs.len());
+                async {
+                    for job in jobs {
+                        match conntrack::delete(family, &job).await {
+                            Ok(n) => deleted += n,
+                            Err(e) => warn!(%family, error = %e, "conntrack cleanup failed"),
+                        }
+                    }
                 }
+                .instrument(span)
+                .await;
             }
         }
         state.applied = Some(Applied {

@@ -70,8 +70,6 @@ fn run(args: meshlite_node_agent::config::RunArgs) -> ExitCode {
         let _ = std::io::Write::write_all(&mut std::io::stdout(), format!("{json}\n").as_bytes());
         return ExitCode::SUCCESS;
     }
-    meshlite_runtime::telemetry::init_logging(cfg.log_json);
-    tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "effective configuration");
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -79,13 +77,21 @@ fn run(args: meshlite_node_agent::config::RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(app::run(cfg, shutdown_signal())) {
+    // OTLP export (when OTEL_* asks for it) runs on the runtime.
+    let telemetry = {
+        let _enter = rt.enter();
+        meshlite_runtime::telemetry::init("meshlite-node-agent", cfg.log_json)
+    };
+    tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "effective configuration");
+    let code = match rt.block_on(app::run(cfg, telemetry.clone(), shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "node agent failed");
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown();
+    code
 }
 
 async fn shutdown_signal() {

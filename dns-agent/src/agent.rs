@@ -84,10 +84,10 @@ pub async fn run(
         let s = status.borrow().clone();
         let zone = health_cell.load();
         Ok(format!(
-            "ok: zone serial {} ({} services), stream connected: {}",
+            "ok: zone serial {} ({} services); {}",
             zone.serial(),
             zone.service_count(),
-            s.connected
+            s.describe(std::time::SystemTime::now())
         ))
     });
     let router = admin::router(Arc::new(registry), readiness, health);

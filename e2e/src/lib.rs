@@ -5,11 +5,13 @@
 //! - [`otlp`]: a real OTLP/gRPC trace receiver.
 //! - [`netns`]: network namespaces, veth links, identity HTTP servers and clients.
 //! - [`cluster`]: a two-node cluster in namespaces; [`stack`]: meshlite's processes in it.
+//! - [`lab`]: the whole-system lab of the end-to-end and fault suites.
 //! - [`demo`]: the seed demo (`cargo run --release --bin demo`).
 
 pub mod apiserver;
 pub mod cluster;
 pub mod demo;
+pub mod lab;
 pub mod netns;
 pub mod otlp;
 pub mod procs;

@@ -48,6 +48,63 @@ pub struct Running {
     pub admin: SocketAddr,
     /// The namespace it runs in.
     pub netns: String,
+    launch: Launch,
+}
+
+/// How a process was started, to start it again.
+#[derive(Debug, Clone)]
+struct Launch {
+    dir: PathBuf,
+    name: String,
+    binary: PathBuf,
+    args: Vec<String>,
+    wrap: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Launch {
+    fn start(&self, timeout: Duration) -> Result<(Process, SocketAddr)> {
+        let mut p = Process::start_env(
+            &self.dir,
+            &self.name,
+            &self.binary,
+            &self.args,
+            &self.wrap,
+            &self.env,
+        )?;
+        let admin = p
+            .addresses(timeout)?
+            .get("admin")
+            .copied()
+            .context("admin address")?;
+        Ok((p, admin))
+    }
+}
+
+impl Running {
+    fn launch(launch: Launch, netns: &str, timeout: Duration) -> Result<Self> {
+        let (process, admin) = launch.start(timeout)?;
+        Ok(Self {
+            process,
+            admin,
+            netns: netns.to_string(),
+            launch,
+        })
+    }
+
+    /// SIGKILL, as a crash would; the process stays down until [`Running::start_again`].
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// Starts the process again with the same flags (after [`Running::kill`]).
+    pub fn start_again(&mut self, timeout: Duration) -> Result<()> {
+        self.process.kill();
+        let (p, admin) = self.launch.start(timeout)?;
+        self.process = p;
+        self.admin = admin;
+        Ok(())
+    }
 }
 
 /// The running stack.
@@ -98,24 +155,18 @@ impl Stack {
         if cfg.fast {
             args.push(s("--file-poll-interval=100ms"));
         }
-        let mut process = Process::start_env(
-            dir,
-            "control-plane",
-            &binary("meshlite-control-plane")?,
-            &args,
-            &wrap(&cp_node.ns.name),
-            &cfg.env,
+        let control_plane = Running::launch(
+            Launch {
+                dir: dir.to_path_buf(),
+                name: "control-plane".into(),
+                binary: binary("meshlite-control-plane")?,
+                args,
+                wrap: wrap(&cp_node.ns.name),
+                env: cfg.env.clone(),
+            },
+            &cp_node.ns.name,
+            timeout,
         )?;
-        let admin = process
-            .addresses(timeout)?
-            .get("admin")
-            .copied()
-            .context("admin address")?;
-        let control_plane = Running {
-            process,
-            admin,
-            netns: cp_node.ns.name.clone(),
-        };
         let endpoint = format!("https://{cp_ip}:{CONTROL_PLANE_PORT}");
 
         let mut node_agents = BTreeMap::new();
@@ -141,26 +192,20 @@ impl Stack {
             if cfg.fast {
                 args.push(s("--min-sync-period=100ms"));
             }
-            let mut p = Process::start_env(
-                dir,
-                &format!("node-agent-{}", node.name),
-                &binary("meshlite-node-agent")?,
-                &args,
-                &wrap(&node.ns.name),
-                &cfg.env,
-            )?;
-            let admin = p
-                .addresses(timeout)?
-                .get("admin")
-                .copied()
-                .context("admin address")?;
             node_agents.insert(
                 node.name.clone(),
-                Running {
-                    process: p,
-                    admin,
-                    netns: node.ns.name.clone(),
-                },
+                Running::launch(
+                    Launch {
+                        dir: dir.to_path_buf(),
+                        name: format!("node-agent-{}", node.name),
+                        binary: binary("meshlite-node-agent")?,
+                        args,
+                        wrap: wrap(&node.ns.name),
+                        env: cfg.env.clone(),
+                    },
+                    &node.ns.name,
+                    timeout,
+                )?,
             );
         }
 
@@ -191,26 +236,20 @@ impl Stack {
                 format!("--tls-key={}", key.display()),
                 format!("--ca={}", ca.display()),
             ];
-            let mut p = Process::start_env(
-                dir,
-                &format!("dns-agent-{pod_name}"),
-                &binary("meshlite-dns-agent")?,
-                &args,
-                &wrap(&pod.ns.name),
-                &cfg.env,
-            )?;
-            let admin = p
-                .addresses(timeout)?
-                .get("admin")
-                .copied()
-                .context("admin address")?;
             dns_agents.insert(
                 pod_name.clone(),
-                Running {
-                    process: p,
-                    admin,
-                    netns: pod.ns.name.clone(),
-                },
+                Running::launch(
+                    Launch {
+                        dir: dir.to_path_buf(),
+                        name: format!("dns-agent-{pod_name}"),
+                        binary: binary("meshlite-dns-agent")?,
+                        args,
+                        wrap: wrap(&pod.ns.name),
+                        env: cfg.env.clone(),
+                    },
+                    &pod.ns.name,
+                    timeout,
+                )?,
             );
         }
         let stack = Self {

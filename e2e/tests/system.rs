@@ -11,198 +11,13 @@
 
 use std::time::{Duration, Instant};
 
-use meshlite_e2e::apiserver::{ApiServer, Collection};
-use meshlite_e2e::cluster::Cluster;
-use meshlite_e2e::stack::{Source, Stack, StackConfig, admin_get};
-
-const T: Duration = Duration::from_secs(30);
-const DNS_IP: &str = "198.19.0.10";
-
-struct System {
-    cluster: Cluster,
-    api: ApiServer,
-    stack: Stack,
-    _dir: tempfile::TempDir,
-}
-
-fn webui_slice(svc: &str, eps: &[(&str, &str, bool)]) -> String {
-    let mut s = format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {svc}-abc\n  namespace: default\n  labels: {{kubernetes.io/service-name: {svc}}}\naddressType: IPv4\nports: [{{name: http, port: 80, protocol: TCP}}]\nendpoints:\n"
-    );
-    for (ip, node, ready) in eps {
-        s.push_str(&format!(
-            "- addresses: [\"{ip}\"]\n  conditions: {{ready: {ready}, serving: {ready}, terminating: false}}\n  nodeName: {node}\n"
-        ));
-    }
-    s
-}
-
-async fn system() -> System {
-    meshlite_runtime::tls::install_default_provider();
-    meshlite_e2e::netns::set_prefix("mlsys");
-    let mut cluster = Cluster::new(&["node1", "node2"]).unwrap_or_else(|e| panic!("{e:#}"));
-    for tool in ["curl", "dig"] {
-        assert!(
-            std::process::Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .output()
-                .unwrap()
-                .status
-                .success(),
-            "this test needs `{tool}` (apt-get install curl dnsutils)"
-        );
-    }
-    for (name, node, ip, http) in [
-        ("web-1", "node1", "198.18.1.1", true),
-        ("web-2", "node2", "198.18.2.1", true),
-        ("web-3", "node2", "198.18.2.2", true),
-        ("testpod", "node1", "198.18.1.10", false),
-        ("dns-a", "node1", "198.18.1.53", false),
-        ("dns-b", "node2", "198.18.2.53", false),
-    ] {
-        cluster
-            .add_pod(name, node, ip.parse().unwrap(), http)
-            .await
-            .unwrap();
-    }
-    cluster.add_external("outside", 2).unwrap();
-    cluster
-        .write_resolv_conf(
-            "testpod",
-            DNS_IP.parse().unwrap(),
-            &[
-                "default.svc.cluster.local",
-                "svc.cluster.local",
-                "cluster.local",
-            ],
-            5,
-        )
-        .unwrap();
-
-    // The API stand-in serves inside node1, where the control plane runs.
-    let node1 = cluster.node("node1").unwrap();
-    let api = node1
-        .rt
-        .run(async { ApiServer::start_with(Duration::from_millis(500)).await })
-        .await
-        .unwrap();
-    api.apply_yaml(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../examples/seed/nodes.yaml"
-        ))
-        .unwrap(),
-    )
-    .unwrap();
-    api.apply_yaml(&format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: kube-dns, namespace: kube-system}}\nspec:\n  clusterIP: {DNS_IP}\n  ports: [{{name: dns, port: 53, protocol: UDP}}, {{name: dns-tcp, port: 53, protocol: TCP}}]\n---\n\
-         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: kube-dns-1, namespace: kube-system, labels: {{kubernetes.io/service-name: kube-dns}}}}\naddressType: IPv4\n\
-         ports: [{{name: dns, port: 53, protocol: UDP}}, {{name: dns-tcp, port: 53, protocol: TCP}}]\nendpoints:\n- addresses: [\"198.18.1.53\"]\n  nodeName: node1\n- addresses: [\"198.18.2.53\"]\n  nodeName: node2\n"
-    ))
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-    let cfg = StackConfig {
-        source: Source::Kube(kubeconfig),
-        control_plane_node: "node1".into(),
-        dns_pods: vec!["dns-a".into(), "dns-b".into()],
-        pod_records: false,
-        env: vec![],
-        fast: true,
-    };
-    let stack = Stack::start(&cluster, &cfg, dir.path(), T)
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    System {
-        cluster,
-        api,
-        stack,
-        _dir: dir,
-    }
-}
-
-impl System {
-    fn curl(&self, from: &str, url: &str) -> String {
-        self.cluster
-            .exec_in(from, &["curl", "-s", "--max-time", "1", url])
-            .unwrap()
-    }
-
-    /// curl's exit code: 0 ok, 7 connection refused, 28 timeout.
-    fn curl_code(&self, from: &str, url: &str) -> i32 {
-        let p = self.cluster.pod(from).unwrap();
-        std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &p.ns.name,
-                "curl",
-                "-s",
-                "-o",
-                "/dev/null",
-                "--max-time",
-                "1",
-                url,
-            ])
-            .status()
-            .unwrap()
-            .code()
-            .unwrap_or(-1)
-    }
-
-    fn dig(&self, server: &str, name: &str, qtype: &str) -> (String, Vec<String>) {
-        let out = self
-            .cluster
-            .exec_in(
-                "testpod",
-                &[
-                    "dig",
-                    &format!("@{server}"),
-                    "+time=1",
-                    "+tries=1",
-                    name,
-                    qtype,
-                ],
-            )
-            .unwrap();
-        let status = out
-            .lines()
-            .find_map(|l| l.split("status: ").nth(1))
-            .and_then(|s| s.split(',').next())
-            .unwrap_or("")
-            .to_string();
-        let mut answers: Vec<String> = out
-            .lines()
-            .skip_while(|l| !l.starts_with(";; ANSWER SECTION"))
-            .skip(1)
-            .take_while(|l| !l.is_empty())
-            .filter_map(|l| l.split_whitespace().last().map(String::from))
-            .collect();
-        answers.sort();
-        (status, answers)
-    }
-
-    fn nat(&self, node: &str) -> String {
-        self.cluster.iptables(node, &["-t", "nat", "-S"]).unwrap()
-    }
-}
-
-/// Polls until `f` holds; returns the time it took; panics after `limit`.
-async fn within(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    loop {
-        if f() {
-            return start.elapsed();
-        }
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use meshlite_e2e::apiserver::Collection;
+use meshlite_e2e::lab::{DNS_IP, T, system, webui_slice, within};
+use meshlite_e2e::stack::admin_get;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_lifecycle_by_vip_and_name() {
-    let s = system().await;
+    let s = system("mlsys").await;
 
     // Create a Deployment-like set of endpoints and a ClusterIP service.
     let t0 = Instant::now();
@@ -341,7 +156,7 @@ async fn service_lifecycle_by_vip_and_name() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodeport_local_traffic_policy_and_affinity() {
-    let s = system().await;
+    let s = system("mlsys").await;
     // NodePort with externalTrafficPolicy Local and a health check port; the only
     // endpoint is on node1.
     s.api
@@ -435,7 +250,7 @@ async fn nodeport_local_traffic_policy_and_affinity() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_converge_on_the_same_version() {
-    let s = system().await;
+    let s = system("mlsys").await;
     s.api
         .apply_yaml(&webui_slice("conv", &[("198.18.1.1", "node1", true)]))
         .unwrap();

@@ -77,39 +77,6 @@ pub async fn run(
         Some(hc),
     );
 
-    let admin_l = admin::bind("admin", &cfg.admin_listen).await?;
-    let healthz_l = admin::bind("healthz", &cfg.healthz_bind_address).await?;
-    let addrs = [
-        (
-            "admin",
-            admin_l
-                .local_addr()
-                .map_err(|source| bind_err(&cfg.admin_listen, source))?,
-        ),
-        (
-            "healthz",
-            healthz_l
-                .local_addr()
-                .map_err(|source| bind_err(&cfg.healthz_bind_address, source))?,
-        ),
-    ];
-    let h = health.clone();
-    let router = admin::router(Arc::new(registry), readiness, Arc::new(move || h.check()));
-    if let Some(addr) = &cfg.metrics_bind_address
-        && *addr != cfg.admin_listen
-    {
-        let l = admin::bind("metrics", addr).await?;
-        tokio::spawn(admin::serve(l, router.clone(), stopped()));
-    }
-    tokio::spawn(admin::serve(admin_l, router, stopped()));
-    tokio::spawn(admin::serve(healthz_l, health.router(), stopped()));
-    if let Some(path) = &cfg.addresses_file {
-        admin::write_addresses(path, &addrs).map_err(|source| AppError::AddressesFile {
-            path: path.display().to_string(),
-            source,
-        })?;
-    }
-
     let tls = (!cfg.insecure).then(|| ClientTls {
         ca: cfg.ca.clone().unwrap_or_default(),
         cert: cfg.cert.clone().unwrap_or_default(),
@@ -132,6 +99,53 @@ pub async fn run(
         NodeHandler::new(proxier.clone(), Some(ready_block)),
         sub_metrics,
     );
+    let contact = subscriber.status();
+
+    let admin_l = admin::bind("admin", &cfg.admin_listen).await?;
+    let healthz_l = admin::bind("healthz", &cfg.healthz_bind_address).await?;
+    let addrs = [
+        (
+            "admin",
+            admin_l
+                .local_addr()
+                .map_err(|source| bind_err(&cfg.admin_listen, source))?,
+        ),
+        (
+            "healthz",
+            healthz_l
+                .local_addr()
+                .map_err(|source| bind_err(&cfg.healthz_bind_address, source))?,
+        ),
+    ];
+    let h = health.clone();
+    // kube-proxy's health (queued changes applied in time), plus whether the rules
+    // come from a live control plane or are being served static since a disconnect.
+    let router = admin::router(
+        Arc::new(registry),
+        readiness,
+        Arc::new(move || {
+            let cp = contact.borrow().describe(std::time::SystemTime::now());
+            match h.check() {
+                Ok(m) => Ok(format!("{m}; {cp}")),
+                Err(m) => Err(format!("{m}; {cp}")),
+            }
+        }),
+    );
+    if let Some(addr) = &cfg.metrics_bind_address
+        && *addr != cfg.admin_listen
+    {
+        let l = admin::bind("metrics", addr).await?;
+        tokio::spawn(admin::serve(l, router.clone(), stopped()));
+    }
+    tokio::spawn(admin::serve(admin_l, router, stopped()));
+    tokio::spawn(admin::serve(healthz_l, health.router(), stopped()));
+    if let Some(path) = &cfg.addresses_file {
+        admin::write_addresses(path, &addrs).map_err(|source| AppError::AddressesFile {
+            path: path.display().to_string(),
+            source,
+        })?;
+    }
+
     let background = tokio::spawn(proxier.run(Duration::from_secs(1), stopped()));
     info!(node = %cfg.node_name, control_plane = %cfg.control_plane, "node agent started");
     tokio::select! {

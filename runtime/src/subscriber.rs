@@ -124,6 +124,36 @@ pub struct Status {
     pub synced: bool,
 }
 
+impl Status {
+    /// One line for health endpoints: connected, or how long the agent has been
+    /// serving its last state without a control plane (fail static).
+    pub fn describe(&self, now: SystemTime) -> String {
+        let age = |t: Option<SystemTime>| {
+            t.and_then(|t| now.duration_since(t).ok())
+                .map_or("never".to_string(), |d| format!("{}s ago", d.as_secs()))
+        };
+        if self.connected {
+            format!(
+                "control plane connected; version {} applied {}",
+                self.applied_version,
+                age(self.last_applied)
+            )
+        } else if self.synced {
+            format!(
+                "STALE: control plane unreachable (last contact {}); serving version {} applied {} until it returns",
+                age(self.last_contact),
+                self.applied_version,
+                age(self.last_applied)
+            )
+        } else {
+            format!(
+                "control plane not reached yet (last contact {}); nothing applied",
+                age(self.last_contact)
+            )
+        }
+    }
+}
+
 /// The stream client. See the module docs.
 pub struct Subscriber<H> {
     config: SubscriberConfig,
@@ -188,6 +218,7 @@ impl<H: Handler> Subscriber<H> {
                 () = &mut shutdown => return,
             };
             self.status.send_modify(|s| s.connected = false);
+            self.metrics.connected(false);
             let reason = match &result {
                 Ok(()) => "closed",
                 Err(StreamError::Connect { .. }) => "connect",
@@ -291,6 +322,7 @@ impl<H: Handler> Subscriber<H> {
             s.connected = true;
             s.last_contact = Some(SystemTime::now());
         });
+        self.metrics.connected(true);
         info!(endpoint = %self.config.endpoint, node = %self.config.node_name, "subscribed");
 
         let mut pending: Option<Pending> = None;

@@ -49,6 +49,7 @@ pub struct SubscriberMetrics {
     bytes: Counter,
     applied_version: Gauge,
     last_applied: Gauge<f64, std::sync::atomic::AtomicU64>,
+    connected: Gauge,
 }
 
 impl SubscriberMetrics {
@@ -65,6 +66,7 @@ impl SubscriberMetrics {
             bytes: Counter::default(),
             applied_version: Gauge::default(),
             last_applied: Gauge::default(),
+            connected: Gauge::default(),
         };
         registry.sub_registry_with_prefix(programming_prefix).register(
             "network_programming_duration_seconds",
@@ -99,11 +101,20 @@ impl SubscriberMetrics {
             m.applied_version.clone(),
         );
         r.register(
+            "connected",
+            "1 while the stream to the control plane is up; 0 while serving the last state (fail static)",
+            m.connected.clone(),
+        );
+        r.register(
             "last_applied_timestamp_seconds",
             "Unix time of the last applied update",
             m.last_applied.clone(),
         );
         m
+    }
+
+    pub(crate) fn connected(&self, up: bool) {
+        self.connected.set(i64::from(up));
     }
 
     pub(crate) fn disconnect(&self, reason: &'static str) {

@@ -1,0 +1,257 @@
+//! The whole-system lab shared by the end-to-end and fault suites: two nodes, three
+//! web pods, a client pod, two DNS pods, an off-cluster client, the API stand-in as
+//! the control plane's source (inside node1), and meshlite's three binaries.
+
+use std::time::{Duration, Instant};
+
+use crate::apiserver::ApiServer;
+use crate::cluster::Cluster;
+use crate::stack::{Source, Stack, StackConfig};
+
+/// Generous bound for anything to happen in the lab.
+pub const T: Duration = Duration::from_secs(30);
+/// The DNS service's ClusterIP.
+pub const DNS_IP: &str = "198.19.0.10";
+
+/// See the module docs.
+pub struct System {
+    pub cluster: Cluster,
+    pub api: ApiServer,
+    pub stack: Stack,
+    _dir: tempfile::TempDir,
+}
+
+/// An EndpointSlice for `svc` with (ip, node, ready) endpoints on port 80.
+pub fn webui_slice(svc: &str, eps: &[(&str, &str, bool)]) -> String {
+    let mut s = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {svc}-abc\n  namespace: default\n  labels: {{kubernetes.io/service-name: {svc}}}\naddressType: IPv4\nports: [{{name: http, port: 80, protocol: TCP}}]\nendpoints:\n"
+    );
+    for (ip, node, ready) in eps {
+        s.push_str(&format!(
+            "- addresses: [\"{ip}\"]\n  conditions: {{ready: {ready}, serving: {ready}, terminating: false}}\n  nodeName: {node}\n"
+        ));
+    }
+    s
+}
+
+/// Builds the lab and starts meshlite in it (namespaces prefixed `prefix`).
+///
+/// # Panics
+/// When not root or a tool is missing, with a message saying what.
+#[allow(clippy::unwrap_used, clippy::expect_used)] // a test harness: failures are test failures
+pub async fn system(prefix: &str) -> System {
+    meshlite_runtime::tls::install_default_provider();
+    crate::netns::set_prefix(prefix);
+    let mut cluster = Cluster::new(&["node1", "node2"]).unwrap_or_else(|e| panic!("{e:#}"));
+    for tool in ["curl", "dig"] {
+        assert!(
+            std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .unwrap()
+                .status
+                .success(),
+            "this test needs `{tool}` (apt-get install curl dnsutils)"
+        );
+    }
+    for (name, node, ip, http) in [
+        ("web-1", "node1", "198.18.1.1", true),
+        ("web-2", "node2", "198.18.2.1", true),
+        ("web-3", "node2", "198.18.2.2", true),
+        ("testpod", "node1", "198.18.1.10", false),
+        ("dns-a", "node1", "198.18.1.53", false),
+        ("dns-b", "node2", "198.18.2.53", false),
+    ] {
+        cluster
+            .add_pod(name, node, ip.parse().unwrap(), http)
+            .await
+            .unwrap();
+    }
+    cluster.add_external("outside", 2).unwrap();
+    cluster
+        .write_resolv_conf(
+            "testpod",
+            DNS_IP.parse().unwrap(),
+            &[
+                "default.svc.cluster.local",
+                "svc.cluster.local",
+                "cluster.local",
+            ],
+            5,
+        )
+        .unwrap();
+
+    // The API stand-in serves inside node1, where the control plane runs.
+    let node1 = cluster.node("node1").unwrap();
+    let api = node1
+        .rt
+        .run(async { ApiServer::start_with(Duration::from_millis(500)).await })
+        .await
+        .unwrap();
+    api.apply_yaml(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/seed/nodes.yaml"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    api.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: kube-dns, namespace: kube-system}}\nspec:\n  clusterIP: {DNS_IP}\n  ports: [{{name: dns, port: 53, protocol: UDP}}, {{name: dns-tcp, port: 53, protocol: TCP}}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: kube-dns-1, namespace: kube-system, labels: {{kubernetes.io/service-name: kube-dns}}}}\naddressType: IPv4\n\
+         ports: [{{name: dns, port: 53, protocol: UDP}}, {{name: dns-tcp, port: 53, protocol: TCP}}]\nendpoints:\n- addresses: [\"198.18.1.53\"]\n  nodeName: node1\n- addresses: [\"198.18.2.53\"]\n  nodeName: node2\n"
+    ))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let cfg = StackConfig {
+        source: Source::Kube(kubeconfig),
+        control_plane_node: "node1".into(),
+        dns_pods: vec!["dns-a".into(), "dns-b".into()],
+        pod_records: false,
+        env: vec![],
+        fast: true,
+    };
+    let stack = Stack::start(&cluster, &cfg, dir.path(), T)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    System {
+        cluster,
+        api,
+        stack,
+        _dir: dir,
+    }
+}
+
+#[allow(clippy::unwrap_used, clippy::expect_used)] // a test harness: failures are test failures
+impl System {
+    /// `curl -s` from a pod; the body (empty on failure).
+    pub fn curl(&self, from: &str, url: &str) -> String {
+        self.cluster
+            .exec_in(from, &["curl", "-s", "--max-time", "1", url])
+            .unwrap()
+    }
+
+    /// curl's exit code: 0 ok, 7 connection refused, 28 timeout.
+    pub fn curl_code(&self, from: &str, url: &str) -> i32 {
+        let p = self.cluster.pod(from).unwrap();
+        std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &p.ns.name,
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "1",
+                url,
+            ])
+            .status()
+            .unwrap()
+            .code()
+            .unwrap_or(-1)
+    }
+
+    /// `dig @server name type` from testpod: (status, sorted answers).
+    pub fn dig(&self, server: &str, name: &str, qtype: &str) -> (String, Vec<String>) {
+        let out = self
+            .cluster
+            .exec_in(
+                "testpod",
+                &[
+                    "dig",
+                    &format!("@{server}"),
+                    "+time=1",
+                    "+tries=1",
+                    name,
+                    qtype,
+                ],
+            )
+            .unwrap();
+        let status = out
+            .lines()
+            .find_map(|l| l.split("status: ").nth(1))
+            .and_then(|s| s.split(',').next())
+            .unwrap_or("")
+            .to_string();
+        let mut answers: Vec<String> = out
+            .lines()
+            .skip_while(|l| !l.starts_with(";; ANSWER SECTION"))
+            .skip(1)
+            .take_while(|l| !l.is_empty())
+            .filter_map(|l| l.split_whitespace().last().map(String::from))
+            .collect();
+        answers.sort();
+        (status, answers)
+    }
+
+    /// `iptables -t nat -S` on a node.
+    pub fn nat(&self, node: &str) -> String {
+        self.cluster.iptables(node, &["-t", "nat", "-S"]).unwrap()
+    }
+}
+
+/// Polls until `f` holds; returns the time it took; panics after `limit`.
+pub async fn within(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A bounded request loop from a pod to an address: one GET every `interval`,
+/// at most `max` requests or `limit` time; counts what failed and when.
+pub struct RequestLoop {
+    stop: tokio::sync::watch::Sender<bool>,
+    handle: tokio::task::JoinHandle<LoopResult>,
+}
+
+/// What a request loop saw.
+#[derive(Debug, Clone, Default)]
+pub struct LoopResult {
+    pub ok: u64,
+    /// (time since start, outcome) of each failed request.
+    pub failed: Vec<(Duration, String)>,
+}
+
+impl System {
+    /// Starts a request loop from `pod` (inside its namespace).
+    pub fn request_loop(&self, pod: &str, addr: std::net::SocketAddr) -> RequestLoop {
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let rt = &self.cluster.pods[pod].rt;
+        let handle = rt.spawn(async move {
+            let start = Instant::now();
+            let mut r = LoopResult::default();
+            for _ in 0..20_000 {
+                if *stopped.borrow() || start.elapsed() > Duration::from_secs(300) {
+                    break;
+                }
+                match crate::netns::get(addr, "/", Duration::from_secs(2)).await {
+                    crate::netns::Outcome::Ok(200, _) => r.ok += 1,
+                    other => r.failed.push((start.elapsed(), format!("{other:?}"))),
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    _ = stopped.changed() => {}
+                }
+            }
+            r
+        });
+        RequestLoop { stop, handle }
+    }
+}
+
+impl RequestLoop {
+    /// Stops the loop and returns what it saw.
+    pub async fn finish(self) -> LoopResult {
+        let _ = self.stop.send(true);
+        self.handle.await.unwrap_or_default()
+    }
+}

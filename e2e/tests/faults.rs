@@ -1,0 +1,374 @@
+//! Faults under traffic (the reliability table in the README): while a pod sends a
+//! continuous, bounded request loop through a ClusterIP, the control plane is
+//! killed and restarted, a node agent is killed and restarted, the API's watches are
+//! cut and its history compacted (410 Gone), our chains are flushed, the control
+//! plane stays away for a while, and an agent never ACKs while the cluster churns.
+//! Each prints a `FAULT` line: what happened and how many requests were lost.
+//!
+//! Needs root, iptables, conntrack, curl, dig and the built binaries.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use meshlite_e2e::apiserver::Collection;
+use meshlite_e2e::lab::{System, T, system, webui_slice, within};
+use meshlite_e2e::stack::{admin_get, metric};
+
+const VIP: &str = "198.19.7.7:80";
+
+async fn lab(prefix: &str) -> System {
+    let s = system(prefix).await;
+    s.api
+        .apply_yaml(&webui_slice(
+            "web",
+            &[
+                ("198.18.1.1", "node1", true),
+                ("198.18.2.1", "node2", true),
+                ("198.18.2.2", "node2", true),
+            ],
+        ))
+        .unwrap();
+    s.api
+        .apply_yaml("apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec: {clusterIP: 198.19.7.7, ports: [{name: http, port: 80}]}\n")
+        .unwrap();
+    within("service up", T, || {
+        s.curl("testpod", "http://198.19.7.7/").starts_with("web-")
+    })
+    .await;
+    within("rules on both nodes", T, || {
+        ["node1", "node2"]
+            .iter()
+            .all(|n| s.nat(n).contains("default/web:http -> 198.18.2.2:80"))
+    })
+    .await;
+    s
+}
+
+/// `iptables -t nat -S` without counters, for comparing rules across a fault.
+fn rules(s: &System, node: &str) -> String {
+    s.nat(node)
+}
+
+async fn cp_metric(s: &System, name: &str) -> f64 {
+    let (_, m) = admin_get(&s.cluster, &s.stack.control_plane, "/metrics")
+        .await
+        .unwrap();
+    // Exact sample name (with or without labels), not every metric sharing a prefix.
+    m.lines()
+        .filter(|l| {
+            l.starts_with(name) && (name.ends_with('}') || l[name.len()..].starts_with([' ', '{']))
+        })
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+fn report(fault: &str, what: &str, lost: usize, total: u64) {
+    println!("FAULT | {fault} | {what} | {lost} of {total} requests lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r1_control_plane_killed_and_restarted() {
+    let mut s = lab("mlr1").await;
+    let before = (rules(&s, "node1"), rules(&s, "node2"));
+    let lp = s.request_loop("testpod", VIP.parse().unwrap());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    s.stack.control_plane.kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    s.stack.control_plane.start_again(T).unwrap();
+    // Every agent resumes against the new process (new epoch) by digest: nothing
+    // is re-sent, nothing re-rendered.
+    let start = Instant::now();
+    loop {
+        let unchanged = cp_metric(
+            &s,
+            "meshlite_control_plane_updates_sent_total{kind=\"Unchanged\"}",
+        )
+        .await;
+        if unchanged >= 4.0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < T,
+            "agents did not resume ({unchanged} unchanged resumes)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let resumed_in = start.elapsed();
+    assert_eq!(
+        cp_metric(
+            &s,
+            "meshlite_control_plane_updates_sent_total{kind=\"Full\"}"
+        )
+        .await,
+        0.0,
+        "a full snapshot was sent"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let r = lp.finish().await;
+    assert_eq!(
+        (rules(&s, "node1"), rules(&s, "node2")),
+        before,
+        "rules changed across the restart"
+    );
+    report(
+        "R1 control plane SIGKILL, restarted after 2 s",
+        &format!(
+            "agents kept their rules, resumed by digest {resumed_in:?} after restart, 0 full snapshots"
+        ),
+        r.failed.len(),
+        r.ok + r.failed.len() as u64,
+    );
+    assert!(r.failed.is_empty(), "lost requests: {:?}", r.failed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r2_node_agent_killed_and_restarted() {
+    let mut s = lab("mlr2").await;
+    let before = rules(&s, "node1");
+    let lp = s.request_loop("testpod", VIP.parse().unwrap());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let agent = s.stack.node_agents.get_mut("node1").unwrap();
+    agent.kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    agent.start_again(T).unwrap();
+    s.stack.wait_ready(&s.cluster, T).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let r = lp.finish().await;
+    assert_eq!(
+        rules(&s, "node1"),
+        before,
+        "the restarted agent changed the rules"
+    );
+    report(
+        "R2 node agent SIGKILL, restarted after 1 s",
+        "no flush at startup: rules stayed, the new agent resumed and re-applied the same rules",
+        r.failed.len(),
+        r.ok + r.failed.len() as u64,
+    );
+    assert!(r.failed.is_empty(), "lost requests: {:?}", r.failed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r3_watch_dropped_and_410_relist() {
+    let s = lab("mlr3").await;
+    let before = (rules(&s, "node1"), rules(&s, "node2"));
+    let lists = s.api.stats.lists.load(std::sync::atomic::Ordering::Relaxed);
+    // Gauges refresh every second: read the version once it is current.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let version = cp_metric(&s, "meshlite_control_plane_version").await;
+    let lp = s.request_loop("testpod", VIP.parse().unwrap());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.api.compact(true);
+    within("re-listed", T, || {
+        s.api.stats.lists.load(std::sync::atomic::Ordering::Relaxed) >= lists + 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = lp.finish().await;
+    assert_eq!(
+        (rules(&s, "node1"), rules(&s, "node2")),
+        before,
+        "rules changed during the re-list"
+    );
+    // Gauges refresh every second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        cp_metric(&s, "meshlite_control_plane_version").await,
+        version,
+        "the re-list produced updates"
+    );
+    report(
+        "R3 API watches cut + history compacted (410 Gone)",
+        "all three kinds re-listed; store version unchanged; no deletes reached agents",
+        r.failed.len(),
+        r.ok + r.failed.len() as u64,
+    );
+    assert!(r.failed.is_empty(), "lost requests: {:?}", r.failed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r4_chains_flushed_externally_are_repaired() {
+    let s = lab("mlr4").await;
+    let lp = s.request_loop("testpod", VIP.parse().unwrap());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.cluster
+        .iptables("node1", &["-t", "nat", "-F", "KUBE-SERVICES"])
+        .unwrap();
+    let flushed = Instant::now();
+    within("repaired", Duration::from_secs(40), || {
+        rules(&s, "node1")
+            .lines()
+            .any(|l| l.starts_with("-A KUBE-SERVICES") && l.contains("default/web:http cluster IP"))
+    })
+    .await;
+    let repaired = flushed.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let r = lp.finish().await;
+    let (_, m) = admin_get(&s.cluster, &s.stack.node_agents["node1"], "/metrics")
+        .await
+        .unwrap();
+    let detected = m
+        .lines()
+        .filter(|l| l.contains("canary_failures"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    assert!(detected >= 1.0, "the canary did not count the flush");
+    assert!(
+        repaired < Duration::from_secs(31),
+        "not repaired within one sync period: {repaired:?}"
+    );
+    report(
+        "R4 `iptables -t nat -F KUBE-SERVICES` on node1",
+        &format!(
+            "canary detected it, rules repaired after {:.1} s (canary period 10 s); requests fail until then",
+            repaired.as_secs_f64()
+        ),
+        r.failed.len(),
+        r.ok + r.failed.len() as u64,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r5_control_plane_away_for_a_while() {
+    let mut s = lab("mlr5").await;
+    let lp = s.request_loop("testpod", VIP.parse().unwrap());
+    s.stack.control_plane.kill();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let (code, body) = admin_get(&s.cluster, &s.stack.node_agents["node1"], "/healthz")
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "the node still serves: {body}");
+    assert!(body.contains("STALE: control plane unreachable"), "{body}");
+    let (_, m) = admin_get(&s.cluster, &s.stack.node_agents["node1"], "/metrics")
+        .await
+        .unwrap();
+    assert_eq!(metric(&m, "meshlite_subscriber_connected"), Some(0.0));
+    let (_, dns_health) = admin_get(&s.cluster, &s.stack.dns_agents["dns-a"], "/healthz")
+        .await
+        .unwrap();
+    assert!(dns_health.contains("STALE"), "{dns_health}");
+    // DNS still answers from the last zone.
+    assert_eq!(
+        s.dig("198.18.1.53", "web.default.svc.cluster.local", "A").1,
+        ["198.19.7.7"]
+    );
+    s.stack.control_plane.start_again(T).unwrap();
+    within("reconnected", T, || true).await;
+    let node1 = &s.stack.node_agents["node1"];
+    let start = Instant::now();
+    loop {
+        let (_, body) = admin_get(&s.cluster, node1, "/healthz").await.unwrap();
+        if body.contains("control plane connected") {
+            break;
+        }
+        assert!(start.elapsed() < T, "did not reconnect: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And changes flow again.
+    assert!(s.api.delete(Collection::Services, "default", "web"));
+    within("change after recovery", T, || {
+        !rules(&s, "node1").contains("default/web:http")
+    })
+    .await;
+    let r = lp.finish().await;
+    let before_delete: Vec<_> = r
+        .failed
+        .iter()
+        .filter(|(t, _)| *t < start.elapsed())
+        .collect();
+    report(
+        "R5 control plane unreachable for 12 s",
+        &format!(
+            "agents served the last state; /healthz 200 saying STALE; reconnected {:.1} s after it returned",
+            start.elapsed().as_secs_f64()
+        ),
+        before_delete.len(),
+        r.ok + r.failed.len() as u64,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r6_an_agent_that_never_acks_costs_constant_memory() {
+    let s = lab("mlr6").await;
+    let cp_pid = s.stack.control_plane.process.pid().unwrap();
+    let rss = || -> u64 {
+        std::fs::read_to_string(format!("/proc/{cp_pid}/status"))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap()
+    };
+    // A subscriber that takes its first update and never ACKs, from inside node1.
+    let grpc: std::net::SocketAddr = "198.18.0.1:7443".parse().unwrap();
+    let mut pki_client = s.stack.pki.client("stuck", &["dns-agent"]);
+    pki_client.server_name = None;
+    let rt = &s.cluster.node("node1").unwrap().rt;
+    let (stuck_tx, mut stuck_rx) = tokio::sync::mpsc::channel::<usize>(16);
+    let _stuck = rt.spawn(async move {
+        let channel = tonic::transport::Endpoint::from_shared(format!("https://{grpc}"))
+            .unwrap()
+            .tls_config(pki_client.load().unwrap())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = meshlite_proto::v1::mesh_client::MeshClient::new(channel);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(meshlite_proto::v1::AgentMessage {
+            msg: Some(meshlite_proto::v1::agent_message::Msg::Hello(
+                meshlite_proto::v1::Hello {
+                    node_name: "stuck".into(),
+                    role: meshlite_proto::v1::Role::Dns as i32,
+                    ..Default::default()
+                },
+            )),
+        })
+        .await
+        .unwrap();
+        let mut inbound = client
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut n = 0;
+        while let Some(Ok(_)) = tokio_stream::StreamExt::next(&mut inbound).await {
+            n += 1;
+            let _ = stuck_tx.send(n).await;
+        }
+        drop(tx);
+    });
+    assert_eq!(stuck_rx.recv().await, Some(1));
+    let start_rss = rss();
+    // Churn: 2,000 changes to a 50-endpoint slice (~2.5 KB each; 5 MB if queued).
+    let eps: Vec<String> = (0..50).map(|i| format!("198.18.2.{}", i + 100)).collect();
+    for round in 0..2_000u32 {
+        let mut list: Vec<(&str, &str, bool)> =
+            eps.iter().map(|e| (e.as_str(), "node2", true)).collect();
+        let extra = format!("198.18.1.{}", round % 200 + 20);
+        list.push((&extra, "node1", true));
+        s.api.apply_yaml(&webui_slice("churn", &list)).unwrap();
+        if round % 200 == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Let the control plane ingest everything and the real agents catch up.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let end_rss = rss();
+    let growth_kib = end_rss.saturating_sub(start_rss);
+    assert!(
+        stuck_rx.try_recv().is_err(),
+        "the stuck agent got a second update without ACKing"
+    );
+    report(
+        "R6 an agent that never ACKs while 2,000 changes land",
+        &format!(
+            "it got exactly one update; control plane RSS {start_rss} KiB -> {end_rss} KiB ({:+} KiB)",
+            growth_kib as i64
+        ),
+        0,
+        0,
+    );
+    assert!(growth_kib < 4 * 1024, "RSS grew {growth_kib} KiB");
+}

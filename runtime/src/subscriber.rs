@@ -260,6 +260,12 @@ impl<H: Handler> Subscriber<H> {
         match (&self.config.tls, endpoint.starts_with("https://")) {
             (Some(tls), true) => {
                 // Re-read the files on every connect: rotated certificates are picked up.
+                if let Some(at) = crate::tls::load_certs(&tls.cert)
+                    .ok()
+                    .and_then(|c| c.first().and_then(|c| crate::tls::not_after(c.as_ref())))
+                {
+                    self.metrics.client_cert_expires(at);
+                }
                 ep = ep
                     .tls_config(tls.load()?)
                     .map_err(|e| StreamError::Connect {

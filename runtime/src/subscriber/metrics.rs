@@ -50,6 +50,7 @@ pub struct SubscriberMetrics {
     applied_version: Gauge,
     last_applied: Gauge<f64, std::sync::atomic::AtomicU64>,
     connected: Gauge,
+    client_cert_expiry: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl SubscriberMetrics {
@@ -67,6 +68,7 @@ impl SubscriberMetrics {
             applied_version: Gauge::default(),
             last_applied: Gauge::default(),
             connected: Gauge::default(),
+            client_cert_expiry: Gauge::default(),
         };
         registry.sub_registry_with_prefix(programming_prefix).register(
             "network_programming_duration_seconds",
@@ -100,6 +102,12 @@ impl SubscriberMetrics {
             "Version of the last applied update",
             m.applied_version.clone(),
         );
+        registry.register(
+            "meshlite_tls_client_certificate_expiry_timestamp_seconds",
+            "Unix time at which the client certificate this agent presents expires (read at every connect)",
+            m.client_cert_expiry.clone(),
+        );
+        let r = registry.sub_registry_with_prefix("meshlite_subscriber");
         r.register(
             "connected",
             "1 while the stream to the control plane is up; 0 while serving the last state (fail static)",
@@ -111,6 +119,12 @@ impl SubscriberMetrics {
             m.last_applied.clone(),
         );
         m
+    }
+
+    pub(crate) fn client_cert_expires(&self, at: SystemTime) {
+        if let Ok(d) = at.duration_since(SystemTime::UNIX_EPOCH) {
+            self.client_cert_expiry.set(d.as_secs_f64());
+        }
     }
 
     pub(crate) fn connected(&self, up: bool) {

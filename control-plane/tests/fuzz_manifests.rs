@@ -18,27 +18,7 @@ use std::time::{Duration, Instant};
 use meshlite_control_plane::manifests;
 use meshlite_proto::model::{Resource, ResourceKey};
 use meshlite_proto::v1;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
-fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use meshlite_runtime::testing::{Rng, env_or};
 
 const TOKENS: &[&str] = &[
     "&a ",
@@ -159,9 +139,9 @@ fn check(m: &manifests::Manifests) {
 #[test]
 fn mutated_manifests_never_panic_and_accepted_objects_are_valid() {
     let corpus = corpus();
-    let iterations: u64 = env("MESHLITE_FUZZ_ITERATIONS", 20_000);
-    let budget = Duration::from_secs(env("MESHLITE_FUZZ_SECONDS", 15));
-    let mut rng = Rng(env("MESHLITE_FUZZ_SEED", 0x2545_f491_4f6c_dd1d));
+    let iterations: u64 = env_or("MESHLITE_FUZZ_ITERATIONS", 20_000);
+    let budget = Duration::from_secs(env_or("MESHLITE_FUZZ_SECONDS", 15));
+    let mut rng = Rng(env_or("MESHLITE_FUZZ_SEED", 0x2545_f491_4f6c_dd1d));
     let started = Instant::now();
     let (mut n, mut ok) = (0u64, 0u64);
     while n < iterations && started.elapsed() < budget {

@@ -4,46 +4,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use meshlite_e2e::procs::{Process, binary, http_get};
-use meshlite_runtime::backoff::Backoff;
-use meshlite_runtime::subscriber::{Role, Subscriber, SubscriberConfig, SubscriberMetrics};
-use meshlite_runtime::testing::{RecordingHandler, TestPki, assert_eventually};
-use prometheus_client::registry::Registry;
+use meshlite_runtime::subscriber::Role;
+use meshlite_runtime::testing::{TestPki, TestSubscriber, assert_eventually};
 
 const T: Duration = Duration::from_secs(15);
 
-fn subscribe(
-    endpoint: String,
-    tls: Option<meshlite_runtime::tls::ClientTls>,
-) -> (RecordingHandler, tokio::sync::oneshot::Sender<()>) {
-    meshlite_runtime::tls::install_default_provider();
-    let handler = RecordingHandler::default();
-    let sub = Subscriber::new(
-        SubscriberConfig {
-            endpoint,
-            node_name: "node1".into(),
-            role: Role::Node,
-            tls,
-            agent_version: "test".into(),
-            backoff: Backoff::try_new(Duration::from_millis(20), Duration::from_millis(200), 0.5)
-                .unwrap(),
-            max_message_bytes: 4 << 20,
-            token_file: None,
-        },
-        handler.clone(),
-        Arc::new(SubscriberMetrics::register(
-            &mut Registry::default(),
-            "test",
-        )),
-    );
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(sub.run(async move {
-        let _ = rx.await;
-    }));
-    (handler, stop)
+fn subscribe(endpoint: String, tls: Option<meshlite_runtime::tls::ClientTls>) -> TestSubscriber {
+    TestSubscriber::start(endpoint, "node1", Role::Node, tls, None)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,7 +61,7 @@ async fn serves_the_seed_over_mtls_and_follows_edits() {
     })
     .await;
 
-    let (handler, _stop) = subscribe(
+    let handler = subscribe(
         format!("https://{grpc}"),
         Some(pki.client("node1", &["node1.nodes.meshlite"])),
     );
@@ -179,7 +149,7 @@ async fn insecure_mode_serves_plaintext_and_says_so() {
     )
     .unwrap();
     let grpc = cp.addresses(T).unwrap()["grpc"];
-    let (handler, _stop) = subscribe(format!("http://{grpc}"), None);
+    let handler = subscribe(format!("http://{grpc}"), None);
     assert_eventually("seed snapshot", T, || handler.records().len() == 1).await;
     assert!(
         std::fs::read_to_string(&cp.log)

@@ -3,24 +3,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use meshlite_control_plane::config::Cli;
 use meshlite_e2e::apiserver::{ApiServer, Collection};
-use meshlite_runtime::backoff::Backoff;
-use meshlite_runtime::subscriber::{Role, Subscriber, SubscriberConfig, SubscriberMetrics};
-use meshlite_runtime::testing::{RecordingHandler, assert_eventually};
-use prometheus_client::registry::Registry;
+use meshlite_runtime::subscriber::Role;
+use meshlite_runtime::testing::{TestSubscriber, assert_eventually};
 
 const T: Duration = Duration::from_secs(20);
 
 struct Setup {
     api: ApiServer,
     handle: meshlite_control_plane::Handle,
-    handler: RecordingHandler,
+    handler: TestSubscriber,
     _dir: tempfile::TempDir,
-    _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 fn svc(name: &str, ip: &str) -> String {
@@ -74,35 +70,18 @@ async fn setup() -> Setup {
         .await
         .unwrap();
 
-    let handler = RecordingHandler::default();
-    let sub = Subscriber::new(
-        SubscriberConfig {
-            endpoint: format!("http://{}", handle.grpc_addr),
-            node_name: "node1".into(),
-            role: Role::Node,
-            tls: None,
-            agent_version: "test".into(),
-            backoff: Backoff::try_new(Duration::from_millis(20), Duration::from_millis(200), 0.5)
-                .unwrap(),
-            max_message_bytes: 4 << 20,
-            token_file: None,
-        },
-        handler.clone(),
-        Arc::new(SubscriberMetrics::register(
-            &mut Registry::default(),
-            "test",
-        )),
+    let handler = TestSubscriber::start(
+        format!("http://{}", handle.grpc_addr),
+        "node1",
+        Role::Node,
+        None,
+        None,
     );
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(sub.run(async move {
-        let _ = rx.await;
-    }));
     Setup {
         api,
         handle,
         handler,
         _dir: dir,
-        _stop: stop,
     }
 }
 

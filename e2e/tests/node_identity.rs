@@ -4,15 +4,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use meshlite_control_plane::config::Cli;
 use meshlite_e2e::apiserver::ApiServer;
-use meshlite_runtime::backoff::Backoff;
-use meshlite_runtime::subscriber::{Role, Subscriber, SubscriberConfig, SubscriberMetrics};
-use meshlite_runtime::testing::{RecordingHandler, TestPki, assert_eventually};
-use prometheus_client::registry::Registry;
+use meshlite_runtime::subscriber::Role;
+use meshlite_runtime::testing::{TestPki, TestSubscriber, assert_eventually};
 
 const SA: &str = "system:serviceaccount:kube-system:meshlite-node-agent";
 
@@ -21,31 +18,14 @@ fn agent(
     pki: &TestPki,
     node: &str,
     token: Option<&std::path::Path>,
-) -> (RecordingHandler, tokio::sync::oneshot::Sender<()>) {
-    let handler = RecordingHandler::default();
-    let sub = Subscriber::new(
-        SubscriberConfig {
-            endpoint: format!("https://{addr}"),
-            node_name: node.into(),
-            role: Role::Node,
-            tls: Some(pki.client("node-agent", &["node-agent"])),
-            agent_version: "test".into(),
-            backoff: Backoff::try_new(Duration::from_millis(20), Duration::from_millis(100), 0.5)
-                .unwrap(),
-            max_message_bytes: 4 << 20,
-            token_file: token.map(|p| p.to_path_buf()),
-        },
-        handler.clone(),
-        Arc::new(SubscriberMetrics::register(
-            &mut Registry::default(),
-            "test",
-        )),
-    );
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(sub.run(async move {
-        let _ = rx.await;
-    }));
-    (handler, stop)
+) -> TestSubscriber {
+    TestSubscriber::start(
+        format!("https://{addr}"),
+        node,
+        Role::Node,
+        Some(pki.client("node-agent", &["node-agent"])),
+        token.map(|p| p.to_path_buf()),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,7 +69,7 @@ async fn tokens_bind_node_agents_to_their_node() {
     let other_sa = tok("sa", "tok-other-sa");
     let unknown = tok("unknown", "nope");
 
-    let (ok, _s1) = agent(handle.grpc_addr, &pki, "node1", Some(&good));
+    let ok = agent(handle.grpc_addr, &pki, "node1", Some(&good));
     assert_eventually(
         "node1 with its own token is served",
         Duration::from_secs(15),
@@ -106,10 +86,10 @@ async fn tokens_bind_node_agents_to_their_node() {
             })
             .get()
     };
-    let (a, _s2) = agent(handle.grpc_addr, &pki, "node2", Some(&good)); // node1's token claiming node2
-    let (b, _s3) = agent(handle.grpc_addr, &pki, "node1", Some(&other_sa)); // wrong ServiceAccount
-    let (c, _s4) = agent(handle.grpc_addr, &pki, "node1", Some(&unknown)); // invalid token
-    let (d, _s5) = agent(handle.grpc_addr, &pki, "node1", None); // no token
+    let a = agent(handle.grpc_addr, &pki, "node2", Some(&good)); // node1's token claiming node2
+    let b = agent(handle.grpc_addr, &pki, "node1", Some(&other_sa)); // wrong ServiceAccount
+    let c = agent(handle.grpc_addr, &pki, "node1", Some(&unknown)); // invalid token
+    let d = agent(handle.grpc_addr, &pki, "node1", None); // no token
     assert_eventually(
         "all four refused (and retrying)",
         Duration::from_secs(15),

@@ -4,15 +4,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use meshlite_e2e::otlp::OtlpReceiver;
 use meshlite_e2e::procs::{Process, binary, http_get};
-use meshlite_runtime::backoff::Backoff;
-use meshlite_runtime::subscriber::{Role, Subscriber, SubscriberConfig, SubscriberMetrics};
-use meshlite_runtime::testing::{RecordingHandler, assert_eventually};
-use prometheus_client::registry::Registry;
+use meshlite_runtime::subscriber::Role;
+use meshlite_runtime::testing::{TestSubscriber, assert_eventually};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -20,8 +17,7 @@ struct Cp {
     proc: Process,
     admin: std::net::SocketAddr,
     manifests: std::path::PathBuf,
-    handler: RecordingHandler,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    handler: TestSubscriber,
     _dir: tempfile::TempDir,
 }
 
@@ -65,36 +61,19 @@ async fn start(otlp_endpoint: &str) -> Cp {
     )
     .unwrap();
     let addrs = proc.addresses(T).unwrap();
-    let handler = RecordingHandler::default();
-    let sub = Subscriber::new(
-        SubscriberConfig {
-            endpoint: format!("http://{}", addrs["grpc"]),
-            node_name: "node1".into(),
-            role: Role::Node,
-            tls: None,
-            agent_version: "test".into(),
-            backoff: Backoff::try_new(Duration::from_millis(20), Duration::from_millis(200), 0.5)
-                .unwrap(),
-            max_message_bytes: 4 << 20,
-            token_file: None,
-        },
-        handler.clone(),
-        Arc::new(SubscriberMetrics::register(
-            &mut Registry::default(),
-            "test",
-        )),
+    let handler = TestSubscriber::start(
+        format!("http://{}", addrs["grpc"]),
+        "node1",
+        Role::Node,
+        None,
+        None,
     );
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(sub.run(async move {
-        let _ = rx.await;
-    }));
     assert_eventually("snapshot", T, || handler.records().len() == 1).await;
     Cp {
         proc,
         admin: addrs["admin"],
         manifests,
         handler,
-        _stop: stop,
         _dir: dir,
     }
 }

@@ -186,3 +186,87 @@ pub async fn assert_eventually(what: &str, timeout: Duration, mut cond: impl FnM
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A subscriber running in the background for tests, with a [`RecordingHandler`].
+/// Dropping it stops the subscriber.
+pub struct TestSubscriber {
+    pub handler: RecordingHandler,
+    pub status: tokio::sync::watch::Receiver<crate::subscriber::Status>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl TestSubscriber {
+    /// Subscribes to `endpoint` as `node` (role NODE, or DNS when `role` says so),
+    /// with fast backoff. `tls: None` means plaintext (`http://`).
+    pub fn start(
+        endpoint: String,
+        node: &str,
+        role: crate::subscriber::Role,
+        tls: Option<ClientTls>,
+        token_file: Option<std::path::PathBuf>,
+    ) -> Self {
+        crate::tls::install_default_provider();
+        let handler = RecordingHandler::default();
+        let config = crate::subscriber::SubscriberConfig {
+            endpoint,
+            node_name: node.to_string(),
+            role,
+            tls,
+            agent_version: "test".into(),
+            backoff: crate::backoff::Backoff::try_new(
+                Duration::from_millis(20),
+                Duration::from_millis(200),
+                0.5,
+            )
+            .expect("valid backoff"),
+            max_message_bytes: 4 << 20,
+            token_file,
+        };
+        let metrics = Arc::new(crate::subscriber::SubscriberMetrics::register(
+            &mut prometheus_client::registry::Registry::default(),
+            "test",
+        ));
+        let sub = crate::subscriber::Subscriber::new(config, handler.clone(), metrics);
+        let status = sub.status();
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(sub.run(async move {
+            let _ = rx.await;
+        }));
+        Self {
+            handler,
+            status,
+            _stop: stop,
+        }
+    }
+
+    pub fn records(&self) -> Vec<Recorded> {
+        self.handler.records()
+    }
+}
+
+/// A small deterministic PRNG (xorshift64) for the bounded fuzz tests.
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A value in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+}
+
+/// An environment variable parsed as `T`, else `default` (for test knobs such as
+/// `MESHLITE_FUZZ_SECONDS`).
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

@@ -24,28 +24,8 @@ use meshlite_proto::model::{
 };
 use meshlite_proto::{InventoryDigest, content_hash, v1};
 use meshlite_runtime::Snapshot;
+use meshlite_runtime::testing::{Rng, env_or};
 use prost::Message;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
-fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn corpus_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/updates")
@@ -185,12 +165,12 @@ fn mutate(rng: &mut Rng, corpus: &[Vec<u8>]) -> Vec<u8> {
             }
             3 if !b.is_empty() => {
                 let i = rng.below(b.len());
-                b[i] = rng.next() as u8;
+                b[i] = rng.next_u64() as u8;
             }
             _ => {
                 let n = rng.below(16);
                 for _ in 0..n {
-                    b.push(rng.next() as u8);
+                    b.push(rng.next_u64() as u8);
                 }
             }
         }
@@ -237,9 +217,9 @@ fn check(snapshot: &Snapshot) {
 #[test]
 fn mutated_updates_never_break_the_snapshot() {
     let corpus = corpus();
-    let iterations: u64 = env("MESHLITE_FUZZ_ITERATIONS", 500_000);
-    let budget = Duration::from_secs(env("MESHLITE_FUZZ_SECONDS", 15));
-    let mut rng = Rng(env("MESHLITE_FUZZ_SEED", 0x9e37_79b9_7f4a_7c15));
+    let iterations: u64 = env_or("MESHLITE_FUZZ_ITERATIONS", 500_000);
+    let budget = Duration::from_secs(env_or("MESHLITE_FUZZ_SECONDS", 15));
+    let mut rng = Rng(env_or("MESHLITE_FUZZ_SEED", 0x9e37_79b9_7f4a_7c15));
     let started = Instant::now();
     let mut snapshot = Snapshot::new();
     let mut n = 0;

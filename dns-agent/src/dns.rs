@@ -65,7 +65,11 @@ pub struct ServerConfig {
 
 /// A bound DNS server, not yet running.
 pub struct DnsServer {
+    /// hickory's server, for TCP.
     server: Server<DnsHandler>,
+    /// Our own UDP loop: see [`serve_udp`].
+    udp: Arc<UdpSocket>,
+    handler: DnsHandler,
     local: SocketAddr,
 }
 
@@ -90,11 +94,15 @@ impl DnsServer {
             addr: config.listen,
             source,
         })?;
-        let mut server = Server::new(handler);
-        server.register_socket(udp);
+        let mut server = Server::new(handler.clone());
         server.register_listener(tcp, config.tcp_idle_timeout, 64);
         info!(%local, "dns listening (udp+tcp)");
-        Ok(Self { server, local })
+        Ok(Self {
+            server,
+            udp: Arc::new(udp),
+            handler,
+            local,
+        })
     }
 
     /// The bound address (UDP and TCP share it).
@@ -107,6 +115,11 @@ impl DnsServer {
     /// # Errors
     /// When a socket fails for good.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let udp: Vec<_> = (0..workers)
+            .map(|_| tokio::spawn(serve_udp(self.udp.clone(), self.handler.clone())))
+            .collect();
+        let _abort = AbortOnDrop(udp);
         tokio::select! {
             r = self.server.block_until_done() => r.map_err(|e| Error::Serve(e.to_string())),
             () = shutdown => self
@@ -123,6 +136,57 @@ impl std::fmt::Debug for DnsServer {
         f.debug_struct("DnsServer")
             .field("local", &self.local)
             .finish_non_exhaustive()
+    }
+}
+
+/// Aborts the UDP workers when the server stops.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// One UDP worker: receive, answer, send, in a loop on a shared socket.
+///
+/// hickory's server spawns a task per datagram and hands the answer back through a
+/// channel; for cluster names the answer is ready at once (a zone lookup), so here
+/// the handler's future is polled once in place and only a request that must wait
+/// (one forwarded upstream) gets a task of its own.
+async fn serve_udp(socket: Arc<UdpSocket>, handler: DnsHandler) {
+    use futures::FutureExt;
+    let handler = Arc::new(handler);
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (n, peer) = match socket.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                // ICMP errors from earlier sends surface here on Linux; keep serving.
+                tracing::debug!(error = %e, "udp recv");
+                continue;
+            }
+        };
+        let request = buf[..n].to_vec();
+        let h = handler.clone();
+        let mut answer =
+            Box::pin(async move { answer_from(&h, request, peer, Transport::Udp).await });
+        match (&mut answer).now_or_never() {
+            Some(Some(response)) => {
+                let _ = socket.send_to(&response, peer).await;
+            }
+            Some(None) => {}
+            None => {
+                let socket = socket.clone();
+                tokio::spawn(async move {
+                    if let Some(response) = answer.await {
+                        let _ = socket.send_to(&response, peer).await;
+                    }
+                });
+            }
+        }
     }
 }
 
@@ -169,16 +233,32 @@ pub async fn answer_bytes(
     bytes: &[u8],
     transport: Transport,
 ) -> Option<Vec<u8>> {
+    answer_from(
+        handler,
+        bytes.to_vec(),
+        ([127, 0, 0, 1], 5353).into(),
+        transport,
+    )
+    .await
+}
+
+/// [`answer_bytes`] for an owned request from `src`.
+async fn answer_from(
+    handler: &DnsHandler,
+    bytes: Vec<u8>,
+    src: SocketAddr,
+    transport: Transport,
+) -> Option<Vec<u8>> {
     let protocol = match transport {
         Transport::Udp => Protocol::Udp,
         Transport::Tcp => Protocol::Tcp,
     };
-    let src: SocketAddr = ([127, 0, 0, 1], 5353).into();
     let capture = Capture {
         out: Arc::default(),
         tcp: transport == Transport::Tcp,
     };
-    match Request::from_bytes(bytes.to_vec(), src, protocol) {
+    let header_only = bytes.get(..12).map(<[u8]>::to_vec);
+    match Request::from_bytes(bytes, src, protocol) {
         Ok(request) => {
             if request.metadata.message_type == hickory_proto::op::MessageType::Response {
                 return None;
@@ -187,7 +267,7 @@ pub async fn answer_bytes(
                 .handle_request::<_, TokioTime>(&request, capture.clone())
                 .await;
         }
-        Err(_) => return formerr(bytes),
+        Err(_) => return header_only.and_then(|h| formerr(&h)),
     }
     capture.out.lock().unwrap_or_else(|p| p.into_inner()).take()
 }

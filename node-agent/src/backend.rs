@@ -2,8 +2,8 @@
 //!
 //! A [`Backend`] turns the desired [`ProxyView`]s into kernel state. The sync loop
 //! (`crate::sync`) only talks to this trait, so it is tested with the
-//! [`RecordingBackend`] and no kernel; the iptables backend (and later IPVS)
-//! implements it for real.
+//! [`RecordingBackend`] and no kernel; the iptables and IPVS backends implement
+//! it for real.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -56,6 +56,12 @@ pub trait Backend: Send + 'static {
     /// Cheap check that what was applied is still there (the canary). `false`
     /// makes the caller schedule a full sync.
     fn check(&mut self) -> impl Future<Output = bool> + Send;
+
+    /// Periodic work between syncs (the IPVS backend deletes drained real servers
+    /// here). Called on every tick of the sync loop; the default does nothing.
+    fn housekeeping(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// One call recorded by [`RecordingBackend`].

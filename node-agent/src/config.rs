@@ -14,6 +14,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::iptables::{IptablesConfig, chains};
+use crate::ipvs::{IpvsConfig, Scheduler};
 use crate::proxy::IpFamily;
 
 /// Invalid configuration.
@@ -33,7 +34,7 @@ pub enum ConfigError {
 #[command(
     name = "meshlite-node-agent",
     version,
-    about = "meshlite node agent: programs Services into the kernel (kube-proxy's iptables mode)",
+    about = "meshlite node agent: programs Services into the kernel (kube-proxy's iptables or IPVS mode)",
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
@@ -45,8 +46,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Print the exact iptables-restore input for a directory of manifests, without
-    /// a control plane and without touching the kernel.
+    /// Print what the agent would program for a directory of manifests (the exact
+    /// iptables-restore input, or with --mode ipvs the IPVS table, ipsets and rules),
+    /// without a control plane and without touching the kernel.
     Render(RenderArgs),
 }
 
@@ -105,10 +107,8 @@ pub struct RunArgs {
         default_value = "iptables"
     )]
     pub backend: BackendKind,
-    /// IPVS scheduler for --mode ipvs: rr, wrr, lc, dh, sh, sed, nq (per service:
-    /// annotation meshlite.io/ipvs-scheduler).
-    #[arg(long, env = "MESHLITE_IPVS_SCHEDULER", default_value = "rr")]
-    pub ipvs_scheduler: String,
+    #[command(flatten)]
+    pub ipvs: IpvsArgs,
     #[command(flatten)]
     pub rules: RuleArgs,
     /// IP families to proxy.
@@ -173,6 +173,28 @@ pub struct RuleArgs {
     pub nodeport_addresses: Vec<IpNet>,
 }
 
+/// Flags of the IPVS mode (shared by the agent and `render`).
+#[derive(Debug, Args, Clone)]
+pub struct IpvsArgs {
+    /// IPVS scheduler for --mode ipvs: rr, wrr, lc, dh, sh, sed, nq (per service:
+    /// annotation meshlite.io/ipvs-scheduler).
+    #[arg(long, env = "MESHLITE_IPVS_SCHEDULER", default_value = "rr")]
+    pub ipvs_scheduler: String,
+    /// The dummy interface that holds the service IPs in --mode ipvs.
+    #[arg(long, env = "MESHLITE_IPVS_INTERFACE", default_value = "kube-ipvs0")]
+    pub ipvs_interface: String,
+    /// Longest a removed real server is kept at weight 0 for its connections to
+    /// drain before it is deleted (--mode ipvs).
+    #[arg(long, env = "MESHLITE_IPVS_GRACEFUL_TERMINATION_TIMEOUT", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub ipvs_graceful_termination_timeout: Duration,
+    /// Virtual servers in these CIDRs are not ours: never modified or deleted.
+    #[arg(long, env = "MESHLITE_IPVS_EXCLUDE_CIDRS", value_delimiter = ',')]
+    pub ipvs_exclude_cidrs: Vec<IpNet>,
+    /// Set net.ipv4.conf.all.arp_ignore=1 and arp_announce=2 (kube-proxy's strictARP).
+    #[arg(long, env = "MESHLITE_IPVS_STRICT_ARP")]
+    pub ipvs_strict_arp: bool,
+}
+
 #[derive(Debug, Args)]
 pub struct RenderArgs {
     /// Directory of Service, EndpointSlice and Node manifests.
@@ -183,6 +205,19 @@ pub struct RenderArgs {
     /// Which table set to print (iptables-restore or ip6tables-restore input).
     #[arg(long, env = "MESHLITE_IP_FAMILY", value_enum, default_value = "ipv4")]
     pub ip_family: FamilyArg,
+    /// iptables: the iptables-restore input. ipvs: the virtual and real servers
+    /// (as `ipvsadm -Ln` lists them), the dummy interface's addresses, the ipset
+    /// members and the iptables rules.
+    #[arg(
+        long = "mode",
+        alias = "backend",
+        env = "MESHLITE_MODE",
+        value_enum,
+        default_value = "iptables"
+    )]
+    pub backend: BackendKind,
+    #[command(flatten)]
+    pub ipvs: IpvsArgs,
     #[command(flatten)]
     pub rules: RuleArgs,
 }
@@ -217,6 +252,11 @@ pub struct Config {
     pub addresses_file: Option<PathBuf>,
     pub backend: BackendKind,
     pub ipvs_scheduler: String,
+    pub ipvs_interface: String,
+    #[serde(with = "humantime_serde_shim")]
+    pub ipvs_graceful_termination_timeout: Duration,
+    pub ipvs_exclude_cidrs: Vec<IpNet>,
+    pub ipvs_strict_arp: bool,
     pub chain_prefix: String,
     pub cluster_cidrs: Vec<IpNet>,
     pub node_ips: Vec<IpAddr>,
@@ -310,6 +350,71 @@ impl RuleArgs {
     }
 }
 
+// === impl IpvsArgs ===
+
+impl IpvsArgs {
+    /// Checks the IPVS flags.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.scheduler()?;
+        let name = &self.ipvs_interface;
+        // IFNAMSIZ is 16 with the terminating NUL.
+        if name.is_empty()
+            || name.len() > 15
+            || name.contains(|c: char| c == '/' || c.is_whitespace())
+        {
+            return Err(ConfigError::Invalid {
+                flag: "ipvs-interface",
+                value: name.clone(),
+                reason: "must be an interface name of 1 to 15 characters".into(),
+            });
+        }
+        if self.ipvs_graceful_termination_timeout.is_zero() {
+            return Err(ConfigError::Invalid {
+                flag: "ipvs-graceful-termination-timeout",
+                value: "0s".into(),
+                reason: "must be positive".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The default scheduler.
+    pub fn scheduler(&self) -> Result<Scheduler, ConfigError> {
+        self.ipvs_scheduler
+            .parse()
+            .map_err(|reason| ConfigError::Invalid {
+                flag: "ipvs-scheduler",
+                value: self.ipvs_scheduler.clone(),
+                reason,
+            })
+    }
+
+    /// The IPVS backend configuration these flags and `rules` describe.
+    pub fn config(
+        &self,
+        rules: &RuleArgs,
+        families: Vec<IpFamily>,
+        conntrack_cleanup: bool,
+    ) -> Result<IpvsConfig, ConfigError> {
+        Ok(IpvsConfig {
+            prefix: rules.chain_prefix.clone(),
+            families,
+            scheduler: self.scheduler()?,
+            interface: self.ipvs_interface.clone(),
+            cluster_cidrs: rules.cluster_cidr.iter().map(|c| c.trunc()).collect(),
+            masquerade_all: rules.masquerade_all,
+            masquerade_bit: rules.masquerade_bit,
+            random_fully: rules.random_fully,
+            node_ips: rules.node_ip.clone(),
+            nodeport_addresses: rules.nodeport_addresses.iter().map(|c| c.trunc()).collect(),
+            graceful_timeout: self.ipvs_graceful_termination_timeout,
+            exclude_cidrs: self.ipvs_exclude_cidrs.iter().map(|c| c.trunc()).collect(),
+            strict_arp: self.ipvs_strict_arp,
+            conntrack_cleanup,
+        })
+    }
+}
+
 // === impl RunArgs ===
 
 impl RunArgs {
@@ -394,21 +499,7 @@ impl RunArgs {
                 flag: "ip-families",
             });
         }
-        if self.backend == BackendKind::Ipvs {
-            return Err(invalid(
-                "mode",
-                "ipvs",
-                "the IPVS backend is not in this build yet; use --mode iptables",
-            ));
-        }
-        const SCHEDULERS: [&str; 7] = ["rr", "wrr", "lc", "dh", "sh", "sed", "nq"];
-        if !SCHEDULERS.contains(&self.ipvs_scheduler.as_str()) {
-            return Err(invalid(
-                "ipvs-scheduler",
-                &self.ipvs_scheduler,
-                "must be one of rr, wrr, lc, dh, sh, sed, nq",
-            ));
-        }
+        self.ipvs.validate()?;
         Ok(Config {
             control_plane,
             node_name,
@@ -423,7 +514,11 @@ impl RunArgs {
             healthz_bind_address: self.healthz_bind_address,
             addresses_file: self.addresses_file,
             backend: self.backend,
-            ipvs_scheduler: self.ipvs_scheduler,
+            ipvs_scheduler: self.ipvs.ipvs_scheduler,
+            ipvs_interface: self.ipvs.ipvs_interface,
+            ipvs_graceful_termination_timeout: self.ipvs.ipvs_graceful_termination_timeout,
+            ipvs_exclude_cidrs: self.ipvs.ipvs_exclude_cidrs,
+            ipvs_strict_arp: self.ipvs.ipvs_strict_arp,
             chain_prefix: self.rules.chain_prefix.clone(),
             cluster_cidrs: self.rules.cluster_cidr.clone(),
             node_ips: self.rules.node_ip.clone(),
@@ -451,8 +546,29 @@ impl Config {
         &self.families
     }
 
-    /// The iptables backend configuration.
-    pub fn iptables(&self) -> IptablesConfig {
+    /// The IPVS backend configuration.
+    pub fn ipvs(&self) -> IpvsConfig {
+        let rules = self.rule_args();
+        IpvsConfig {
+            prefix: rules.chain_prefix,
+            families: self.families.clone(),
+            // Validated in `RunArgs::validate`.
+            scheduler: self.ipvs_scheduler.parse().unwrap_or(Scheduler::Rr),
+            interface: self.ipvs_interface.clone(),
+            cluster_cidrs: rules.cluster_cidr.iter().map(|c| c.trunc()).collect(),
+            masquerade_all: rules.masquerade_all,
+            masquerade_bit: rules.masquerade_bit,
+            random_fully: rules.random_fully,
+            node_ips: rules.node_ip,
+            nodeport_addresses: rules.nodeport_addresses.iter().map(|c| c.trunc()).collect(),
+            graceful_timeout: self.ipvs_graceful_termination_timeout,
+            exclude_cidrs: self.ipvs_exclude_cidrs.clone(),
+            strict_arp: self.ipvs_strict_arp,
+            conntrack_cleanup: self.conntrack_cleanup,
+        }
+    }
+
+    fn rule_args(&self) -> RuleArgs {
         RuleArgs {
             chain_prefix: self.chain_prefix.clone(),
             cluster_cidr: self.cluster_cidrs.clone(),
@@ -463,7 +579,12 @@ impl Config {
             random_fully: self.random_fully,
             nodeport_addresses: self.nodeport_addresses.clone(),
         }
-        .iptables(self.families.clone(), self.conntrack_cleanup)
+    }
+
+    /// The iptables backend configuration.
+    pub fn iptables(&self) -> IptablesConfig {
+        self.rule_args()
+            .iptables(self.families.clone(), self.conntrack_cleanup)
     }
 }
 

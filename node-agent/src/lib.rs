@@ -1,7 +1,8 @@
 //! meshlite node agent.
 //!
 //! Subscribes to the control plane as its node, builds the [`proxy`] view (endpoint
-//! selection exactly as kube-proxy does it), renders it for a backend ([`iptables`])
+//! selection exactly as kube-proxy does it), renders it for a backend ([`iptables`]
+//! or [`ipvs`])
 //! and applies it to the kernel, returning to the subscriber only once the rules are
 //! in effect, so the ACK means "applied".
 
@@ -10,6 +11,7 @@ pub mod backend;
 pub mod config;
 pub mod health;
 pub mod iptables;
+pub mod ipvs;
 pub mod metrics;
 pub mod preview;
 pub mod proxy;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use clap::error::ErrorKind;
-use meshlite_node_agent::config::{Cli, Command};
+use meshlite_node_agent::config::{BackendKind, Cli, Command};
 use meshlite_node_agent::{app, preview};
 
 /// sysexits' EX_USAGE: the configuration is invalid.
@@ -30,17 +30,25 @@ fn main() -> ExitCode {
 }
 
 fn render(args: meshlite_node_agent::config::RenderArgs) -> ExitCode {
-    if let Err(e) = args.rules.validate() {
+    if let Err(e) = args.rules.validate().and_then(|()| args.ipvs.validate()) {
         eprintln!("error: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    let cfg = args.rules.iptables(vec![args.ip_family.into()], false);
-    match preview::render_dir(
-        &args.manifests,
-        &args.node_name,
-        args.ip_family.into(),
-        &cfg,
-    ) {
+    let family = args.ip_family.into();
+    let result = match args.backend {
+        BackendKind::Iptables => {
+            let cfg = args.rules.iptables(vec![family], false);
+            preview::render_dir(&args.manifests, &args.node_name, family, &cfg)
+        }
+        BackendKind::Ipvs => match args.ipvs.config(&args.rules, vec![family], false) {
+            Ok(cfg) => preview::render_dir_ipvs(&args.manifests, &args.node_name, family, &cfg),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+    };
+    match result {
         Ok(p) => {
             for w in &p.warnings {
                 eprintln!("warning: {w}");

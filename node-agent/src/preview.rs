@@ -1,11 +1,14 @@
-//! `meshlite-node-agent render`: the exact `iptables-restore` input for a directory
-//! of manifests, as a full sync on a node with no previous rules would write it.
+//! `meshlite-node-agent render`: what a full sync on a node with nothing programmed
+//! would write for a directory of manifests: the exact `iptables-restore` input
+//! (iptables mode), or the IPVS table in `ipvsadm -Ln` form, the dummy interface's
+//! addresses, the ipset members and the iptables rules (IPVS mode).
 
 use std::path::{Path, PathBuf};
 
 use meshlite_runtime::Snapshot;
 
 use crate::iptables::{IptablesConfig, render, render::RenderConfig};
+use crate::ipvs::{IpvsConfig, show};
 use crate::proxy::{IpFamily, ProxyView};
 
 /// Manifests that cannot be loaded.
@@ -23,6 +26,37 @@ pub struct Preview {
     pub warnings: Vec<String>,
 }
 
+fn load(dir: &Path) -> Result<(Snapshot, Vec<String>), PreviewError> {
+    let manifests = meshlite_control_plane::manifests::load_dir(dir).map_err(|e| PreviewError {
+        dir: dir.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    Ok((
+        Snapshot::from_resources(manifests.resources()),
+        manifests.warnings,
+    ))
+}
+
+/// IPVS mode: the plan for `node_name` in text (see [`show::full`]). NodePort
+/// virtual servers are on `--node-ip` (else the Node object's addresses), where the
+/// agent uses the node's interface addresses; restrict both with
+/// `--nodeport-addresses` to compare.
+pub fn render_dir_ipvs(
+    dir: &Path,
+    node_name: &str,
+    family: IpFamily,
+    cfg: &IpvsConfig,
+) -> Result<Preview, PreviewError> {
+    let (snapshot, mut warnings) = load(dir)?;
+    let view = ProxyView::build(&snapshot, node_name, family);
+    let plan = cfg.plan_without_kernel(&[view]);
+    warnings.extend(plan.warnings.iter().cloned());
+    Ok(Preview {
+        text: show::full(&plan, &cfg.interface),
+        warnings,
+    })
+}
+
 /// Renders the manifests in `dir` for `node_name`.
 pub fn render_dir(
     dir: &Path,
@@ -30,15 +64,11 @@ pub fn render_dir(
     family: IpFamily,
     cfg: &IptablesConfig,
 ) -> Result<Preview, PreviewError> {
-    let manifests = meshlite_control_plane::manifests::load_dir(dir).map_err(|e| PreviewError {
-        dir: dir.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    let snapshot = Snapshot::from_resources(manifests.resources());
+    let (snapshot, warnings) = load(dir)?;
     let view = ProxyView::build(&snapshot, node_name, family);
     Ok(Preview {
         text: render(&view, &render_config(cfg, &view)).full_text(&[]),
-        warnings: manifests.warnings,
+        warnings,
     })
 }
 

@@ -177,6 +177,7 @@ impl<B: Backend> Proxier<B> {
             // Nothing applied yet: never touch the kernel before the first snapshot.
             return false;
         };
+        st.backend.housekeeping().await;
         let canary_due = st
             .last_canary
             .is_none_or(|t| t.elapsed() >= self.cfg.canary_period);

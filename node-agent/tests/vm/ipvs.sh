@@ -1,0 +1,244 @@
+# IPVS mode end to end, run by dash as PID 1's scenario inside the QEMU VM of
+# tools/ipvs-vm.sh (see node-agent/tests/ipvs_vm.rs). Exits 0 only if every check
+# passed; prints "@@IPVSVM CHECK OK|FAIL <name> ..." per check.
+#
+# The VM has no NIC. Inside it: the root namespace is the node (node1, 198.18.200.1),
+# namespace "backends" holds four real servers (busybox httpd, 198.18.1.1-4, whose
+# CGI answers "rsN client=<peer>"), namespace "client" an off-cluster client
+# (198.18.200.2). The control plane (file source, /manifests) and the node agent
+# (--mode ipvs) run on the node.
+set -u
+PATH=/usr/local/bin:/usr/sbin:/usr/bin
+FAILS=
+ok() { echo "@@IPVSVM CHECK OK $*"; }
+fail() { echo "@@IPVSVM CHECK FAIL $*"; FAILS="$FAILS|$1"; }
+sec() { echo; echo "===== $* ===== (uptime $(cut -d' ' -f1 /proc/uptime)s)"; }
+get() { ip netns exec client timeout 5 wget -q -O - "$1" 2>&1; }
+who() { r=$(get "http://$1/cgi-bin/who"); echo "${r%% *}"; }
+# who N times: the answering servers, space separated.
+whos() { out=; n=0; while [ $n -lt "$2" ]; do out="$out $(who "$1")"; n=$((n + 1)); sleep 0.1; done; echo "$out"; }
+count() { echo "$1" | tr ' ' '\n' | grep -c "^$2\$"; }
+distinct() { echo "$1" | tr ' ' '\n' | grep -v '^$' | sort -u | wc -l; }
+json() { sed -n "s/.*\"$2\":\"\\([^\"]*\\)\".*/\\1/p" "$1"; }
+wait_for() { # seconds, command...: poll every 0.2 s
+    t=$(($1 * 5)); shift
+    while [ $t -gt 0 ]; do "$@" >/dev/null 2>&1 && return 0; t=$((t - 1)); sleep 0.2; done
+    return 1
+}
+AGENT_ARGS="--mode ipvs --node-name node1 --insecure --ip-families ipv4
+  --admin-listen 127.0.0.1:0 --healthz-bind-address 127.0.0.1:0 --addresses-file /run/agent.json
+  --cluster-cidr 198.18.0.0/17 --node-ip 198.18.200.1 --nodeport-addresses 198.18.200.1/32
+  --ipvs-graceful-termination-timeout 6s --sync-period 30s"
+
+sec "startup check without IPVS (modprobe unavailable, no module loaded yet)"
+out=$(PATH=/nonexistent /usr/local/bin/meshlite-node-agent $AGENT_ARGS --control-plane http://127.0.0.1:9 2>&1)
+rc=$?
+echo "$out" | tail -n 3
+case "$out" in
+    *"missing kernel modules ip_vs"*) [ $rc -ne 0 ] && ok startup-check "exit $rc, names ip_vs" || fail startup-check "exit 0" ;;
+    *) fail startup-check "rc=$rc: no message naming ip_vs" ;;
+esac
+
+sec network
+ip netns add backends && ip netns add client || fail setup netns
+ip link add rs-host type veth peer name rs-ns && ip link set rs-ns netns backends
+ip addr add 198.18.1.254/24 dev rs-host && ip link set rs-host up
+ip -n backends link set lo up
+for i in 1 2 3 4; do ip -n backends addr add 198.18.1.$i/24 dev rs-ns; done
+ip -n backends link set rs-ns up && ip -n backends route add default via 198.18.1.254
+ip link add cl-host type veth peer name cl-ns && ip link set cl-ns netns client
+ip addr add 198.18.200.1/24 dev cl-host && ip link set cl-host up
+ip -n client link set lo up && ip -n client addr add 198.18.200.2/24 dev cl-ns
+ip -n client link set cl-ns up && ip -n client route add default via 198.18.200.1
+for i in 1 2 3 4; do
+    mkdir -p /srv/rs$i/cgi-bin
+    printf '#!/bin/sh\nprintf "Content-Type: text/plain\\r\\n\\r\\n"\necho "rs%s client=$REMOTE_ADDR"\n' $i \
+        > /srv/rs$i/cgi-bin/who
+    chmod 755 /srv/rs$i/cgi-bin/who
+    ip netns exec backends httpd -p 198.18.1.$i:80 -h /srv/rs$i || fail setup "httpd rs$i"
+done
+
+sec manifests
+mkdir -p /manifests
+slice() { # slice-name service "ip ..."
+    printf 'apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: %s\n  namespace: default\n  labels:\n    kubernetes.io/service-name: %s\naddressType: IPv4\nports:\n  - name: http\n    protocol: TCP\n    port: 80\n' "$1" "$2"
+    if [ -z "$3" ]; then echo "endpoints: []"; return; fi
+    echo "endpoints:"
+    for a in $3; do
+        printf '  - addresses: ["%s"]\n    conditions: {ready: true, serving: true, terminating: false}\n    nodeName: node2\n' "$a"
+    done
+}
+service() { # name cluster-ip [scheduler] [extra spec lines] [extra annotation lines]
+    printf -- '---\napiVersion: v1\nkind: Service\nmetadata:\n  name: %s\n  namespace: default\n  annotations:\n    meshlite.io/test: "yes"\n' "$1"
+    [ -n "${3:-}" ] && printf '    meshlite.io/ipvs-scheduler: %s\n' "$3"
+    [ -n "${5:-}" ] && printf '%s\n' "$5"
+    printf 'spec:\n  clusterIP: %s\n  clusterIPs: ["%s"]\n  ipFamilies: ["IPv4"]\n' "$2" "$2"
+    [ -n "${4:-}" ] && printf '%s\n' "$4"
+    printf '  ports:\n    - name: http\n      protocol: TCP\n      port: 80\n      targetPort: 80\n'
+    if [ "$1" = np ]; then printf '      nodePort: 30080\n'; fi
+}
+RS3="198.18.1.1 198.18.1.2 198.18.1.3"
+{
+    service rr 198.19.0.10
+    service sh 198.19.0.11 sh
+    service lc 198.19.0.12 lc
+    service nq 198.19.0.13 nq
+    service sed 198.19.0.14 sed
+    service wrr 198.19.0.15 wrr "" '    meshlite.io/ipvs-weights: "198.18.1.1=3,198.18.1.2=1"'
+    service dh 198.19.0.16 dh
+    service aff 198.19.0.18 "" '  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}'
+    service rm 198.19.0.19
+    service np 198.19.0.20 "" '  type: NodePort
+  externalIPs: ["198.19.50.1"]'
+    service none 198.19.0.21
+} > /manifests/services.yaml
+{
+    for s in rr sh lc nq sed dh aff; do slice "$s-1" "$s" "$RS3"; echo ---; done
+    slice wrr-1 wrr "198.18.1.1 198.18.1.2"; echo ---
+    slice np-1 np "198.18.1.1 198.18.1.2"; echo ---
+    slice none-1 none ""
+} > /manifests/slices.yaml
+slice rm-1 rm "$RS3" > /manifests/rm.yaml
+cat > /manifests/node.yaml <<'EOF'
+apiVersion: v1
+kind: Node
+metadata:
+  name: node1
+status:
+  addresses:
+    - type: InternalIP
+      address: 198.18.200.1
+EOF
+
+sec "control plane and node agent"
+meshlite-control-plane --source file:/manifests --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
+    --insecure --addresses-file /run/cp.json > /run/cp.log 2>&1 &
+CP_PID=$!
+wait_for 60 test -s /run/cp.json || fail setup "control plane wrote no addresses"
+GRPC=$(json /run/cp.json grpc)
+start_agent() {
+    rm -f /run/agent.json
+    RUST_LOG=info,meshlite_node_agent::ipvs=debug meshlite-node-agent $AGENT_ARGS \
+        --control-plane "http://$GRPC" > "$1" 2>&1 &
+    AGENT_PID=$!
+    wait_for 60 test -s /run/agent.json || { fail setup "agent wrote no addresses"; tail -n 30 "$1"; return 1; }
+    ADMIN=$(json /run/agent.json admin)
+    wait_for 90 wget -q -O /dev/null "http://$ADMIN/readyz" || { fail setup "agent not ready"; tail -n 30 "$1"; return 1; }
+    echo "agent $AGENT_PID ready (admin $ADMIN)"
+}
+start_agent /run/agent1.log
+grep -i "ipvs ready\|warn\|error" /run/agent1.log | head -n 10
+ipvsadm -Ln
+
+sec "ipvsadm -Ln matches render --mode ipvs"
+norm() {
+    awk '$1 == "TCP" || $1 == "UDP" || $1 == "SCTP" {
+             if (svc != "" && n == 0) print svc " |"
+             svc = $1; for (i = 2; i <= NF; i++) svc = svc " " $i; n = 0; next }
+         $1 == "->" && $2 != "RemoteAddress:Port" { print svc " | " $2 " " $3 " " $4; n++ }
+         END { if (svc != "" && n == 0) print svc " |" }' | sort
+}
+meshlite-node-agent render --mode ipvs --manifests /manifests --node-name node1 \
+    --cluster-cidr 198.18.0.0/17 --node-ip 198.18.200.1 --nodeport-addresses 198.18.200.1/32 \
+    > /run/render.txt 2>/run/render.err || fail render-matches "render failed: $(cat /run/render.err)"
+sed -n '/^# IPVS virtual servers/,/^$/p' /run/render.txt | norm > /run/render.norm
+ipvsadm -Ln | norm > /run/kernel.norm
+if [ -s /run/kernel.norm ] && cmp -s /run/render.norm /run/kernel.norm; then
+    ok render-matches "$(wc -l < /run/kernel.norm) virtual/real server lines identical"
+else
+    fail render-matches "differs"; diff /run/render.norm /run/kernel.norm
+fi
+grep -q 'add KUBE-CLUSTER-IP 198.19.0.10,tcp:80' /run/render.txt && ipset list KUBE-CLUSTER-IP | grep -q '^198.19.0.10,tcp:80' \
+    && ok render-ipsets "KUBE-CLUSTER-IP members in render and kernel" || fail render-ipsets "cluster IP set"
+
+sec "schedulers"
+r=$(whos 198.19.0.10 9)
+[ "$(count "$r" rs1)" = 3 ] && [ "$(count "$r" rs2)" = 3 ] && [ "$(count "$r" rs3)" = 3 ] \
+    && ok rr "even:$r" || fail rr "uneven:$r"
+r=$(whos 198.19.0.11 6)
+[ "$(distinct "$r")" = 1 ] && ok sh "one client, one endpoint:$r" || fail sh "$r"
+r=$(whos 198.19.0.16 6)
+[ "$(distinct "$r")" = 1 ] && ok dh "one destination, one endpoint:$r" || fail dh "$r"
+r=$(whos 198.19.0.15 8)
+[ "$(count "$r" rs1)" = 6 ] && [ "$(count "$r" rs2)" = 2 ] && ok wrr "weights 3:1 ->$r" || fail wrr "$r"
+r=$(whos 198.19.0.18 6)
+[ "$(distinct "$r")" = 1 ] && ok affinity "persistent:$r" || fail affinity "$r"
+ipvsadm -Ln -t 198.19.0.18:80 | grep -q 'persistent 60' && ok affinity-timeout "persistent 60" || fail affinity-timeout "$(ipvsadm -Ln -t 198.19.0.18:80)"
+
+# lc, nq, sed: two connections held open land on two endpoints; the idle third
+# one must get every new connection.
+for s in lc:198.19.0.12 nq:198.19.0.13 sed:198.19.0.14; do
+    name=${s%%:*} vip=${s#*:}
+    pids=
+    for h in 1 2; do
+        sleep 20 | ip netns exec client nc $vip 80 >/dev/null 2>&1 &
+        pids="$pids $!"
+        sleep 0.5
+    done
+    wait_for 5 sh -c "[ \$(ipvsadm -Ln -t $vip:80 | awk '\$1 == \"->\" && \$2 != \"RemoteAddress:Port\" && \$5 == 1' | wc -l) = 2 ]"
+    busy=$(ipvsadm -Ln -t $vip:80 | awk '$1 == "->" && $2 != "RemoteAddress:Port" && $5 > 0 {print $2}' | tr '\n' ' ')
+    r=$(whos $vip 4)
+    first=$(echo $r | cut -d' ' -f1)
+    idle=198.18.1.${first#rs}:80
+    case " $busy" in
+        *" $idle "*) fail $name "went to a loaded endpoint $idle (loaded: $busy):$r" ;;
+        *) if [ "$(distinct "$r")" = 1 ] && [ "$(echo $busy | wc -w)" = 2 ]; then ok $name "idle endpoint $idle took all:$r (loaded: $busy)"
+           else fail $name "loaded: $busy; got:$r"; fi ;;
+    esac
+    ipvsadm -Ln -t $vip:80
+    kill $pids 2>/dev/null
+done
+
+sec "NodePort, external IP, no endpoints"
+r=$(who 198.18.200.1:30080)
+case $r in rs1|rs2) ok nodeport "198.18.200.1:30080 -> $r" ;; *) fail nodeport "'$(get http://198.18.200.1:30080/cgi-bin/who)'" ;; esac
+r=$(who 198.19.50.1)
+case $r in rs1|rs2) ok external-ip "198.19.50.1:80 -> $r" ;; *) fail external-ip "'$(get http://198.19.50.1/cgi-bin/who)'" ;; esac
+r=$(get http://198.19.0.21/)
+case $r in *refused*) ok reject "no endpoints: $r" ;; *) fail reject "'$r'" ;; esac
+ip addr show kube-ipvs0 | grep -q '198.19.50.1/32' && ok dummy-addresses "service IPs on kube-ipvs0" || fail dummy-addresses "$(ip addr show kube-ipvs0)"
+
+sec "restart: neither flush nor duplicate"
+ipvsadm -Sn | sort > /run/before.txt
+inact=$(ipvsadm -Ln -t 198.19.0.10:80 | awk '$1 == "->" {s += $6} END {print s + 0}')
+kill -TERM $AGENT_PID; wait $AGENT_PID
+start_agent /run/agent2.log
+ipvsadm -Sn | sort > /run/after.txt
+inact2=$(ipvsadm -Ln -t 198.19.0.10:80 | awk '$1 == "->" {s += $6} END {print s + 0}')
+first=$(grep -m1 'ipvs diff' /run/agent2.log)
+echo "first sync after restart: $first"
+if cmp -s /run/before.txt /run/after.txt && [ "$inact" -gt 0 ] && [ "$inact2" -ge "$inact" ]; then
+    case $first in
+        *"full=true upserts=0 deletes=0"*) ok restart "same table, 0 operations, connections kept (inactive $inact -> $inact2)" ;;
+        *) fail restart "first sync wrote: $first" ;;
+    esac
+else
+    fail restart "table or connections changed (inactive $inact -> $inact2)"; diff /run/before.txt /run/after.txt
+fi
+
+sec "endpoint removal (graceful termination)"
+r=$(whos 198.19.0.19 3)
+echo "before:$r"
+slice rm-1 rm "198.18.1.1 198.18.1.2" > /manifests/rm.tmp && mv /manifests/rm.tmp /manifests/rm.yaml
+if wait_for 15 sh -c "ipvsadm -Ln -t 198.19.0.19:80 | awk '\$2 == \"198.18.1.3:80\" && \$4 == 0' | grep -q ."; then
+    ok removal-weight0 "198.18.1.3:80 drained at weight 0"
+else
+    fail removal-weight0 "$(ipvsadm -Ln -t 198.19.0.19:80)"
+fi
+ipvsadm -Ln -t 198.19.0.19:80
+r=$(whos 198.19.0.19 6)
+[ "$(count "$r" rs3)" = 0 ] && [ "$(distinct "$r")" = 2 ] && ok removal-no-new "no new connection to rs3:$r" || fail removal-no-new "$r"
+if wait_for 20 sh -c "! ipvsadm -Ln -t 198.19.0.19:80 | grep -q 198.18.1.3:80"; then
+    ok removal-deleted "deleted after the 6 s graceful timeout"
+else
+    fail removal-deleted "$(ipvsadm -Ln -t 198.19.0.19:80)"
+fi
+
+sec "state"
+ipvsadm -Ln
+ipset list -t | grep -E 'Name|entries'
+iptables-save -t nat | grep -v '^#'
+tail -n 5 /run/agent2.log
+kill -TERM $AGENT_PID $CP_PID 2>/dev/null
+[ -z "$FAILS" ]

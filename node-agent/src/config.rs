@@ -562,7 +562,7 @@ impl Config {
             node_ips: rules.node_ip,
             nodeport_addresses: rules.nodeport_addresses.iter().map(|c| c.trunc()).collect(),
             graceful_timeout: self.ipvs_graceful_termination_timeout,
-            exclude_cidrs: self.ipvs_exclude_cidrs.clone(),
+            exclude_cidrs: self.ipvs_exclude_cidrs.iter().map(|c| c.trunc()).collect(),
             strict_arp: self.ipvs_strict_arp,
             conntrack_cleanup: self.conntrack_cleanup,
         }
@@ -619,6 +619,31 @@ mod tests {
     }
 
     #[test]
+    fn mode_ipvs_builds_the_ipvs_config() {
+        let c = parse(&[
+            "--node-name=n1",
+            "--control-plane=http://127.0.0.1:1",
+            "--insecure",
+            "--mode=ipvs",
+            "--ipvs-scheduler=sed",
+            "--cluster-cidr=198.18.0.0/17",
+            "--ipvs-exclude-cidrs=198.51.100.7/24",
+        ])
+        .unwrap();
+        assert_eq!(c.backend, BackendKind::Ipvs);
+        let i = c.ipvs();
+        assert_eq!(i.scheduler, Scheduler::Sed);
+        assert_eq!(i.interface, "kube-ipvs0");
+        assert_eq!(i.graceful_timeout, Duration::from_secs(15 * 60));
+        assert_eq!(i.cluster_cidrs, ["198.18.0.0/17".parse::<IpNet>().unwrap()]);
+        assert_eq!(
+            i.exclude_cidrs,
+            ["198.51.100.0/24".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(i.masquerade_bit, 14);
+    }
+
+    #[test]
     fn metrics_bind_address_is_a_second_listener() {
         let c = parse(&[
             "--node-name=n1",
@@ -658,6 +683,9 @@ mod tests {
             "--cluster-cidr=198.18.0.0/16,10.0.0.0/8",
             "--min-sync-period=1m",
             "--admin-listen=nope",
+            "--ipvs-scheduler=wlc",
+            "--ipvs-interface=a-name-longer-than-15",
+            "--ipvs-graceful-termination-timeout=0s",
         ] {
             let mut a = ok.to_vec();
             a.push(bad);

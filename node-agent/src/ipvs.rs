@@ -21,6 +21,7 @@ use std::net::IpAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
+use futures::{StreamExt, TryStreamExt};
 use ipnet::IpNet;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -146,7 +147,12 @@ pub struct IpvsBackend {
     draining: diff::Draining,
     jumps_ensured: bool,
     last_drain_check: Option<Instant>,
+    /// How long each stage of the last sync took.
+    stages: Vec<(&'static str, Duration)>,
 }
+
+/// rtnetlink address requests in flight at once.
+const ADDRESS_REQUESTS: usize = 64;
 
 /// How often drained real servers are checked for remaining connections.
 const DRAIN_CHECK: Duration = Duration::from_secs(1);
@@ -306,7 +312,15 @@ impl IpvsBackend {
             draining: diff::Draining::new(),
             jumps_ensured: false,
             last_drain_check: None,
+            stages: Vec::new(),
         })
+    }
+
+    /// How long each stage of the last sync took: `link` (dummy interface and
+    /// address dump), `plan`, `read` (kernel read-back, full syncs), `ipvs`
+    /// (netlink), `addresses`, `ipsets`, `iptables`.
+    pub fn last_stages(&self) -> &[(&'static str, Duration)] {
+        &self.stages
     }
 
     pub fn config(&self) -> &IpvsConfig {
@@ -398,8 +412,15 @@ impl IpvsBackend {
         views: &[ProxyView],
         full: bool,
     ) -> Result<SyncReport> {
+        self.stages.clear();
+        let mut t = Instant::now();
+        let mut stage = |stages: &mut Vec<(&'static str, Duration)>, name| {
+            stages.push((name, t.elapsed()));
+            t = Instant::now();
+        };
         let index = link.ensure().await?;
         let addrs = link.addresses().await?;
+        stage(&mut self.stages, "link");
         let candidates = addrs.node_port_candidates();
         let plan = Plan::build(views, |v| {
             self.cfg.plan_config(v, &candidates, &addrs.others)
@@ -407,6 +428,7 @@ impl IpvsBackend {
         for w in &plan.warnings {
             warn!(warning = %w, "ignored annotation");
         }
+        stage(&mut self.stages, "plan");
 
         let mut cache = match self.cache.take() {
             Some(c) if !full => c,
@@ -422,6 +444,7 @@ impl IpvsBackend {
                 Cache { ipvs, ipsets, udp }
             }
         };
+        stage(&mut self.stages, "read");
 
         let ops = diff::diff(
             &plan.virtual_servers,
@@ -439,10 +462,17 @@ impl IpvsBackend {
             "ipvs diff"
         );
         let mut failed = self.execute(ops.upserts, &mut cache.ipvs).await?;
+        stage(&mut self.stages, "ipvs");
 
-        for ip in plan.bind.difference(&addrs.dummy) {
-            link.add(index, *ip).await?;
-        }
+        // rtnetlink requests are multiplexed on one socket: keep a few in flight.
+        let l: &link::Link = link;
+        let add: Vec<IpAddr> = plan.bind.difference(&addrs.dummy).copied().collect();
+        futures::stream::iter(add)
+            .map(|ip| l.add(index, ip))
+            .buffer_unordered(ADDRESS_REQUESTS)
+            .try_collect::<()>()
+            .await?;
+        stage(&mut self.stages, "addresses");
 
         let desired_sets: BTreeMap<String, ipset::IpSet> = plan
             .families
@@ -457,6 +487,7 @@ impl IpvsBackend {
             .values()
             .map(|s| (s.name.clone(), s.members.clone()))
             .collect();
+        stage(&mut self.stages, "ipsets");
 
         let names = rules::ChainNames::new(&self.cfg.prefix);
         let mut nat_rules = 0;
@@ -472,12 +503,19 @@ impl IpvsBackend {
             filter_rules += f.filter_rule_count;
         }
         self.jumps_ensured = true;
+        stage(&mut self.stages, "iptables");
 
-        for ip in addrs.dummy.difference(&plan.bind) {
-            link.del(index, *ip).await?;
-        }
+        let del: Vec<IpAddr> = addrs.dummy.difference(&plan.bind).copied().collect();
+        futures::stream::iter(del)
+            .map(|ip| l.del(index, ip))
+            .buffer_unordered(ADDRESS_REQUESTS)
+            .try_collect::<()>()
+            .await?;
+        stage(&mut self.stages, "addresses");
 
         failed.extend(self.execute(ops.deletes, &mut cache.ipvs).await?);
+        stage(&mut self.stages, "ipvs");
+        debug!(stages = ?self.stages, "ipvs sync stages");
 
         let mut conntrack_deleted = 0;
         for view in views {

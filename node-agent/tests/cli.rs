@@ -40,6 +40,96 @@ fn render_prints_the_restore_input_for_the_seed() {
 }
 
 #[test]
+fn render_mode_ipvs_prints_the_ipvs_table_ipsets_and_rules() {
+    let seed = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/seed");
+    let out = bin()
+        .args([
+            "render",
+            "--mode",
+            "ipvs",
+            "--manifests",
+            seed,
+            "--node-name",
+            "node1",
+            "--cluster-cidr",
+            "198.18.0.0/16",
+        ])
+        .env("MESHLITE_IPVS_SCHEDULER", "sh")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("Prot LocalAddress:Port Scheduler Flags\n"),
+        "{text}"
+    );
+    assert!(text.contains("TCP  198.19.100.100:80 sh\n"), "{text}");
+    assert!(text.contains("  -> 198.18.2.2:80                Masq    1      0          0"));
+    assert!(
+        text.contains("\n198.19.100.100/32\n"),
+        "the dummy interface's address"
+    );
+    assert!(text.contains("add KUBE-CLUSTER-IP 198.19.100.100,tcp:80\n"));
+    assert!(text.contains("add KUBE-LOOP-BACK 198.18.1.1,tcp:80,198.18.1.1\n"));
+    assert!(text.contains(
+        "-A KUBE-SERVICES -m comment --comment \"Kubernetes service cluster ip + port for masquerade purpose\" -m set --match-set KUBE-CLUSTER-IP dst,dst ! -s 198.18.0.0/16 -j KUBE-MARK-MASQ\n"
+    ));
+    assert!(
+        !text.contains("headless"),
+        "headless services are not proxied"
+    );
+
+    let out = bin()
+        .args([
+            "render",
+            "--mode",
+            "ipvs",
+            "--manifests",
+            seed,
+            "--node-name",
+            "node1",
+            "--ipvs-scheduler",
+            "wlc",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ipvs-scheduler"));
+}
+
+#[test]
+fn check_config_accepts_mode_ipvs() {
+    let out = bin()
+        .args([
+            "--check-config",
+            "--insecure",
+            "--mode=ipvs",
+            "--ipvs-scheduler=nq",
+            "--ipvs-graceful-termination-timeout=30s",
+        ])
+        .env("MESHLITE_NODE_NAME", "node7")
+        .env("MESHLITE_CONTROL_PLANE", "http://127.0.0.1:9")
+        .env("MESHLITE_IPVS_EXCLUDE_CIDRS", "198.51.100.0/24")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["backend"], "ipvs");
+    assert_eq!(v["ipvs_scheduler"], "nq");
+    assert_eq!(v["ipvs_interface"], "kube-ipvs0");
+    assert_eq!(v["ipvs_graceful_termination_timeout"], "30s");
+    assert_eq!(v["ipvs_exclude_cidrs"][0], "198.51.100.0/24");
+}
+
+#[test]
 fn check_config_prints_the_effective_config_and_reads_env() {
     let out = bin()
         .args(["--check-config", "--insecure"])

@@ -573,9 +573,14 @@ impl IpvsBackend {
         if n == 0 {
             return Ok(0);
         }
+        // Without a record (after a failed sync) the next sync reads the kernel
+        // anyway: do not invent one.
+        let had_cache = self.cache.is_some();
         let mut cache = self.cache.take().unwrap_or_default();
         let failed = self.execute(ops, &mut cache.ipvs).await;
-        self.cache = Some(cache);
+        if had_cache {
+            self.cache = Some(cache);
+        }
         for (op, errno) in failed? {
             warn!(?op, error = %std::io::Error::from_raw_os_error(errno), "deleting a drained real server failed");
         }

@@ -34,6 +34,7 @@ const CHECKS: &[&str] = &[
     "nodeport",
     "external-ip",
     "reject",
+    "ipv6",
     "dummy-addresses",
     "restart",
     "removal-weight0",

@@ -25,10 +25,11 @@ wait_for() { # seconds, command...: poll every 0.2 s
     while [ $t -gt 0 ]; do "$@" >/dev/null 2>&1 && return 0; t=$((t - 1)); sleep 0.2; done
     return 1
 }
-AGENT_ARGS="--mode ipvs --node-name node1 --insecure --ip-families ipv4
+RULE_ARGS="--cluster-cidr 198.18.0.0/17,2001:db8:18::/64 --node-ip 198.18.200.1,2001:db8:200::1
+  --nodeport-addresses 198.18.200.1/32,2001:db8:200::1/128"
+AGENT_ARGS="--mode ipvs --node-name node1 --insecure --ip-families ipv4,ipv6
   --admin-listen 127.0.0.1:0 --healthz-bind-address 127.0.0.1:0 --addresses-file /run/agent.json
-  --cluster-cidr 198.18.0.0/17 --node-ip 198.18.200.1 --nodeport-addresses 198.18.200.1/32
-  --ipvs-graceful-termination-timeout 6s --sync-period 30s"
+  $RULE_ARGS --ipvs-graceful-termination-timeout 6s --sync-period 30s"
 
 sec "startup check without IPVS (modprobe unavailable, no module loaded yet)"
 out=$(PATH=/nonexistent /usr/local/bin/meshlite-node-agent $AGENT_ARGS --control-plane http://127.0.0.1:9 2>&1)
@@ -50,6 +51,14 @@ ip link add cl-host type veth peer name cl-ns && ip link set cl-ns netns client
 ip addr add 198.18.200.1/24 dev cl-host && ip link set cl-host up
 ip -n client link set lo up && ip -n client addr add 198.18.200.2/24 dev cl-ns
 ip -n client link set cl-ns up && ip -n client route add default via 198.18.200.1
+# IPv6: the same links (nodad: usable at once).
+sysctl -qw net.ipv6.conf.all.forwarding=1
+ip addr add 2001:db8:18::fe/64 dev rs-host nodad
+for i in 1 2; do ip -n backends addr add 2001:db8:18::$i/64 dev rs-ns nodad; done
+ip -n backends route add default via 2001:db8:18::fe
+ip addr add 2001:db8:200::1/64 dev cl-host nodad
+ip -n client addr add 2001:db8:200::2/64 dev cl-ns nodad
+ip -n client route add default via 2001:db8:200::1
 for i in 1 2 3 4; do
     mkdir -p /srv/rs$i/cgi-bin
     printf '#!/bin/sh\nprintf "Content-Type: text/plain\\r\\n\\r\\n"\necho "rs%s client=$REMOTE_ADDR"\n' $i \
@@ -57,11 +66,14 @@ for i in 1 2 3 4; do
     chmod 755 /srv/rs$i/cgi-bin/who
     ip netns exec backends httpd -p 198.18.1.$i:80 -h /srv/rs$i || fail setup "httpd rs$i"
 done
+for i in 1 2; do
+    ip netns exec backends httpd -p "[2001:db8:18::$i]:80" -h /srv/rs$i || fail setup "httpd rs$i (IPv6)"
+done
 
 sec manifests
 mkdir -p /manifests
-slice() { # slice-name service "ip ..."
-    printf 'apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: %s\n  namespace: default\n  labels:\n    kubernetes.io/service-name: %s\naddressType: IPv4\nports:\n  - name: http\n    protocol: TCP\n    port: 80\n' "$1" "$2"
+slice() { # slice-name service "ip ..." [address type]
+    printf 'apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: %s\n  namespace: default\n  labels:\n    kubernetes.io/service-name: %s\naddressType: %s\nports:\n  - name: http\n    protocol: TCP\n    port: 80\n' "$1" "$2" "${4:-IPv4}"
     if [ -z "$3" ]; then echo "endpoints: []"; return; fi
     echo "endpoints:"
     for a in $3; do
@@ -72,7 +84,8 @@ service() { # name cluster-ip [scheduler] [extra spec lines] [extra annotation l
     printf -- '---\napiVersion: v1\nkind: Service\nmetadata:\n  name: %s\n  namespace: default\n  annotations:\n    meshlite.io/test: "yes"\n' "$1"
     [ -n "${3:-}" ] && printf '    meshlite.io/ipvs-scheduler: %s\n' "$3"
     [ -n "${5:-}" ] && printf '%s\n' "$5"
-    printf 'spec:\n  clusterIP: %s\n  clusterIPs: ["%s"]\n  ipFamilies: ["IPv4"]\n' "$2" "$2"
+    case $2 in *:*) fam=IPv6 ;; *) fam=IPv4 ;; esac
+    printf 'spec:\n  clusterIP: %s\n  clusterIPs: ["%s"]\n  ipFamilies: ["%s"]\n' "$2" "$2" "$fam"
     [ -n "${4:-}" ] && printf '%s\n' "$4"
     printf '  ports:\n    - name: http\n      protocol: TCP\n      port: 80\n      targetPort: 80\n'
     if [ "$1" = np ]; then printf '      nodePort: 30080\n'; fi
@@ -92,12 +105,14 @@ RS3="198.18.1.1 198.18.1.2 198.18.1.3"
     service np 198.19.0.20 "" '  type: NodePort
   externalIPs: ["198.19.50.1"]'
     service none 198.19.0.21
+    service v6 2001:db8:19::10
 } > /manifests/services.yaml
 {
     for s in rr sh lc nq sed dh aff; do slice "$s-1" "$s" "$RS3"; echo ---; done
     slice wrr-1 wrr "198.18.1.1 198.18.1.2"; echo ---
     slice np-1 np "198.18.1.1 198.18.1.2"; echo ---
-    slice none-1 none ""
+    slice none-1 none ""; echo ---
+    slice v6-1 v6 "2001:db8:18::1 2001:db8:18::2" IPv6
 } > /manifests/slices.yaml
 slice rm-1 rm "$RS3" > /manifests/rm.yaml
 cat > /manifests/node.yaml <<'EOF'
@@ -139,10 +154,12 @@ norm() {
          $1 == "->" && $2 != "RemoteAddress:Port" { print svc " | " $2 " " $3 " " $4; n++ }
          END { if (svc != "" && n == 0) print svc " |" }' | sort
 }
-meshlite-node-agent render --mode ipvs --manifests /manifests --node-name node1 \
-    --cluster-cidr 198.18.0.0/17 --node-ip 198.18.200.1 --nodeport-addresses 198.18.200.1/32 \
-    > /run/render.txt 2>/run/render.err || fail render-matches "render failed: $(cat /run/render.err)"
-sed -n '/^# IPVS virtual servers/,/^$/p' /run/render.txt | norm > /run/render.norm
+for f in ipv4 ipv6; do
+    meshlite-node-agent render --mode ipvs --manifests /manifests --node-name node1 --ip-family $f \
+        $RULE_ARGS > /run/render.$f 2>/run/render.err || fail render-matches "render $f failed: $(cat /run/render.err)"
+done
+cat /run/render.ipv4 > /run/render.txt
+sed -n '/^# IPVS virtual servers/,/^$/p' /run/render.ipv4 /run/render.ipv6 | norm > /run/render.norm
 ipvsadm -Ln | norm > /run/kernel.norm
 if [ -s /run/kernel.norm ] && cmp -s /run/render.norm /run/kernel.norm; then
     ok render-matches "$(wc -l < /run/kernel.norm) virtual/real server lines identical"
@@ -195,6 +212,8 @@ r=$(who 198.18.200.1:30080)
 case $r in rs1|rs2) ok nodeport "198.18.200.1:30080 -> $r" ;; *) fail nodeport "'$(get http://198.18.200.1:30080/cgi-bin/who)'" ;; esac
 r=$(who 198.19.50.1)
 case $r in rs1|rs2) ok external-ip "198.19.50.1:80 -> $r" ;; *) fail external-ip "'$(get http://198.19.50.1/cgi-bin/who)'" ;; esac
+r=$(whos '[2001:db8:19::10]' 4)
+[ "$(count "$r" rs1)" = 2 ] && [ "$(count "$r" rs2)" = 2 ] && ok ipv6 "[2001:db8:19::10]:80 rr:$r" || fail ipv6 "$r $(get 'http://[2001:db8:19::10]/cgi-bin/who')"
 r=$(get http://198.19.0.21/)
 case $r in *refused*) ok reject "no endpoints: $r" ;; *) fail reject "'$r'" ;; esac
 ip addr show kube-ipvs0 | grep -q '198.19.50.1/32' && ok dummy-addresses "service IPs on kube-ipvs0" || fail dummy-addresses "$(ip addr show kube-ipvs0)"

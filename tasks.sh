@@ -56,6 +56,8 @@ cmd_test() {
   cargo fmt --all -- --check
   say "cargo clippy (all targets, warnings are errors)"
   cargo clippy --workspace --all-targets --locked -- -D warnings
+  say "preparing the IPVS test VM (QEMU and a Debian kernel; cached after the first run)"
+  tools/ipvs-vm.sh --prepare
   say "building binaries (the tests launch them)"
   cargo build --workspace --bins --locked
   MESHLITE_BIN_DIR="$(target_dir)/debug"

@@ -168,7 +168,9 @@ fn main() {
         ms(median(t_render))
     );
 
-    netns::require_root_and_tools();
+    if let Err(e) = netns::require_root_and_tools(&["ip", "iptables-restore", "iptables-save"]) {
+        panic!("{e:#}");
+    }
     let ns = netns::Netns::new("bench").expect("network namespace");
     let rt = ns.runtime().unwrap();
     let t0 = tokio::runtime::Builder::new_current_thread()

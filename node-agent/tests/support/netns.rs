@@ -9,7 +9,7 @@
 //! `198.18.200.2/24` behind the node's `198.18.200.1` (outside the cluster CIDR, so
 //! "off-cluster"); services in `198.19.0.0/16`.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::net::IpAddr;
 

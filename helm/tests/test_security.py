@@ -27,7 +27,9 @@ def name(case: str, suffix: str) -> str:
 
 
 def token_mode(case: str) -> bool:
-    return chart.case_values(case).get("identity", {}).get("mode") == "serviceAccountToken"
+    # The tests render for helm's default Kubernetes version (1.30 or newer), where
+    # `auto` (the default) means token identity.
+    return chart.case_values(case).get("identity", {}).get("mode", "auto") in ("auto", "serviceAccountToken")
 
 
 def expanded_rules(role: dict) -> set[tuple[str, str, str]]:
@@ -289,7 +291,9 @@ def test_identity_token_wiring(case):
     (src,) = vol["projected"]["sources"]
     sat = src["serviceAccountToken"]
     assert sat["audience"] == "meshlite"
-    assert sat["expirationSeconds"] == chart.case_values(case)["identity"]["tokenExpirationSeconds"]
+    # The case's lifetime, else the chart's default (3600).
+    want = chart.case_values(case).get("identity", {}).get("tokenExpirationSeconds", 3600)
+    assert sat["expirationSeconds"] == want
     (mount,) = [m for m in c["volumeMounts"] if m["name"] == vol["name"]]
     assert mount["readOnly"] is True
     assert args["identity-token-file"] == f"{mount['mountPath']}/{sat['path']}"

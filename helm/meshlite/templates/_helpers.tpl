@@ -209,7 +209,21 @@ rollingUpdate:
 {{/* Where the TLS Secret is mounted. */}}
 {{- define "meshlite.tls.dir" -}}/etc/meshlite/tls{{- end }}
 
-{{/* Where the projected identity token is mounted (identity.mode=serviceAccountToken). */}}
+{{/* "true" when node agents prove their node with a ServiceAccount token: identity.mode
+serviceAccountToken, or auto on Kubernetes 1.30+ (where bound tokens name their node). */}}
+{{- define "meshlite.identity.tokenMode" -}}
+{{- $m := .Values.identity.mode }}
+{{- if or (eq $m "serviceAccountToken") (and (eq $m "auto") (semverCompare ">=1.30.0-0" .Capabilities.KubeVersion.Version)) -}}
+true
+{{- end }}
+{{- end }}
+
+{{/* The node identity in effect, for NOTES. */}}
+{{- define "meshlite.identity.effective" -}}
+{{- if include "meshlite.identity.tokenMode" . -}}serviceAccountToken{{- else -}}certificate{{- end }}
+{{- end }}
+
+{{/* Where the projected identity token is mounted (token mode). */}}
 {{- define "meshlite.identity.tokenDir" -}}/var/run/secrets/meshlite/identity{{- end }}
 
 {{/* Checks across values that the schema cannot express; fails rendering with a clear message. */}}

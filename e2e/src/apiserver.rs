@@ -75,8 +75,29 @@ pub struct Stats {
 #[derive(Debug, Default)]
 struct KindState {
     objects: BTreeMap<(String, String), Value>,
-    /// (resourceVersion, event type, object) after the compaction point.
-    events: VecDeque<(u64, &'static str, Value)>,
+    /// Events after the compaction point, in resourceVersion order.
+    events: VecDeque<Event>,
+}
+
+/// One watch event, serialized once and shared by every watcher (as the real API
+/// server's watch cache does), with the object's name for field selectors.
+#[derive(Debug, Clone)]
+struct Event {
+    rv: u64,
+    name: Arc<str>,
+    line: Bytes,
+}
+
+impl Event {
+    fn new(rv: u64, ty: &str, obj: &Value) -> Self {
+        let mut line = serde_json::to_vec(&json!({"type": ty, "object": obj})).unwrap_or_default();
+        line.push(b'\n');
+        Self {
+            rv,
+            name: Arc::from(obj["metadata"]["name"].as_str().unwrap_or("")),
+            line: Bytes::from(line),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -122,6 +143,19 @@ struct Params {
     allow_watch_bookmarks: Option<String>,
     #[serde(rename = "timeoutSeconds")]
     timeout_seconds: Option<u64>,
+    /// Only `metadata.name=<name>` (what kube-proxy uses for its own Node) is
+    /// understood; label selectors are ignored.
+    #[serde(rename = "fieldSelector")]
+    field_selector: Option<String>,
+}
+
+impl Params {
+    /// The name a `metadata.name=` field selector asks for.
+    fn name_selector(&self) -> Option<&str> {
+        let s = self.field_selector.as_deref()?;
+        s.strip_prefix("metadata.name==")
+            .or_else(|| s.strip_prefix("metadata.name="))
+    }
 }
 
 impl ApiServer {
@@ -201,12 +235,13 @@ impl ApiServer {
                 obj["metadata"]["namespace"] = json!("default");
             }
             let ks = inner.kinds.entry(coll).or_default();
-            let ty = if ks.objects.insert(key, obj.clone()).is_some() {
+            let ty = if ks.objects.contains_key(&key) {
                 "MODIFIED"
             } else {
                 "ADDED"
             };
-            ks.events.push_back((rv, ty, obj));
+            ks.events.push_back(Event::new(rv, ty, &obj));
+            ks.objects.insert(key, obj);
             rv
         };
         self.changed.send_replace(rv);
@@ -249,7 +284,7 @@ impl ApiServer {
                 .entry(coll)
                 .or_default()
                 .events
-                .push_back((rv, "DELETED", obj));
+                .push_back(Event::new(rv, "DELETED", &obj));
             rv
         };
         self.changed.send_replace(rv);
@@ -317,15 +352,15 @@ impl ApiServer {
         // Objects as of the list's version: pages of one list are consistent only
         // while nothing changes, which is all the tests need; a change between pages
         // shows the newer object (still a valid state).
-        let items: Vec<Value> = ks
-            .objects
-            .values()
-            .skip(offset)
-            .take(limit)
-            .cloned()
-            .collect();
+        let name = p.name_selector();
+        let selected = || {
+            ks.objects
+                .values()
+                .filter(move |o| name.is_none_or(|n| o["metadata"]["name"].as_str() == Some(n)))
+        };
+        let items: Vec<Value> = selected().skip(offset).take(limit).cloned().collect();
         let next = offset + items.len();
-        let cont = if next < ks.objects.len() {
+        let cont = if next < selected().count() {
             format!("{list_rv}:{next}")
         } else {
             String::new()
@@ -350,9 +385,11 @@ impl ApiServer {
         let timeout = Duration::from_secs(p.timeout_seconds.unwrap_or(290).max(1));
         let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
         let me = self.clone();
+        let name: Option<Arc<str>> = p.name_selector().map(Arc::from);
         tokio::spawn(async move {
             me.stats.open_watches.fetch_add(1, Ordering::Relaxed);
-            me.stream_events(coll, from, bookmarks, timeout, tx).await;
+            me.stream_events(coll, from, name, bookmarks, timeout, tx)
+                .await;
             me.stats.open_watches.fetch_sub(1, Ordering::Relaxed);
         });
         Response::builder()
@@ -368,6 +405,7 @@ impl ApiServer {
         &self,
         coll: Collection,
         mut cursor: u64,
+        name: Option<Arc<str>>,
         bookmarks: bool,
         timeout: Duration,
         tx: mpsc::Sender<Result<Bytes, Infallible>>,
@@ -386,13 +424,15 @@ impl ApiServer {
             let (events, too_old, current) = {
                 let inner = self.lock();
                 let too_old = cursor < inner.compacted;
-                let events: Vec<(u64, &'static str, Value)> = inner
+                let events: Vec<Event> = inner
                     .kinds
                     .get(&coll)
                     .map(|ks| {
+                        // History is in resourceVersion order: start past the cursor.
+                        let from = ks.events.partition_point(|e| e.rv <= cursor);
                         ks.events
-                            .iter()
-                            .filter(|(rv, _, _)| *rv > cursor)
+                            .range(from..)
+                            .filter(|e| name.as_ref().is_none_or(|n| *n == e.name))
                             .cloned()
                             .collect()
                     })
@@ -404,17 +444,15 @@ impl ApiServer {
                 let _ = tx.send(send(status)).await;
                 return;
             }
-            for (rv, ty, obj) in events {
-                if tx
-                    .send(send(json!({"type": ty, "object": obj})))
-                    .await
-                    .is_err()
-                {
+            for e in events {
+                if tx.send(Ok(e.line)).await.is_err() {
                     return;
                 }
                 self.stats.events_sent.fetch_add(1, Ordering::Relaxed);
-                cursor = rv;
+                cursor = e.rv;
             }
+            // Events filtered out by the field selector still advance the cursor.
+            cursor = cursor.max(current);
             let wait = tokio::time::sleep(self.bookmark_interval);
             tokio::select! {
                 r = changed.changed() => if r.is_err() { return },

@@ -7,6 +7,7 @@
 //! - [`cluster`]: a two-node cluster in namespaces; [`stack`]: meshlite's processes in it.
 //! - [`lab`]: the whole-system lab of the end-to-end and fault suites.
 //! - [`demo`]: the seed demo (`cargo run --release --bin demo`).
+//! - [`scale`]: the large-cluster scale harness behind the `scale` binary.
 
 pub mod apiserver;
 pub mod cluster;
@@ -15,4 +16,5 @@ pub mod lab;
 pub mod netns;
 pub mod otlp;
 pub mod procs;
+pub mod scale;
 pub mod stack;

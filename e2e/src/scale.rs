@@ -1,0 +1,1083 @@
+//! The large-cluster scale harness (issue #10): one control plane, thousands of
+//! simulated agents, a generated cluster of thousands of services fed through the
+//! API stand-in, and the figures a large-cluster operator asks for.
+//!
+//! ```text
+//! Cluster (generated) --JSON--> ApiServer stand-in --list/watch--> meshlite-control-plane (process)
+//!       ^ mutations at T0                                              | mTLS gRPC, 127.0.0.1
+//!       |                                                              v
+//!   harness  <---------- receive times, ACKed versions ---------- Fleet (N agent tasks)
+//! ```
+//!
+//! The control plane is the real release binary in its own process, measured from
+//! /proc (VmHWM, VmRSS, utime+stime) and its /metrics. Agents are tasks in this
+//! process, one TCP+TLS connection each, decoding updates lightly (see
+//! [`wire`]). Phases, each bounded in time:
+//! 1. initial sync of every agent;
+//! 2. single endpoint changes, one at a time, timed to the last agent;
+//! 3. churn at each rate for a duration;
+//! 4. churn with one agent that stops ACKing (control-plane memory attributable);
+//! 5. a reconnect storm with unchanged state;
+//! 6. the per-node-watch comparison at the API stand-in.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::apiserver::ApiServer;
+use crate::procs::{self, Process};
+
+pub mod cluster;
+pub mod fleet;
+pub mod plot;
+pub mod procstat;
+pub mod track;
+pub mod watchers;
+pub mod wire;
+
+use cluster::{Cluster, Mutation, MutationKind, Op};
+use fleet::{Fleet, FleetConfig, KeyTable};
+use procstat::{Metrics, ProcSample};
+use track::{Tracker, quantile};
+
+const BYTES_SENT: &str = "meshlite_control_plane_update_bytes_sent_total";
+const UPDATES_SENT: &str = "meshlite_control_plane_updates_sent_total";
+const REFUSED: &str = "meshlite_control_plane_streams_refused_total";
+
+/// The phases, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Phase {
+    Initial,
+    Change,
+    Churn,
+    Stuck,
+    Storm,
+    Watches,
+}
+
+/// One scenario.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Options {
+    /// Simulated node agents (one Node object and one connection each).
+    #[arg(long, default_value_t = 100)]
+    pub agents: usize,
+    /// Services in the generated cluster.
+    #[arg(long, default_value_t = 1_000)]
+    pub services: usize,
+    /// Endpoints in all (1-250 per service, long-tailed, at most 100 per slice).
+    #[arg(long, default_value_t = 10_000)]
+    pub endpoints: usize,
+    /// Churn rates in changes per second, comma separated; each runs for --duration.
+    #[arg(long, value_delimiter = ',', default_value = "20")]
+    pub churn: Vec<f64>,
+    /// How long each churn rate runs (`60`, `60s`, `2m`).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Single endpoint changes in the change and watches phases.
+    #[arg(long, default_value_t = 100)]
+    pub changes: usize,
+    /// Phases to run (initial always runs: the others need synced agents).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "initial,change,churn,stuck,storm,watches"
+    )]
+    pub phases: Vec<Phase>,
+    /// Churn rate of the stuck-agent phase (default: the highest --churn rate).
+    #[arg(long)]
+    pub stuck_rate: Option<f64>,
+    /// Duration of the stuck-agent phase (default: --duration).
+    #[arg(long, value_parser = parse_duration)]
+    pub stuck_duration: Option<Duration>,
+    /// The control plane's --max-full-syncs.
+    #[arg(long, default_value_t = 64)]
+    pub max_full_syncs: usize,
+    /// Extra control-plane flags, e.g. `--cp-arg=--debounce=5ms` (repeatable).
+    #[arg(long = "cp-arg", allow_hyphen_values = true)]
+    pub cp_args: Vec<String>,
+    /// Agent (and watcher) connections being set up at once.
+    #[arg(long, default_value_t = 500)]
+    pub connect_concurrency: usize,
+    /// Longest wait for the initial sync of every agent.
+    #[arg(long, default_value = "600s", value_parser = parse_duration)]
+    pub initial_timeout: Duration,
+    /// Longest wait for a change (or a storm) to reach every agent.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub converge_timeout: Duration,
+    /// Seed of the generated cluster and churn.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Keep the control plane's log and files here (default: a temporary directory).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Print progress to stderr.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub progress: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    match s.parse::<f64>() {
+        Ok(secs) if secs >= 0.0 && secs.is_finite() => Ok(Duration::from_secs_f64(secs)),
+        _ => humantime::parse_duration(s).map_err(|e| e.to_string()),
+    }
+}
+
+/// The figures of one run (printed as one JSON object).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub agents: usize,
+    pub services: usize,
+    pub endpoints: usize,
+    pub endpoint_slices: usize,
+    /// Initial sync: from starting the agents until the last one ACKed its full snapshot.
+    pub initial_sync_s: f64,
+    /// Bytes of one full snapshot (update bytes sent in the initial sync / agents).
+    pub full_snapshot_bytes: f64,
+    /// Single endpoint changes: time from the API write to the last agent.
+    pub change_p50_ms: f64,
+    pub change_p99_ms: f64,
+    pub change_max_ms: f64,
+    /// The same changes, per (change, agent) arrival.
+    pub change_agent_p50_ms: f64,
+    pub change_agent_p99_ms: f64,
+    /// Update bytes sent (the control plane's counter) per agent per change.
+    pub bytes_per_agent_per_change: f64,
+    /// Mean endpoints in the slices those changes touched.
+    pub changed_slice_endpoints_mean: f64,
+    /// Control-plane peak RSS (VmHWM) over the run, and after the initial sync.
+    pub cp_peak_rss_mib: f64,
+    pub cp_peak_rss_initial_mib: f64,
+    pub cp_rss_after_initial_mib: f64,
+    /// Control-plane CPU seconds over the run, and in the initial sync.
+    pub cp_cpu_s: f64,
+    pub cp_cpu_initial_s: f64,
+    /// Watch streams meshlite holds open at the API stand-in.
+    pub api_watch_streams: u64,
+    /// This harness's own CPU seconds (agents, stand-in, watchers) and peak RSS.
+    pub harness_cpu_s: f64,
+    pub harness_peak_rss_mib: f64,
+    pub churn: Vec<ChurnReport>,
+    pub stuck: Option<StuckReport>,
+    pub storm: Option<StormReport>,
+    pub watches: Option<WatchesReport>,
+    /// The control plane's flags (besides addresses and certificates).
+    pub cp_flags: Vec<String>,
+    pub wall_s: f64,
+    pub converged: bool,
+    pub failures: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChurnReport {
+    pub rate: f64,
+    pub duration_s: f64,
+    pub changes: usize,
+    pub skipped: usize,
+    pub endpoint_changes: usize,
+    pub service_creates: usize,
+    pub service_deletes: usize,
+    /// Per change, time to the last agent.
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    /// Per (change, agent) arrival.
+    pub agent_p50_ms: f64,
+    pub agent_p99_ms: f64,
+    pub bytes_per_agent_per_change: f64,
+    pub cp_cpu_s: f64,
+    /// CPU seconds per second (1.0 = one core).
+    pub cp_cpu_cores: f64,
+    pub cp_rss_start_mib: f64,
+    pub cp_rss_end_mib: f64,
+    pub cp_rss_max_mib: f64,
+    pub harness_cpu_cores: f64,
+    pub not_converged: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StuckReport {
+    pub churn: ChurnReport,
+    /// Control-plane RSS growth over the phase.
+    pub cp_rss_growth_mib: f64,
+    /// Growth of a churn phase at the same rate without a stuck agent, scaled to
+    /// this phase's number of changes (None if no such phase ran).
+    pub baseline_rss_growth_mib: Option<f64>,
+    /// Growth attributable to the stuck agent: growth minus the baseline.
+    pub attributable_rss_growth_mib: Option<f64>,
+    /// After it ACKs again: time until it holds the newest version, the updates
+    /// and bytes that took (one coalesced delta expected).
+    pub catch_up_ms: f64,
+    pub catch_up_updates: u64,
+    pub catch_up_bytes: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StormReport {
+    /// From dropping every connection until every agent ACKed on its new stream.
+    pub converge_s: f64,
+    pub resume_bytes: f64,
+    /// resume_bytes / (agents x full_snapshot_bytes).
+    pub resume_fraction: f64,
+    pub full_updates: f64,
+    pub delta_updates: f64,
+    pub unchanged_updates: f64,
+    pub inventory_updates: f64,
+    pub refused_streams: f64,
+    pub cp_cpu_s: f64,
+    pub cp_rss_end_mib: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WatchesReport {
+    pub changes: usize,
+    /// meshlite: watch streams at the stand-in, and events it served for the changes.
+    pub meshlite_watch_streams: u64,
+    pub meshlite_events: u64,
+    /// meshlite's update bytes to all agents for the same changes.
+    pub meshlite_update_bytes: f64,
+    /// Its one initial LIST (all services, slices, nodes), JSON bytes.
+    pub meshlite_list_bytes: u64,
+    /// The per-node shape: N nodes x 3 watches, events served for the same changes.
+    pub per_node_nodes: usize,
+    pub per_node_watch_streams: u64,
+    pub per_node_events: u64,
+    pub per_node_event_bytes: u64,
+    /// Their initial LISTs (skipped here), computed: N x (services + slices + own node).
+    pub per_node_list_bytes: u64,
+    /// Per change, time until the last node watcher received the event (no processing).
+    pub per_node_event_p50_ms: f64,
+    pub per_node_event_p99_ms: f64,
+    /// meshlite's per-change time to the last agent while the watchers ran.
+    pub meshlite_change_p50_ms: f64,
+    pub meshlite_change_p99_ms: f64,
+    pub watcher_errors: u64,
+}
+
+macro_rules! progress {
+    ($run:expr, $($arg:tt)*) => {
+        if $run.opts.progress {
+            eprintln!("[scale {:>7.1}s] {}", $run.started.elapsed().as_secs_f64(), format!($($arg)*));
+        }
+    };
+}
+
+struct Run<'a> {
+    opts: &'a Options,
+    started: Instant,
+    api: ApiServer,
+    cluster: Cluster,
+    keys: Arc<KeyTable>,
+    tracker: Arc<Tracker>,
+    fleet: Option<Fleet>,
+    cp: Process,
+    cp_pid: Option<u32>,
+    admin: std::net::SocketAddr,
+    report: Report,
+    list_bytes: ListBytes,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct ListBytes {
+    services: u64,
+    slices: u64,
+    nodes: u64,
+}
+
+/// Runs one scenario. Non-convergence is reported in [`Report::failures`] (and
+/// `converged = false`), not as an error.
+///
+/// # Errors
+/// The harness cannot run: invalid sizes, the control plane binary missing or not
+/// starting, the stand-in not starting.
+pub async fn run(opts: &Options) -> Result<Report> {
+    let started = Instant::now();
+    if opts.agents == 0 {
+        bail!("--agents must be at least 1");
+    }
+    let nofile = raise_nofile();
+    meshlite_runtime::tls::install_default_provider();
+    let cluster = Cluster::generate(opts.services, opts.endpoints, opts.agents, opts.seed)?;
+    // Bookmarks hourly: the meshlite watcher does not need them, and the watchers'
+    // event counts then hold only object events.
+    let api = ApiServer::start_with(Duration::from_secs(3600)).await?;
+    let mut list_bytes = ListBytes::default();
+    for obj in cluster.objects() {
+        let n = serde_json::to_vec(&obj).map_or(0, |v| v.len() as u64);
+        match obj["kind"].as_str() {
+            Some("Service") => list_bytes.services += n,
+            Some("EndpointSlice") => list_bytes.slices += n,
+            _ => list_bytes.nodes += n,
+        }
+        api.apply(obj)?;
+    }
+    // Forget the load's history: the control plane lists what is there now.
+    api.compact(false);
+
+    let tmp = tempfile::tempdir()?;
+    let dir = match &opts.work_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => tmp.path().to_path_buf(),
+    };
+    let pki = meshlite_runtime::testing::TestPki::new("meshlite-scale-ca");
+    let server = pki.server();
+    let client = pki.client("node-agent", &["node-agent"]);
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    let mut cp_flags = vec![
+        "--source=kube".to_string(),
+        "--node-identity=shared-certificate".to_string(),
+        format!("--max-full-syncs={}", opts.max_full_syncs),
+    ];
+    cp_flags.extend(opts.cp_args.iter().cloned());
+    let mut args = cp_flags.clone();
+    args.extend([
+        format!("--kubeconfig={}", kubeconfig.display()),
+        "--listen=127.0.0.1:0".into(),
+        "--admin-listen=127.0.0.1:0".into(),
+        format!("--tls-cert={}", server.cert.display()),
+        format!("--tls-key={}", server.key.display()),
+        format!("--client-ca={}", server.client_ca.display()),
+    ]);
+    let bin = procs::binary("meshlite-control-plane")?;
+    let mut cp = Process::start_env(
+        &dir,
+        "control-plane",
+        &bin,
+        &args,
+        &[],
+        &[("RUST_LOG".into(), "info".into())],
+    )?;
+    let addrs = cp.addresses(Duration::from_secs(60))?;
+    let (grpc, admin) = (
+        *addrs.get("grpc").context("grpc address")?,
+        *addrs.get("admin").context("admin address")?,
+    );
+    let cp_pid = cp.pid();
+    let mut run = Run {
+        opts,
+        started,
+        api,
+        cluster,
+        keys: Arc::new(KeyTable::default()),
+        tracker: Arc::new(Tracker::new(opts.agents)),
+        fleet: None,
+        cp,
+        cp_pid,
+        admin,
+        report: Report {
+            agents: opts.agents,
+            services: opts.services,
+            endpoints: opts.endpoints,
+            cp_flags,
+            ..Report::default()
+        },
+        list_bytes,
+    };
+    run.report.endpoint_slices = run.cluster.slice_count();
+    progress!(
+        run,
+        "cluster: {} services, {} endpoints in {} slices, {} nodes; RLIMIT_NOFILE {nofile}; control plane pid {:?} on {grpc}",
+        opts.services,
+        run.cluster.endpoint_count(),
+        run.report.endpoint_slices,
+        opts.agents,
+        cp_pid
+    );
+    run.wait_cp_ready().await?;
+
+    let tls = client.load()?;
+    run.phase_initial(FleetConfig {
+        endpoint: format!("https://{grpc}"),
+        tls,
+        connect_concurrency: opts.connect_concurrency,
+    })
+    .await?;
+    if run.report.converged_so_far() {
+        if opts.phases.contains(&Phase::Change) {
+            run.phase_change().await?;
+        }
+        if opts.phases.contains(&Phase::Churn) {
+            for rate in opts.churn.clone() {
+                let r = run.churn(rate, opts.duration, None).await?;
+                run.report.churn.push(r);
+            }
+        }
+        if opts.phases.contains(&Phase::Stuck) {
+            run.phase_stuck().await?;
+        }
+        if opts.phases.contains(&Phase::Storm) {
+            run.phase_storm().await?;
+        }
+        if opts.phases.contains(&Phase::Watches) {
+            run.phase_watches().await?;
+        }
+    }
+
+    let end = run.cp_sample();
+    run.report.cp_peak_rss_mib = end.hwm_mib();
+    run.report.cp_cpu_s = end.cpu_s;
+    let me = procstat::sample(None).unwrap_or_default();
+    run.report.harness_cpu_s = me.cpu_s;
+    run.report.harness_peak_rss_mib = me.hwm_mib();
+    if let Some(f) = run.fleet.take() {
+        f.shutdown().await;
+    }
+    run.cp.stop(Duration::from_secs(10));
+    run.report.wall_s = started.elapsed().as_secs_f64();
+    run.report.converged = run.report.failures.is_empty();
+    if !run.report.converged {
+        progress!(run, "control plane log: {}", run.cp.log.display());
+    }
+    // Keep the temporary directory until the control plane is gone.
+    drop(tmp);
+    Ok(run.report)
+}
+
+impl Report {
+    fn converged_so_far(&self) -> bool {
+        self.failures.is_empty()
+    }
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit; returns the new soft limit.
+fn raise_nofile() -> u64 {
+    rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0)
+}
+
+// === impl Run ===
+
+impl Run<'_> {
+    fn fleet(&self) -> Result<&Fleet> {
+        self.fleet.as_ref().context("no fleet")
+    }
+
+    fn cp_sample(&self) -> ProcSample {
+        procstat::sample(self.cp_pid).unwrap_or_default()
+    }
+
+    async fn metrics(&self) -> Metrics {
+        procstat::metrics(self.admin).await.unwrap_or_default()
+    }
+
+    fn fail(&mut self, msg: String) {
+        progress!(self, "FAILED: {msg}");
+        self.report.failures.push(msg);
+    }
+
+    async fn wait_cp_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + self.opts.initial_timeout;
+        loop {
+            let admin = self.admin;
+            let ok = tokio::task::spawn_blocking(move || procs::http_get(admin, "/readyz"))
+                .await?
+                .is_ok_and(|(c, _)| c == 200);
+            if ok {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the control plane did not sync within {:?}:\n{}",
+                    self.opts.initial_timeout,
+                    self.cp.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let s = self.cp_sample();
+        self.report.api_watch_streams = self.api.stats.open_watches.load(Ordering::Relaxed);
+        progress!(
+            self,
+            "control plane synced from the stand-in: RSS {:.0} MiB, CPU {:.1} s, {} watch streams",
+            s.rss_mib(),
+            s.cpu_s,
+            self.report.api_watch_streams
+        );
+        Ok(())
+    }
+
+    async fn phase_initial(&mut self, config: FleetConfig) -> Result<()> {
+        let n = self.opts.agents;
+        let m0 = self.metrics().await;
+        let s0 = self.cp_sample();
+        progress!(self, "initial sync: starting {n} agents");
+        let fleet = Fleet::start(
+            config,
+            (0..n).map(cluster::node_name).collect(),
+            self.keys.clone(),
+            self.tracker.clone(),
+        );
+        let t0 = fleet.now_us();
+        self.fleet = Some(fleet);
+        let deadline = Instant::now() + self.opts.initial_timeout;
+        let mut next_note = Instant::now();
+        loop {
+            let f = self.fleet()?;
+            let synced = f
+                .agents
+                .iter()
+                .filter(|a| a.acks_this_stream.load(Ordering::Relaxed) > 0)
+                .count();
+            if synced == n {
+                break;
+            }
+            if Instant::now() > deadline {
+                let errs = f.errors();
+                self.fail(format!(
+                    "initial sync: only {synced} of {n} agents synced within {:?}; errors: {errs:?}",
+                    self.opts.initial_timeout
+                ));
+                return Ok(());
+            }
+            if Instant::now() >= next_note {
+                let s = self.cp_sample();
+                progress!(
+                    self,
+                    "initial sync: {synced}/{n} agents, {} connected, CP RSS {:.0} MiB",
+                    f.agents
+                        .iter()
+                        .filter(|a| a.connected.load(Ordering::Relaxed))
+                        .count(),
+                    s.rss_mib()
+                );
+                next_note = Instant::now() + Duration::from_secs(5);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let f = self.fleet()?;
+        let last = f
+            .agents
+            .iter()
+            .map(|a| a.first_ack_us.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(t0);
+        self.report.initial_sync_s = last.saturating_sub(t0) as f64 / 1e6;
+        let m1 = self.metrics().await;
+        let s1 = self.cp_sample();
+        self.report.full_snapshot_bytes = (m1.sum(BYTES_SENT) - m0.sum(BYTES_SENT)) / n as f64;
+        self.report.cp_peak_rss_initial_mib = s1.hwm_mib();
+        self.report.cp_rss_after_initial_mib = s1.rss_mib();
+        self.report.cp_cpu_initial_s = s1.cpu_s - s0.cpu_s;
+        progress!(
+            self,
+            "initial sync: {n} agents in {:.1} s, {:.1} MB per full snapshot, CP peak RSS {:.0} MiB, CPU {:.1} s",
+            self.report.initial_sync_s,
+            self.report.full_snapshot_bytes / 1e6,
+            s1.hwm_mib(),
+            self.report.cp_cpu_initial_s
+        );
+        Ok(())
+    }
+
+    /// Starts timing a mutation and writes it to the stand-in.
+    fn issue(&mut self, m: &Mutation, expected: usize) -> Result<()> {
+        let idx = self.keys.intern(&m.key);
+        self.tracker.start(idx, m.kind, expected);
+        for op in &m.ops {
+            match op {
+                Op::Apply(v) => {
+                    self.api.apply(v.clone())?;
+                }
+                Op::Delete(coll, ns, name) => {
+                    self.api.delete(*coll, ns, name);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a key has a change in flight (owning, so the cluster can be borrowed).
+    fn busy(&self) -> impl Fn(&str) -> bool + use<> {
+        let (tracker, keys) = (self.tracker.clone(), self.keys.clone());
+        move |k: &str| tracker.busy(keys.intern(k))
+    }
+
+    /// Makes `count` single endpoint changes one at a time; returns each change's
+    /// time to the last agent (None on a timeout) and the mean changed-slice size.
+    /// `also` is polled after each change until it holds (or the timeout).
+    async fn single_changes(
+        &mut self,
+        count: usize,
+        mut also: impl FnMut() -> bool,
+        mut also_done: impl FnMut(f64),
+    ) -> Result<Option<(Vec<f64>, f64)>> {
+        let n = self.opts.agents;
+        let mut times = Vec::with_capacity(count);
+        let mut slice_eps = 0usize;
+        self.tracker.take_done();
+        for i in 0..count {
+            let busy = self.busy();
+            let m = self.cluster.replace_endpoint(&busy);
+            let Some(m) = m else {
+                bail!("no endpoint to change");
+            };
+            slice_eps += m.slice_endpoints;
+            let t0 = Instant::now();
+            self.issue(&m, n)?;
+            let deadline = t0 + self.opts.converge_timeout;
+            let mut also_ok = false;
+            loop {
+                if !also_ok && also() {
+                    also_ok = true;
+                    also_done(t0.elapsed().as_secs_f64() * 1000.0);
+                }
+                if self.tracker.done_count() > 0 && also_ok {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let missing = self.tracker.abandon();
+                    self.fail(format!(
+                        "change {i} ({}) did not reach every agent within {:?} (missing at {missing:?} agents; other condition met: {also_ok})",
+                        m.key, self.opts.converge_timeout
+                    ));
+                    return Ok(None);
+                }
+                tokio::time::sleep(Duration::from_micros(500)).await;
+            }
+            times.extend(self.tracker.take_done().iter().map(|d| d.last_ms));
+            // Let the ACKs land before the next change, so changes do not coalesce.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Some((times, slice_eps as f64 / count.max(1) as f64)))
+    }
+
+    async fn phase_change(&mut self) -> Result<()> {
+        let (n, count) = (self.opts.agents, self.opts.changes);
+        progress!(
+            self,
+            "single changes: {count} endpoint changes, one at a time"
+        );
+        self.tracker.per_agent.reset();
+        let m0 = self.metrics().await;
+        let Some((times, slice_eps)) = self.single_changes(count, || true, |_| {}).await? else {
+            return Ok(());
+        };
+        let m1 = self.metrics().await;
+        let r = &mut self.report;
+        r.change_p50_ms = quantile(&times, 0.5);
+        r.change_p99_ms = quantile(&times, 0.99);
+        r.change_max_ms = quantile(&times, 1.0);
+        r.change_agent_p50_ms = self.tracker.per_agent.quantile_ms(0.5);
+        r.change_agent_p99_ms = self.tracker.per_agent.quantile_ms(0.99);
+        r.bytes_per_agent_per_change =
+            (m1.sum(BYTES_SENT) - m0.sum(BYTES_SENT)) / (n * count.max(1)) as f64;
+        r.changed_slice_endpoints_mean = slice_eps;
+        progress!(
+            self,
+            "single changes: to the last agent p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {:.0} bytes per agent per change",
+            self.report.change_p50_ms,
+            self.report.change_p99_ms,
+            self.report.change_max_ms,
+            self.report.bytes_per_agent_per_change
+        );
+        Ok(())
+    }
+
+    /// Churn at `rate` for `duration`; `stuck` excludes one agent from tracking.
+    async fn churn(
+        &mut self,
+        rate: f64,
+        duration: Duration,
+        stuck: Option<usize>,
+    ) -> Result<ChurnReport> {
+        let n = self.opts.agents;
+        let expected = n - usize::from(stuck.is_some());
+        let total = (rate * duration.as_secs_f64()).round() as usize;
+        progress!(
+            self,
+            "churn: {total} changes at {rate}/s for {:?}{}",
+            duration,
+            if stuck.is_some() {
+                " (one agent stuck)"
+            } else {
+                ""
+            }
+        );
+        self.tracker.per_agent.reset();
+        self.tracker.take_done();
+        let m0 = self.metrics().await;
+        let s0 = self.cp_sample();
+        let me0 = procstat::sample(None).unwrap_or_default();
+        let mut report = ChurnReport {
+            rate,
+            duration_s: duration.as_secs_f64(),
+            cp_rss_start_mib: s0.rss_mib(),
+            cp_rss_max_mib: s0.rss_mib(),
+            ..ChurnReport::default()
+        };
+        let start = Instant::now();
+        // Falling behind schedule catches up in bursts, but never past this.
+        let hard_stop = start + duration + Duration::from_secs(30);
+        let mut next_sample = start + Duration::from_secs(1);
+        let mut next_note = start + Duration::from_secs(10);
+        for i in 0..total {
+            let at = start + Duration::from_secs_f64(i as f64 / rate.max(1e-9));
+            tokio::time::sleep_until(at).await;
+            if Instant::now() > hard_stop {
+                report.skipped += total - i;
+                break;
+            }
+            let busy = self.busy();
+            let m = self.cluster.churn_step(&busy);
+            let Some(m) = m else {
+                report.skipped += 1;
+                continue;
+            };
+            match m.kind {
+                MutationKind::Endpoint => report.endpoint_changes += 1,
+                MutationKind::ServiceCreate => report.service_creates += 1,
+                MutationKind::ServiceDelete => report.service_deletes += 1,
+            }
+            self.issue(&m, expected)?;
+            report.changes += 1;
+            if Instant::now() >= next_sample {
+                let s = self.cp_sample();
+                report.cp_rss_max_mib = report.cp_rss_max_mib.max(s.rss_mib());
+                next_sample += Duration::from_secs(1);
+                if Instant::now() >= next_note {
+                    next_note += Duration::from_secs(10);
+                    progress!(
+                        self,
+                        "churn: {}/{total} issued, {} in flight, CP RSS {:.0} MiB",
+                        i + 1,
+                        self.tracker.in_flight(),
+                        s.rss_mib()
+                    );
+                }
+            }
+        }
+        let issued_for = start.elapsed();
+        let deadline = Instant::now() + self.opts.converge_timeout;
+        while self.tracker.in_flight() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let missing = self.tracker.abandon();
+        report.not_converged = missing.len();
+        if !missing.is_empty() {
+            self.fail(format!(
+                "churn at {rate}/s: {} changes did not reach every agent within {:?} after the last write",
+                missing.len(),
+                self.opts.converge_timeout
+            ));
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        let m1 = self.metrics().await;
+        let s1 = self.cp_sample();
+        let me1 = procstat::sample(None).unwrap_or_default();
+        let times: Vec<f64> = self.tracker.take_done().iter().map(|d| d.last_ms).collect();
+        report.p50_ms = quantile(&times, 0.5);
+        report.p99_ms = quantile(&times, 0.99);
+        report.max_ms = quantile(&times, 1.0);
+        report.agent_p50_ms = self.tracker.per_agent.quantile_ms(0.5);
+        report.agent_p99_ms = self.tracker.per_agent.quantile_ms(0.99);
+        report.bytes_per_agent_per_change =
+            (m1.sum(BYTES_SENT) - m0.sum(BYTES_SENT)) / (n * report.changes.max(1)) as f64;
+        report.cp_cpu_s = s1.cpu_s - s0.cpu_s;
+        report.cp_cpu_cores = report.cp_cpu_s / elapsed;
+        report.harness_cpu_cores = (me1.cpu_s - me0.cpu_s) / elapsed;
+        report.cp_rss_end_mib = s1.rss_mib();
+        report.cp_rss_max_mib = report.cp_rss_max_mib.max(s1.rss_mib());
+        progress!(
+            self,
+            "churn at {rate}/s: {} changes issued in {:.1} s; to the last agent p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; CP {:.2} cores, RSS {:.0} -> {:.0} MiB",
+            report.changes,
+            issued_for.as_secs_f64(),
+            report.p50_ms,
+            report.p99_ms,
+            report.max_ms,
+            report.cp_cpu_cores,
+            report.cp_rss_start_mib,
+            report.cp_rss_end_mib
+        );
+        Ok(report)
+    }
+
+    async fn phase_stuck(&mut self) -> Result<()> {
+        let n = self.opts.agents;
+        let rate = self
+            .opts
+            .stuck_rate
+            .or_else(|| self.opts.churn.iter().copied().reduce(f64::max))
+            .unwrap_or(20.0);
+        let duration = self.opts.stuck_duration.unwrap_or(self.opts.duration);
+        let stuck = n - 1;
+        {
+            let f = self.fleet()?;
+            f.set_acking(stuck, false);
+            f.agents[stuck].tracked.store(false, Ordering::Relaxed);
+        }
+        let churn = self.churn(rate, duration, Some(stuck)).await?;
+        let growth = churn.cp_rss_end_mib - churn.cp_rss_start_mib;
+        let baseline = self
+            .report
+            .churn
+            .iter()
+            .find(|c| (c.rate - rate).abs() < 1e-9 && c.changes > 0)
+            .map(|c| {
+                (c.cp_rss_end_mib - c.cp_rss_start_mib) * churn.changes as f64 / c.changes as f64
+            });
+        // Resume ACKing: it should catch up with one coalesced delta.
+        let target = {
+            let f = self.fleet()?;
+            f.agents[..stuck]
+                .iter()
+                .map(|a| a.acked_version.load(Ordering::Relaxed))
+                .max()
+                .unwrap_or(0)
+        };
+        let m0 = self.metrics().await;
+        let updates0 = self.fleet()?.agents[stuck].updates.load(Ordering::Relaxed);
+        let t0 = Instant::now();
+        self.fleet()?.set_acking(stuck, true);
+        let deadline = t0 + self.opts.converge_timeout;
+        loop {
+            let a = &self.fleet()?.agents[stuck];
+            if a.acked_version.load(Ordering::Relaxed) >= target {
+                break;
+            }
+            if Instant::now() > deadline {
+                self.fail(format!(
+                    "stuck agent did not catch up to version {target} within {:?}",
+                    self.opts.converge_timeout
+                ));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let catch_up_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let m1 = self.metrics().await;
+        let f = self.fleet()?;
+        f.agents[stuck].tracked.store(true, Ordering::Relaxed);
+        let report = StuckReport {
+            cp_rss_growth_mib: growth,
+            baseline_rss_growth_mib: baseline,
+            attributable_rss_growth_mib: baseline.map(|b| growth - b),
+            catch_up_ms,
+            catch_up_updates: f.agents[stuck].updates.load(Ordering::Relaxed) - updates0,
+            catch_up_bytes: m1.sum(BYTES_SENT) - m0.sum(BYTES_SENT),
+            churn,
+        };
+        progress!(
+            self,
+            "stuck agent: CP RSS growth {:.1} MiB over {} changes (baseline {:?}); caught up in {:.0} ms with {} update(s), {:.0} bytes",
+            report.cp_rss_growth_mib,
+            report.churn.changes,
+            report.baseline_rss_growth_mib,
+            report.catch_up_ms,
+            report.catch_up_updates,
+            report.catch_up_bytes
+        );
+        self.report.stuck = Some(report);
+        Ok(())
+    }
+
+    async fn phase_storm(&mut self) -> Result<()> {
+        let n = self.opts.agents;
+        progress!(self, "reconnect storm: all {n} agents reconnect at once");
+        // Quiet first: every agent holds the newest version.
+        let target = {
+            let f = self.fleet()?;
+            f.agents
+                .iter()
+                .map(|a| a.acked_version.load(Ordering::Relaxed))
+                .max()
+                .unwrap_or(0)
+        };
+        let settle = Instant::now() + self.opts.converge_timeout;
+        while self.fleet()?.at_least(target) < n && Instant::now() < settle {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let m0 = self.metrics().await;
+        let s0 = self.cp_sample();
+        let streams0: Vec<u64> = self
+            .fleet()?
+            .agents
+            .iter()
+            .map(|a| a.streams.load(Ordering::Relaxed))
+            .collect();
+        let t0 = self.fleet()?.now_us();
+        self.fleet()?.reconnect_all();
+        let deadline = Instant::now() + self.opts.converge_timeout;
+        let mut next_note = Instant::now() + Duration::from_secs(5);
+        loop {
+            let f = self.fleet()?;
+            let done = f
+                .agents
+                .iter()
+                .zip(&streams0)
+                .filter(|(a, s0)| {
+                    a.streams.load(Ordering::Relaxed) > **s0
+                        && a.acks_this_stream.load(Ordering::Relaxed) > 0
+                        && a.acked_version.load(Ordering::Relaxed) >= target
+                })
+                .count();
+            if done == n {
+                break;
+            }
+            if Instant::now() > deadline {
+                let errs = f.errors();
+                self.fail(format!(
+                    "reconnect storm: {done} of {n} agents resumed within {:?}; errors: {errs:?}",
+                    self.opts.converge_timeout
+                ));
+                return Ok(());
+            }
+            if Instant::now() >= next_note {
+                progress!(self, "reconnect storm: {done}/{n} resumed");
+                next_note += Duration::from_secs(5);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let last = self
+            .fleet()?
+            .agents
+            .iter()
+            .map(|a| a.first_ack_us.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(t0);
+        let m1 = self.metrics().await;
+        let s1 = self.cp_sample();
+        let d = |name: &str, label: &str| m1.with_label(name, label) - m0.with_label(name, label);
+        let bytes = m1.sum(BYTES_SENT) - m0.sum(BYTES_SENT);
+        let report = StormReport {
+            converge_s: last.saturating_sub(t0) as f64 / 1e6,
+            resume_bytes: bytes,
+            resume_fraction: bytes / (n as f64 * self.report.full_snapshot_bytes.max(1.0)),
+            full_updates: d(UPDATES_SENT, "kind=\"Full\""),
+            delta_updates: d(UPDATES_SENT, "kind=\"Delta\""),
+            unchanged_updates: d(UPDATES_SENT, "kind=\"Unchanged\""),
+            inventory_updates: d(UPDATES_SENT, "kind=\"Inventory\""),
+            refused_streams: m1.sum(REFUSED) - m0.sum(REFUSED),
+            cp_cpu_s: s1.cpu_s - s0.cpu_s,
+            cp_rss_end_mib: s1.rss_mib(),
+        };
+        progress!(
+            self,
+            "reconnect storm: converged in {:.2} s; resume bytes {:.0} = {:.5} % of {n} full snapshots; updates full {} delta {} unchanged {} inventory {}; refused {}",
+            report.converge_s,
+            report.resume_bytes,
+            report.resume_fraction * 100.0,
+            report.full_updates,
+            report.delta_updates,
+            report.unchanged_updates,
+            report.inventory_updates,
+            report.refused_streams
+        );
+        self.report.storm = Some(report);
+        Ok(())
+    }
+
+    async fn phase_watches(&mut self) -> Result<()> {
+        let (n, count) = (self.opts.agents, self.opts.changes);
+        let stats = self.api.stats.clone();
+        progress!(
+            self,
+            "per-node watches: {count} changes with meshlite alone, then with {n} kube-proxy-shaped watchers"
+        );
+        // meshlite alone.
+        let ev0 = stats.events_sent.load(Ordering::Relaxed);
+        let m0 = self.metrics().await;
+        let streams = stats.open_watches.load(Ordering::Relaxed);
+        if self.single_changes(count, || true, |_| {}).await?.is_none() {
+            return Ok(());
+        }
+        let meshlite_events = stats.events_sent.load(Ordering::Relaxed) - ev0;
+        let m1 = self.metrics().await;
+
+        // N watchers, three streams each, at the current resourceVersion.
+        let rv = self.api.resource_version();
+        let watches0 = stats.watches.load(Ordering::Relaxed);
+        let open0 = stats.open_watches.load(Ordering::Relaxed);
+        let w = watchers::NodeWatchers::start(
+            self.api.addr(),
+            (0..n).map(cluster::node_name).collect(),
+            rv,
+            self.opts.connect_concurrency,
+        );
+        let deadline = Instant::now() + self.opts.converge_timeout;
+        while w.stats.streams_open.load(Ordering::Relaxed) < 3 * n as u64
+            && Instant::now() < deadline
+            && w.stats.errors.load(Ordering::Relaxed) == 0
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let open = w.stats.streams_open.load(Ordering::Relaxed);
+        progress!(
+            self,
+            "per-node watches: {open} watch streams open at the stand-in ({} total), {} errors",
+            stats.open_watches.load(Ordering::Relaxed),
+            w.stats.errors.load(Ordering::Relaxed)
+        );
+        if open < 3 * n as u64 {
+            self.fail(format!(
+                "per-node watches: only {open} of {} watch streams opened",
+                3 * n
+            ));
+            w.shutdown().await;
+            return Ok(());
+        }
+        let ev1 = stats.events_sent.load(Ordering::Relaxed);
+        let wbytes0 = w.stats.bytes.load(Ordering::Relaxed);
+        let wstats = w.stats.clone();
+        let mut watcher_times = Vec::with_capacity(count);
+        let target = std::cell::Cell::new(wstats.events.load(Ordering::Relaxed));
+        let result = self
+            .single_changes(
+                count,
+                // One event per watcher per endpoint change.
+                || wstats.events.load(Ordering::Relaxed) >= target.get() + n as u64,
+                |ms| {
+                    watcher_times.push(ms);
+                    target.set(target.get() + n as u64);
+                },
+            )
+            .await?;
+        let per_node_events = stats.events_sent.load(Ordering::Relaxed) - ev1;
+        let watches_opened = stats.watches.load(Ordering::Relaxed) - watches0;
+        let per_node_bytes = w.stats.bytes.load(Ordering::Relaxed) - wbytes0;
+        let errors = w.stats.errors.load(Ordering::Relaxed);
+        w.shutdown().await;
+        let Some((times, _)) = result else {
+            return Ok(());
+        };
+        let lb = self.list_bytes;
+        let per_node_list = lb.services + lb.slices + lb.nodes / n.max(1) as u64;
+        let report = WatchesReport {
+            changes: count,
+            meshlite_watch_streams: streams,
+            meshlite_events,
+            meshlite_update_bytes: m1.sum(BYTES_SENT) - m0.sum(BYTES_SENT),
+            meshlite_list_bytes: lb.services + lb.slices + lb.nodes,
+            per_node_nodes: n,
+            per_node_watch_streams: watches_opened.max(open - open0.min(open)),
+            // The meshlite watch got the same events meanwhile: count only the nodes'.
+            per_node_events: per_node_events.saturating_sub(meshlite_events),
+            per_node_event_bytes: per_node_bytes,
+            per_node_list_bytes: per_node_list * n as u64,
+            per_node_event_p50_ms: quantile(&watcher_times, 0.5),
+            per_node_event_p99_ms: quantile(&watcher_times, 0.99),
+            meshlite_change_p50_ms: quantile(&times, 0.5),
+            meshlite_change_p99_ms: quantile(&times, 0.99),
+            watcher_errors: errors,
+        };
+        progress!(
+            self,
+            "per-node watches: meshlite {} streams, {} events; per-node {} streams, {} events ({:.1} MB), LISTs skipped {:.1} GB",
+            report.meshlite_watch_streams,
+            report.meshlite_events,
+            report.per_node_watch_streams,
+            report.per_node_events,
+            report.per_node_event_bytes as f64 / 1e6,
+            report.per_node_list_bytes as f64 / 1e9
+        );
+        self.report.watches = Some(report);
+        Ok(())
+    }
+}

@@ -1,0 +1,291 @@
+//! Timing changes to every agent: the harness registers a change (its key) at T0,
+//! just before writing it to the API stand-in; each agent reports the first update
+//! carrying that key; the change is complete when every tracked agent has it.
+//!
+//! A key is changed again only after its previous change has reached every agent,
+//! so the first update carrying it after T0 carries this change. Per change the
+//! state is a bitset of agents (625 bytes at 5,000 agents), released on completion.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::time::Instant;
+
+use super::cluster::MutationKind;
+
+/// One change in flight.
+#[derive(Debug)]
+struct Change {
+    kind: MutationKind,
+    t0: Instant,
+    seen: Vec<AtomicU64>,
+    remaining: AtomicUsize,
+    last_us: AtomicU64,
+}
+
+/// A completed change.
+#[derive(Debug, Clone, Copy)]
+pub struct Done {
+    pub kind: MutationKind,
+    /// Time from T0 until the last agent received it.
+    pub last_ms: f64,
+}
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct Tracker {
+    pending: RwLock<HashMap<u32, Arc<Change>>>,
+    pending_count: AtomicUsize,
+    done: Mutex<Vec<Done>>,
+    agents: usize,
+    /// Latency of every (change, agent) arrival.
+    pub per_agent: Histogram,
+}
+
+// === impl Tracker ===
+
+impl Tracker {
+    pub fn new(agents: usize) -> Self {
+        Self {
+            pending: RwLock::new(HashMap::new()),
+            pending_count: AtomicUsize::new(0),
+            done: Mutex::new(Vec::new()),
+            agents,
+            per_agent: Histogram::default(),
+        }
+    }
+
+    /// Starts timing a change to key `key` (an interned key index), expected at
+    /// `expected` agents.
+    pub fn start(&self, key: u32, kind: MutationKind, expected: usize) {
+        let change = Arc::new(Change {
+            kind,
+            t0: Instant::now(),
+            seen: (0..self.agents.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            remaining: AtomicUsize::new(expected.max(1)),
+            last_us: AtomicU64::new(0),
+        });
+        self.write().insert(key, change);
+        self.pending_count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether a change to this key is in flight.
+    pub fn busy(&self, key: u32) -> bool {
+        self.read().contains_key(&key)
+    }
+
+    /// Changes in flight.
+    pub fn in_flight(&self) -> usize {
+        self.pending_count.load(Ordering::Relaxed)
+    }
+
+    /// Agent `agent` received an update carrying `keys` at `at`.
+    pub fn observe(&self, agent: usize, keys: impl Iterator<Item = u32>, at: Instant) {
+        if self.in_flight() == 0 {
+            return;
+        }
+        let mut finished = Vec::new();
+        {
+            let pending = self.read();
+            for k in keys {
+                let Some(c) = pending.get(&k) else { continue };
+                let bit = 1u64 << (agent % 64);
+                let Some(word) = c.seen.get(agent / 64) else {
+                    continue;
+                };
+                if word.fetch_or(bit, Ordering::AcqRel) & bit != 0 {
+                    continue;
+                }
+                let us = u64::try_from(at.saturating_duration_since(c.t0).as_micros())
+                    .unwrap_or(u64::MAX);
+                self.per_agent.record(us);
+                c.last_us.fetch_max(us, Ordering::AcqRel);
+                if c.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    finished.push(k);
+                }
+            }
+        }
+        if !finished.is_empty() {
+            let mut pending = self.write();
+            let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+            for k in finished {
+                if let Some(c) = pending.remove(&k) {
+                    self.pending_count.fetch_sub(1, Ordering::Relaxed);
+                    done.push(Done {
+                        kind: c.kind,
+                        last_ms: c.last_us.load(Ordering::Acquire) as f64 / 1000.0,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Completed changes so far (and clears the list).
+    pub fn take_done(&self) -> Vec<Done> {
+        std::mem::take(&mut *self.done.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Number of completed changes not yet taken.
+    pub fn done_count(&self) -> usize {
+        self.done.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Forgets changes in flight (after a timeout); returns how many, and the
+    /// number of agents each was still missing.
+    pub fn abandon(&self) -> Vec<usize> {
+        let mut pending = self.write();
+        let out = pending
+            .values()
+            .map(|c| c.remaining.load(Ordering::Acquire))
+            .collect();
+        pending.clear();
+        self.pending_count.store(0, Ordering::Relaxed);
+        out
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<u32, Arc<Change>>> {
+        self.pending.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<u32, Arc<Change>>> {
+        self.pending.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A lock-free log-linear histogram of microseconds: 16 buckets per power of two
+/// (about 4 % resolution) up to 2^31 µs. Hand-written: 40 lines, no dependency.
+#[derive(Debug)]
+pub struct Histogram {
+    buckets: Vec<AtomicU64>,
+    max: AtomicU64,
+    count: AtomicU64,
+}
+
+const SUB: u32 = 16;
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            buckets: (0..32 * SUB).map(|_| AtomicU64::new(0)).collect(),
+            max: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    fn index(us: u64) -> usize {
+        let v = us.max(1);
+        let exp = 63 - v.leading_zeros();
+        // The SUB sub-buckets split [2^exp, 2^(exp+1)) linearly.
+        let frac = if exp >= 4 {
+            (v >> (exp - 4)) & 0xf
+        } else {
+            (v << (4 - exp)) & 0xf
+        };
+        ((exp * SUB) as usize + frac as usize).min(32 * SUB as usize - 1)
+    }
+
+    fn value(index: usize) -> f64 {
+        let exp = (index / SUB as usize) as i32;
+        let frac = (index % SUB as usize) as f64;
+        // Middle of the bucket.
+        2f64.powi(exp) * (1.0 + (frac + 0.5) / f64::from(SUB))
+    }
+
+    pub fn record(&self, us: u64) {
+        if let Some(b) = self.buckets.get(Self::index(us)) {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
+        self.max.fetch_max(us, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// The q-quantile in milliseconds (0 when empty); q = 1 is the exact maximum.
+    pub fn quantile_ms(&self, q: f64) -> f64 {
+        let n = self.count();
+        if n == 0 {
+            return 0.0;
+        }
+        if q >= 1.0 {
+            return self.max.load(Ordering::Relaxed) as f64 / 1000.0;
+        }
+        let rank = ((q * n as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            seen += b.load(Ordering::Relaxed);
+            if seen >= rank {
+                return Self::value(i).min(self.max.load(Ordering::Relaxed) as f64) / 1000.0;
+            }
+        }
+        self.max.load(Ordering::Relaxed) as f64 / 1000.0
+    }
+
+    pub fn reset(&self) {
+        for b in &self.buckets {
+            b.store(0, Ordering::Relaxed);
+        }
+        self.max.store(0, Ordering::Relaxed);
+        self.count.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Exact quantile of a sample (nearest rank); 0 when empty.
+pub fn quantile(samples: &[f64], q: f64) -> f64 {
+    if samples.is_empty() {
+        return 0.0;
+    }
+    let mut v = samples.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles_within_resolution() {
+        let h = Histogram::default();
+        for us in 1..=10_000u64 {
+            h.record(us * 100);
+        }
+        let p50 = h.quantile_ms(0.5);
+        assert!((p50 - 500.0).abs() / 500.0 < 0.05, "{p50}");
+        let p99 = h.quantile_ms(0.99);
+        assert!((p99 - 990.0).abs() / 990.0 < 0.05, "{p99}");
+        assert_eq!(h.quantile_ms(1.0), 1000.0);
+    }
+
+    #[test]
+    fn a_change_completes_when_every_agent_saw_it_once() {
+        let t = Tracker::new(3);
+        t.start(7, MutationKind::Endpoint, 3);
+        assert!(t.busy(7));
+        let now = Instant::now();
+        t.observe(0, [7, 8].into_iter(), now);
+        t.observe(0, [7].into_iter(), now); // a resync carrying it again: counted once
+        t.observe(1, [7].into_iter(), now);
+        assert_eq!(t.done_count(), 0);
+        t.observe(2, [7].into_iter(), now);
+        assert_eq!(t.take_done().len(), 1);
+        assert!(!t.busy(7));
+        assert_eq!(t.per_agent.count(), 3);
+    }
+
+    #[test]
+    fn exact_quantiles() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(quantile(&v, 0.5), 50.0);
+        assert_eq!(quantile(&v, 0.99), 99.0);
+        assert_eq!(quantile(&v, 1.0), 100.0);
+    }
+}

@@ -308,6 +308,9 @@ struct InFlight {
 
 /// What to send next.
 enum Plan {
+    /// A full snapshot, cut only once a large-update permit is held: a fleet
+    /// waiting for permits must not each hold a copy of the snapshot's index.
+    Full,
     Send {
         delta: Delta,
         base: u64,
@@ -449,11 +452,7 @@ impl Subscription {
 
     fn full_plan(&mut self) -> Plan {
         self.need_full = false;
-        Plan::Send {
-            delta: self.shared.store.full(&self.view),
-            base: 0,
-            kind: UpdateKind::Full,
-        }
+        Plan::Full
     }
 
     fn next_plan(&mut self) -> Plan {
@@ -497,49 +496,68 @@ impl Subscription {
                 };
                 self.send_frame(frame).await
             }
+            Plan::Full => {
+                let large = self.acquire_large().await?;
+                let delta = self.shared.store.full(&self.view);
+                self.send_update(delta, 0, UpdateKind::Full, large).await
+            }
             Plan::Send { delta, base, kind } => {
-                // A full snapshot of a large cluster is megabytes per agent: pace
-                // them, so a fleet syncing at once does not buffer them all.
                 let large = if matches!(kind, UpdateKind::Full | UpdateKind::Inventory) {
-                    tokio::select! {
-                        p = self.shared.large.clone().acquire_owned() => p.ok(),
-                        () = self.tx.closed() => return Err(EndReason::AgentClosed),
-                    }
+                    self.acquire_large().await?
                 } else {
                     None
                 };
-                self.nonce += 1;
-                let nonce = self.nonce.to_string();
-                let version = delta.version;
-                let chunks = frames(
-                    self.shared.store.epoch(),
-                    base,
-                    &nonce,
-                    delta,
-                    self.shared.config.chunk_bytes,
-                );
-                let mut bytes = 0;
-                for mut f in chunks {
-                    f.sent_unix_nanos = to_nanos(SystemTime::now());
-                    bytes += prost::Message::encoded_len(&f);
-                    self.send_frame(f).await?;
-                }
-                self.shared.metrics.update_bytes_sent.inc_by(bytes as u64);
-                self.shared
-                    .metrics
-                    .updates_sent
-                    .get_or_create(&UpdateLabels { kind })
-                    .inc();
-                debug!(version, base, bytes, "sent update");
-                self.in_flight = Some(InFlight {
-                    nonce,
-                    version,
-                    sent: Instant::now(),
-                    _large: large,
-                });
-                Ok(())
+                self.send_update(delta, base, kind, large).await
             }
         }
+    }
+
+    /// A full snapshot of a large cluster is megabytes per agent: pace them, so a
+    /// fleet syncing at once does not buffer them all.
+    async fn acquire_large(&self) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, EndReason> {
+        tokio::select! {
+            p = self.shared.large.clone().acquire_owned() => Ok(p.ok()),
+            () = self.tx.closed() => Err(EndReason::AgentClosed),
+        }
+    }
+
+    async fn send_update(
+        &mut self,
+        delta: Delta,
+        base: u64,
+        kind: UpdateKind,
+        large: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Result<(), EndReason> {
+        self.nonce += 1;
+        let nonce = self.nonce.to_string();
+        let version = delta.version;
+        let chunks = frames(
+            self.shared.store.epoch(),
+            base,
+            &nonce,
+            delta,
+            self.shared.config.chunk_bytes,
+        );
+        let mut bytes = 0;
+        for mut f in chunks {
+            f.sent_unix_nanos = to_nanos(SystemTime::now());
+            bytes += prost::Message::encoded_len(&f);
+            self.send_frame(f).await?;
+        }
+        self.shared.metrics.update_bytes_sent.inc_by(bytes as u64);
+        self.shared
+            .metrics
+            .updates_sent
+            .get_or_create(&UpdateLabels { kind })
+            .inc();
+        debug!(version, base, bytes, "sent update");
+        self.in_flight = Some(InFlight {
+            nonce,
+            version,
+            sent: Instant::now(),
+            _large: large,
+        });
+        Ok(())
     }
 
     async fn send_frame(&self, frame: v1::UpdateFrame) -> Result<(), EndReason> {

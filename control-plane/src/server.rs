@@ -60,7 +60,7 @@ pub struct StreamConfig {
 impl Default for StreamConfig {
     fn default() -> Self {
         Self {
-            chunk_bytes: 1024 * 1024,
+            chunk_bytes: 64 * 1024,
             send_timeout: Duration::from_secs(30),
             hello_timeout: Duration::from_secs(10),
             nack_backoff: Backoff::default(),

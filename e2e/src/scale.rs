@@ -161,6 +161,7 @@ pub struct Report {
     /// This harness's own CPU seconds (agents, stand-in, watchers) and peak RSS.
     pub harness_cpu_s: f64,
     pub harness_peak_rss_mib: f64,
+    pub harness_rss_after_initial_mib: f64,
     pub churn: Vec<ChurnReport>,
     pub stuck: Option<StuckReport>,
     pub storm: Option<StormReport>,
@@ -565,6 +566,8 @@ impl Run<'_> {
         self.report.cp_peak_rss_initial_mib = s1.hwm_mib();
         self.report.cp_rss_after_initial_mib = s1.rss_mib();
         self.report.cp_cpu_initial_s = s1.cpu_s - s0.cpu_s;
+        self.report.harness_rss_after_initial_mib =
+            procstat::sample(None).unwrap_or_default().rss_mib();
         progress!(
             self,
             "initial sync: {n} agents in {:.1} s, {:.1} MB per full snapshot, CP peak RSS {:.0} MiB, CPU {:.1} s",

@@ -323,6 +323,10 @@ async fn stream_once(shared: &Shared, me: &AgentShared, held: &mut Held) -> Stre
         let ep = match ep
             .connect_timeout(Duration::from_secs(20))
             .http2_keep_alive_interval(Duration::from_secs(30))
+            // Small receive windows: thousands of connections in one process must
+            // not each buffer megabytes (loopback needs no large window).
+            .initial_stream_window_size(256 * 1024)
+            .initial_connection_window_size(512 * 1024)
             .keep_alive_timeout(Duration::from_secs(20))
             .tls_config(shared.config.tls.clone())
         {

@@ -162,6 +162,11 @@ pub struct Report {
     pub harness_cpu_s: f64,
     pub harness_peak_rss_mib: f64,
     pub harness_rss_after_initial_mib: f64,
+    /// CPU other processes took during the initial sync (cores), and the 1-minute
+    /// load average at the start and the end: the machine is shared.
+    pub others_cpu_cores_initial: f64,
+    pub load_average_start: f64,
+    pub load_average_end: f64,
     pub churn: Vec<ChurnReport>,
     pub stuck: Option<StuckReport>,
     pub storm: Option<StormReport>,
@@ -197,6 +202,9 @@ pub struct ChurnReport {
     pub cp_rss_end_mib: f64,
     pub cp_rss_max_mib: f64,
     pub harness_cpu_cores: f64,
+    /// CPU taken meanwhile by other processes on the machine (other tenants).
+    pub others_cpu_cores: f64,
+    pub load_average_end: f64,
     pub not_converged: usize,
 }
 
@@ -378,6 +386,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
             services: opts.services,
             endpoints: opts.endpoints,
             cp_flags,
+            load_average_start: procstat::load_average(),
             ..Report::default()
         },
         list_bytes,
@@ -433,6 +442,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
     }
     run.cp.stop(Duration::from_secs(10));
     run.report.wall_s = started.elapsed().as_secs_f64();
+    run.report.load_average_end = procstat::load_average();
     run.report.converged = run.report.failures.is_empty();
     if !run.report.converged {
         progress!(run, "control plane log: {}", run.cp.log.display());
@@ -508,6 +518,8 @@ impl Run<'_> {
         let n = self.opts.agents;
         let m0 = self.metrics().await;
         let s0 = self.cp_sample();
+        let me0 = procstat::sample(None).unwrap_or_default();
+        let busy0 = procstat::machine_busy_s();
         progress!(self, "initial sync: starting {n} agents");
         let fleet = Fleet::start(
             config,
@@ -566,8 +578,13 @@ impl Run<'_> {
         self.report.cp_peak_rss_initial_mib = s1.hwm_mib();
         self.report.cp_rss_after_initial_mib = s1.rss_mib();
         self.report.cp_cpu_initial_s = s1.cpu_s - s0.cpu_s;
-        self.report.harness_rss_after_initial_mib =
-            procstat::sample(None).unwrap_or_default().rss_mib();
+        let me1 = procstat::sample(None).unwrap_or_default();
+        self.report.harness_rss_after_initial_mib = me1.rss_mib();
+        self.report.others_cpu_cores_initial = ((procstat::machine_busy_s() - busy0)
+            - (s1.cpu_s - s0.cpu_s)
+            - (me1.cpu_s - me0.cpu_s))
+            .max(0.0)
+            / self.report.initial_sync_s.max(1e-3);
         progress!(
             self,
             "initial sync: {n} agents in {:.1} s, {:.1} MB per full snapshot, CP peak RSS {:.0} MiB, CPU {:.1} s",
@@ -708,6 +725,7 @@ impl Run<'_> {
         let m0 = self.metrics().await;
         let s0 = self.cp_sample();
         let me0 = procstat::sample(None).unwrap_or_default();
+        let busy0 = procstat::machine_busy_s();
         let mut report = ChurnReport {
             rate,
             duration_s: duration.as_secs_f64(),
@@ -719,7 +737,7 @@ impl Run<'_> {
         // Falling behind schedule catches up in bursts, but never past this.
         let hard_stop = start + duration + Duration::from_secs(30);
         let mut next_sample = start + Duration::from_secs(1);
-        let mut next_note = start + Duration::from_secs(10);
+        let mut next_note = start + Duration::from_secs(2);
         for i in 0..total {
             let at = start + Duration::from_secs_f64(i as f64 / rate.max(1e-9));
             tokio::time::sleep_until(at).await;
@@ -745,13 +763,17 @@ impl Run<'_> {
                 report.cp_rss_max_mib = report.cp_rss_max_mib.max(s.rss_mib());
                 next_sample += Duration::from_secs(1);
                 if Instant::now() >= next_note {
-                    next_note += Duration::from_secs(10);
+                    next_note += Duration::from_secs(5);
+                    let m = self.metrics().await;
                     progress!(
                         self,
-                        "churn: {}/{total} issued, {} in flight, CP RSS {:.0} MiB",
+                        "churn: {}/{total} issued, {} in flight, CP RSS {:.0} MiB; CP saw {:.0} API events, sent {:.0} updates, got {:.0} ACKs",
                         i + 1,
                         self.tracker.in_flight(),
-                        s.rss_mib()
+                        s.rss_mib(),
+                        m.sum("meshlite_control_plane_api_events_total"),
+                        m.sum(UPDATES_SENT),
+                        m.sum("meshlite_control_plane_acks_total"),
                     );
                 }
             }
@@ -785,17 +807,24 @@ impl Run<'_> {
         report.cp_cpu_s = s1.cpu_s - s0.cpu_s;
         report.cp_cpu_cores = report.cp_cpu_s / elapsed;
         report.harness_cpu_cores = (me1.cpu_s - me0.cpu_s) / elapsed;
+        report.others_cpu_cores = ((procstat::machine_busy_s() - busy0) / elapsed
+            - report.cp_cpu_cores
+            - report.harness_cpu_cores)
+            .max(0.0);
+        report.load_average_end = procstat::load_average();
         report.cp_rss_end_mib = s1.rss_mib();
         report.cp_rss_max_mib = report.cp_rss_max_mib.max(s1.rss_mib());
         progress!(
             self,
-            "churn at {rate}/s: {} changes issued in {:.1} s; to the last agent p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; CP {:.2} cores, RSS {:.0} -> {:.0} MiB",
+            "churn at {rate}/s: {} changes issued in {:.1} s; to the last agent p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; CP {:.2} cores, harness {:.2}, others {:.2}; RSS {:.0} -> {:.0} MiB",
             report.changes,
             issued_for.as_secs_f64(),
             report.p50_ms,
             report.p99_ms,
             report.max_ms,
             report.cp_cpu_cores,
+            report.harness_cpu_cores,
+            report.others_cpu_cores,
             report.cp_rss_start_mib,
             report.cp_rss_end_mib
         );
@@ -1002,7 +1031,9 @@ impl Run<'_> {
             self.api.addr(),
             (0..n).map(cluster::node_name).collect(),
             rv,
-            self.opts.connect_concurrency,
+            // The stand-in (HTTP/2 in this process) resets connections when
+            // hundreds handshake at once; 50 at a time opens 15,000 watches in seconds.
+            self.opts.connect_concurrency.min(50),
         );
         let deadline = Instant::now() + self.opts.converge_timeout;
         while w.stats.streams_open.load(Ordering::Relaxed) < 3 * n as u64
@@ -1019,8 +1050,14 @@ impl Run<'_> {
             w.stats.errors.load(Ordering::Relaxed)
         );
         if open < 3 * n as u64 {
+            let first = w
+                .stats
+                .first_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
             self.fail(format!(
-                "per-node watches: only {open} of {} watch streams opened",
+                "per-node watches: only {open} of {} watch streams opened; first error: {first:?}",
                 3 * n
             ));
             w.shutdown().await;

@@ -71,6 +71,39 @@ pub fn sample(pid: Option<u32>) -> Result<ProcSample> {
     })
 }
 
+/// Busy CPU seconds of the whole machine so far (all processes, from /proc/stat),
+/// to tell how much CPU other tenants took during a phase.
+pub fn machine_busy_s() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return 0.0;
+    };
+    let Some(cpu) = stat.lines().next() else {
+        return 0.0;
+    };
+    let v: Vec<f64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal: busy = all but idle and iowait.
+    let busy: f64 = v
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, x)| x)
+        .sum();
+    busy / ticks_per_second()
+}
+
+/// The 1-minute load average.
+pub fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// The control plane's /metrics text.
 ///
 /// # Errors
@@ -124,6 +157,12 @@ mod tests {
     fn reads_this_process() {
         let s = sample(None).unwrap();
         assert!(s.rss_kib > 0 && s.hwm_kib >= s.rss_kib);
+    }
+
+    #[test]
+    fn machine_counters() {
+        assert!(machine_busy_s() > 0.0);
+        assert!(load_average() >= 0.0);
     }
 
     #[test]

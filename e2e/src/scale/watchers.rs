@@ -22,6 +22,7 @@ pub struct WatcherStats {
     pub events: AtomicU64,
     pub bytes: AtomicU64,
     pub errors: AtomicU64,
+    pub first_error: std::sync::Mutex<Option<String>>,
 }
 
 /// The running watchers.
@@ -45,7 +46,8 @@ impl NodeWatchers {
                 tokio::spawn(async move {
                     if let Err(e) = watch_node(addr, &node, rv, &stats, &gate, stop).await {
                         stats.errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(%node, error = %e, "watcher failed");
+                        let mut first = stats.first_error.lock().unwrap_or_else(|p| p.into_inner());
+                        first.get_or_insert_with(|| format!("{node}: {e:#}"));
                     }
                 })
             })
@@ -70,8 +72,10 @@ async fn watch_node(
     gate: &tokio::sync::Semaphore,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    // Held until the three watches answered: the stand-in's accept backlog must
+    // not overflow while thousands of watchers connect.
+    let permit = gate.acquire().await?;
     let (client, conn) = {
-        let _permit = gate.acquire().await?;
         let tcp = tokio::net::TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
         h2::client::handshake(tcp).await?
@@ -87,6 +91,7 @@ async fn watch_node(
         format!("/api/v1/nodes?fieldSelector=metadata.name%3D{node}&{common}"),
     ];
     let mut streams = Vec::new();
+    let mut answered = Vec::new();
     for path in paths {
         let mut client = client.clone().ready().await?;
         let req = http::Request::get(format!("http://{addr}{path}"))
@@ -94,10 +99,19 @@ async fn watch_node(
             .body(())?;
         let (resp, _) = client.send_request(req, true)?;
         let stats = stats.clone();
+        let (answer, answered_rx) = tokio::sync::oneshot::channel::<()>();
+        answered.push(answered_rx);
         streams.push(tokio::spawn(async move {
-            let Ok(resp) = resp.await else {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
-                return;
+            let resp = resp.await;
+            drop(answer);
+            let resp = match resp {
+                Ok(r) => r,
+                Err(e) => {
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                    let mut first = stats.first_error.lock().unwrap_or_else(|p| p.into_inner());
+                    first.get_or_insert_with(|| format!("response: {e}"));
+                    return;
+                }
             };
             stats.streams_open.fetch_add(1, Ordering::Relaxed);
             let mut body = resp.into_body();
@@ -113,6 +127,10 @@ async fn watch_node(
             stats.streams_open.fetch_sub(1, Ordering::Relaxed);
         }));
     }
+    for a in answered {
+        let _ = tokio::time::timeout(Duration::from_secs(30), a).await;
+    }
+    drop(permit);
     let _ = stop.wait_for(|s| *s).await;
     for s in streams {
         s.abort();

@@ -161,10 +161,10 @@ impl Config {
                 reason: e.to_string(),
             }
         })?;
-        if self.chunk_bytes < 64 * 1024 {
+        if self.chunk_bytes < 16 * 1024 {
             return Err(ConfigError::Invalid {
                 flag: "--chunk-bytes",
-                reason: "must be at least 65536".into(),
+                reason: "must be at least 16384".into(),
             });
         }
         if !(self.stream_rate > 0.0 && self.stream_burst >= 1.0) || self.max_streams == 0 {

@@ -31,6 +31,9 @@ struct Inner {
     published: u64,
     agents: HashMap<u64, AgentState>,
     pending: BTreeMap<u64, Pending>,
+    /// Agents holding less than `published`, kept as they move (not recounted on
+    /// every ACK: at 5,000 agents that scan was a tenth of the server's CPU).
+    behind: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -89,6 +92,7 @@ impl Convergence {
         }
         inner.published = version;
         let remaining = inner.agents.values().filter(|a| a.held < version).count();
+        inner.behind = remaining;
         if remaining > 0 {
             inner.pending.insert(
                 version,
@@ -106,7 +110,14 @@ impl Convergence {
     pub fn connected(&self, id: u64) {
         let mut inner = self.lock();
         let joined = inner.published;
-        inner.agents.insert(id, AgentState { held: 0, joined });
+        if let Some(old) = inner.agents.insert(id, AgentState { held: 0, joined })
+            && old.held < joined
+        {
+            inner.behind = inner.behind.saturating_sub(1);
+        }
+        if joined > 0 {
+            inner.behind += 1;
+        }
         self.update_behind(&inner);
     }
 
@@ -116,6 +127,12 @@ impl Convergence {
         let Some(a) = inner.agents.get(&id).copied() else {
             return;
         };
+        let published = inner.published;
+        match (a.held < published, to < published) {
+            (true, false) => inner.behind = inner.behind.saturating_sub(1),
+            (false, true) => inner.behind += 1,
+            _ => {}
+        }
         if to <= a.held {
             if let Some(s) = inner.agents.get_mut(&id) {
                 s.held = to;
@@ -153,6 +170,9 @@ impl Convergence {
         let Some(a) = inner.agents.remove(&id) else {
             return;
         };
+        if a.held < inner.published {
+            inner.behind = inner.behind.saturating_sub(1);
+        }
         let from = a.held.max(a.joined);
         let mut done = Vec::new();
         for (v, p) in inner.pending.range_mut(from + 1..) {
@@ -189,12 +209,16 @@ impl Convergence {
     }
 
     fn update_behind(&self, inner: &Inner) {
-        let n = inner
-            .agents
-            .values()
-            .filter(|a| a.held < inner.published)
-            .count();
-        self.behind.set(i64::try_from(n).unwrap_or(i64::MAX));
+        debug_assert_eq!(
+            inner.behind,
+            inner
+                .agents
+                .values()
+                .filter(|a| a.held < inner.published)
+                .count()
+        );
+        self.behind
+            .set(i64::try_from(inner.behind).unwrap_or(i64::MAX));
     }
 }
 
@@ -252,5 +276,31 @@ mod tests {
         c.published(3, t(5000));
         assert_eq!(c.timeouts.get(), 1);
         assert_eq!(c.pending(), 1);
+    }
+
+    #[test]
+    fn behind_count_stays_exact_under_random_events() {
+        // update_behind's debug assertion recounts after every event.
+        let c = Convergence::register(&mut Registry::default(), Duration::from_secs(60));
+        let mut x: u64 = 0x9e37_79b9;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut version = 0;
+        for i in 0..5_000u64 {
+            let id = next() % 20;
+            match next() % 4 {
+                0 => c.connected(id),
+                1 => {
+                    version += 1;
+                    c.published(version, t(i));
+                }
+                2 => c.advanced(id, next() % (version + 2), t(i)),
+                _ => c.gone(id),
+            }
+        }
     }
 }

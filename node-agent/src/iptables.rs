@@ -12,10 +12,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::IpAddr;
-use std::process::Stdio;
 
 use ipnet::IpNet;
-use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 use tracing::{Instrument, debug, info, warn};
 
@@ -485,28 +483,7 @@ fn tool(family: IpFamily, what: &str) -> String {
 /// Runs `iptables-restore --noflush --counters -w` with `text` on stdin.
 pub async fn restore(family: IpFamily, text: &str) -> Result<()> {
     let command = tool(family, "-restore");
-    let mut child = Command::new(&command)
-        .args(["--noflush", "--counters", "-w"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|source| Error::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(text.as_bytes())
-            .await
-            .map_err(|source| Error::Spawn {
-                command: command.clone(),
-                source,
-            })?;
-    }
-    let out = child
-        .wait_with_output()
+    let out = crate::exec::with_stdin(&command, &["--noflush", "--counters", "-w"], text)
         .await
         .map_err(|source| Error::Spawn {
             command: command.clone(),

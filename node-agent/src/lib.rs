@@ -9,6 +9,7 @@
 pub mod app;
 pub mod backend;
 pub mod config;
+pub mod exec;
 pub mod health;
 pub mod iptables;
 pub mod ipvs;

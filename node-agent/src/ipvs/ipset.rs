@@ -7,10 +7,8 @@
 //! (truncated to ipset's 31 characters), as kube-proxy names them in dual-stack.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Stdio;
 
 use ipnet::IpNet;
-use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 use super::Error;
@@ -342,28 +340,7 @@ pub async fn save() -> Result<String, Error> {
 /// Runs `ipset restore -exist` with `text` on stdin.
 pub async fn restore(text: &str) -> Result<(), Error> {
     let command = "ipset restore -exist".to_string();
-    let mut child = Command::new("ipset")
-        .args(["restore", "-exist"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|source| Error::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(text.as_bytes())
-            .await
-            .map_err(|source| Error::Spawn {
-                command: command.clone(),
-                source,
-            })?;
-    }
-    let out = child
-        .wait_with_output()
+    let out = crate::exec::with_stdin("ipset", &["restore", "-exist"], text)
         .await
         .map_err(|source| Error::Spawn {
             command: command.clone(),

@@ -22,9 +22,11 @@ use crate::proxy::{IpFamily, ProxyView, ServicePortName};
 
 pub mod chains;
 pub mod conntrack;
+pub mod jumps;
 pub mod render;
 
 pub use chains::ChainNames;
+use jumps::Jump;
 pub use render::{RenderConfig, RuleSet, ServiceRules, render};
 
 /// Kernel-side failures.
@@ -189,41 +191,6 @@ fn jump_rules(c: &ChainNames, family: IpFamily, localhost_nodeports: bool) -> Ve
         v.push(Jump::new("filter", "OUTPUT", &c.firewall, "", ""));
     }
     v
-}
-
-#[derive(Debug, Clone)]
-struct Jump {
-    table: &'static str,
-    chain: &'static str,
-    target: String,
-    rule: String,
-}
-
-impl Jump {
-    fn new(
-        table: &'static str,
-        chain: &'static str,
-        target: &str,
-        comment: &str,
-        extra: &str,
-    ) -> Self {
-        let mut rule = String::new();
-        if !extra.is_empty() {
-            rule.push_str(extra);
-            rule.push(' ');
-        }
-        if !comment.is_empty() {
-            rule.push_str(&format!("-m comment --comment \"{comment}\" "));
-        }
-        rule.push_str("-j ");
-        rule.push_str(target);
-        Self {
-            table,
-            chain,
-            target: target.to_string(),
-            rule,
-        }
-    }
 }
 
 // === impl IptablesBackend ===
@@ -546,39 +513,11 @@ async fn ensure_jumps(
     localhost_nodeports: bool,
 ) -> Result<()> {
     let jumps = jump_rules(names, family, localhost_nodeports);
-    let canary = names.canary.clone();
-    tokio::task::spawn_blocking(move || -> Result<(), String> {
-        let mut ipt = iptables::new(family == IpFamily::V6).map_err(|e| e.to_string())?;
-        ipt.set_numeric(true);
-        for (table, chain) in [("mangle", &canary), ("nat", &canary), ("filter", &canary)] {
-            if !ipt.chain_exists(table, chain).map_err(|e| e.to_string())? {
-                ipt.new_chain(table, chain).map_err(|e| e.to_string())?;
-            }
-        }
-        for j in &jumps {
-            if !ipt
-                .chain_exists(j.table, &j.target)
-                .map_err(|e| e.to_string())?
-            {
-                ipt.new_chain(j.table, &j.target)
-                    .map_err(|e| e.to_string())?;
-            }
-            if !ipt
-                .exists(j.table, j.chain, &j.rule)
-                .map_err(|e| e.to_string())?
-            {
-                ipt.insert(j.table, j.chain, &j.rule, 1)
-                    .map_err(|e| format!("{} {}: {e}", j.table, j.chain))?;
-            }
-        }
-        Ok(())
-    })
-    .await
-    .map_err(|e| Error::Jumps {
-        family,
-        reason: e.to_string(),
-    })?
-    .map_err(|reason| Error::Jumps { family, reason })
+    let canary = &names.canary;
+    let chains = ["mangle", "nat", "filter"].map(|table| (table, canary.clone()));
+    jumps::ensure(family, chains.to_vec(), jumps)
+        .await
+        .map_err(|reason| Error::Jumps { family, reason })
 }
 
 /// The canary: our canary chain in mangle, nat and filter, and the tail rule of

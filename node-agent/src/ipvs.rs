@@ -678,29 +678,7 @@ impl Backend for IpvsBackend {
 /// Creates our chains if missing and puts the jumps from the built-in chains
 /// first in them (kube-proxy's `EnsureChain` + `EnsureRule(Prepend)`).
 async fn ensure_jumps(names: &rules::ChainNames, family: IpFamily) -> Result<()> {
-    let jumps = names.jumps();
-    tokio::task::spawn_blocking(move || -> std::result::Result<(), String> {
-        let mut ipt = iptables::new(family == IpFamily::V6).map_err(|e| e.to_string())?;
-        ipt.set_numeric(true);
-        for j in &jumps {
-            if !ipt
-                .chain_exists(j.table, &j.target)
-                .map_err(|e| e.to_string())?
-            {
-                ipt.new_chain(j.table, &j.target)
-                    .map_err(|e| e.to_string())?;
-            }
-            if !ipt
-                .exists(j.table, j.chain, &j.rule)
-                .map_err(|e| e.to_string())?
-            {
-                ipt.insert(j.table, j.chain, &j.rule, 1)
-                    .map_err(|e| format!("{} {}: {e}", j.table, j.chain))?;
-            }
-        }
-        Ok(())
-    })
-    .await
-    .map_err(|e| Error::Other(e.to_string()))?
-    .map_err(|reason| Error::Other(format!("{family} jump rules: {reason}")))
+    crate::iptables::jumps::ensure(family, Vec::new(), names.jumps())
+        .await
+        .map_err(|reason| Error::Other(format!("{family} jump rules: {reason}")))
 }

@@ -16,6 +16,7 @@ use ipnet::IpNet;
 use meshlite_proto::model::Protocol;
 
 use super::ipset::{SetNames, Sets};
+pub use crate::iptables::jumps::Jump;
 use crate::proxy::IpFamily;
 
 /// Chain names of the IPVS mode.
@@ -33,16 +34,6 @@ pub struct ChainNames {
     pub ipvs_out_filter: String,
     /// Exists only so an external flush of a table can be noticed.
     pub canary: String,
-}
-
-/// A jump from a built-in chain to ours (kube-proxy's `iptablesJumpChain`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Jump {
-    pub table: &'static str,
-    pub chain: &'static str,
-    pub target: String,
-    /// The rule without `-A <chain>`, as `iptables -C/-I` take it.
-    pub rule: String,
 }
 
 /// What rendering needs.
@@ -111,11 +102,8 @@ impl ChainNames {
 
     /// The jumps from the built-in chains, in kube-proxy's order.
     pub fn jumps(&self) -> Vec<Jump> {
-        let j = |table, chain, target: &str, comment: &str| Jump {
-            table,
-            chain,
-            target: target.to_string(),
-            rule: format!("-m comment --comment \"{comment}\" -j {target}"),
+        let j = |table, chain, target: &str, comment: &str| {
+            Jump::new(table, chain, target, comment, "")
         };
         vec![
             j(

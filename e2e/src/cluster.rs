@@ -82,6 +82,41 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// Connects `ns` to the fabric by a veth (`fab_if` on the fabric side, `eth0`
+    /// inside) and gives it `ip`: a /32 route each way and a default route via
+    /// the fabric, as a host on a real underlay has. The fabric itself routes
+    /// nowhere else.
+    fn wire_to_fabric(&self, ns: &Netns, fab_if: &str, ip: Ipv4Addr) -> Result<()> {
+        let fabric_ip = FABRIC_IP.to_string();
+        let host = format!("{ip}/32");
+        self.fabric.exec(&[
+            "ip", "link", "add", fab_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ])?;
+        self.fabric.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{fabric_ip}/32"),
+            "dev",
+            fab_if,
+        ])?;
+        self.fabric.exec(&["ip", "link", "set", fab_if, "up"])?;
+        self.fabric
+            .exec(&["ip", "route", "add", &host, "dev", fab_if])?;
+        ns.exec(&["ip", "addr", "add", &host, "dev", "eth0"])?;
+        ns.exec(&["ip", "link", "set", "eth0", "up"])?;
+        ns.exec(&[
+            "ip",
+            "route",
+            "add",
+            &format!("{fabric_ip}/32"),
+            "dev",
+            "eth0",
+        ])?;
+        ns.exec(&["ip", "route", "add", "default", "via", &fabric_ip])?;
+        Ok(())
+    }
+
     fn add_node(&mut self, name: &str, index: u8) -> Result<()> {
         let ns = Netns::new(name)?;
         for s in [
@@ -96,20 +131,8 @@ impl Cluster {
         }
         let ip = Ipv4Addr::new(198, 18, 0, index);
         let fab_if = format!("n{index}");
-        self.fabric.exec(&[
-            "ip", "link", "add", &fab_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
-        ])?;
-        self.fabric.exec(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{FABRIC_IP}/32"),
-            "dev",
-            &fab_if,
-        ])?;
-        self.fabric.exec(&["ip", "link", "set", &fab_if, "up"])?;
-        self.fabric
-            .exec(&["ip", "route", "add", &format!("{ip}/32"), "dev", &fab_if])?;
+        self.wire_to_fabric(&ns, &fab_if, ip)?;
+        // The node's pods are behind it.
         self.fabric.exec(&[
             "ip",
             "route",
@@ -119,26 +142,6 @@ impl Cluster {
             &ip.to_string(),
             "dev",
             &fab_if,
-        ])?;
-        ns.exec(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
-        ns.exec(&["ip", "link", "set", "eth0", "up"])?;
-        ns.exec(&[
-            "ip",
-            "route",
-            "add",
-            &format!("{FABRIC_IP}/32"),
-            "dev",
-            "eth0",
-        ])?;
-        // The node's default route is the underlay, as on a real node; the underlay
-        // itself goes nowhere.
-        ns.exec(&[
-            "ip",
-            "route",
-            "add",
-            "default",
-            "via",
-            &FABRIC_IP.to_string(),
         ])?;
         let rt = ns.runtime()?;
         self.nodes.insert(
@@ -254,38 +257,7 @@ impl Cluster {
         let ns = Netns::new(name)?;
         self.next_veth += 1;
         let veth = format!("x{}", self.next_veth);
-        self.fabric.exec(&[
-            "ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
-        ])?;
-        self.fabric.exec(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{FABRIC_IP}/32"),
-            "dev",
-            &veth,
-        ])?;
-        self.fabric.exec(&["ip", "link", "set", &veth, "up"])?;
-        self.fabric
-            .exec(&["ip", "route", "add", &format!("{ip}/32"), "dev", &veth])?;
-        ns.exec(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
-        ns.exec(&["ip", "link", "set", "eth0", "up"])?;
-        ns.exec(&[
-            "ip",
-            "route",
-            "add",
-            &format!("{FABRIC_IP}/32"),
-            "dev",
-            "eth0",
-        ])?;
-        ns.exec(&[
-            "ip",
-            "route",
-            "add",
-            "default",
-            "via",
-            &FABRIC_IP.to_string(),
-        ])?;
+        self.wire_to_fabric(&ns, &veth, ip)?;
         // Nodes answer it through the fabric.
         for node in self.nodes.values() {
             let _ = node.ns.exec(&[

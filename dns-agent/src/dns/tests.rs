@@ -669,3 +669,38 @@ async fn seed_scenario_answers() {
     .await;
     assert_eq!(ips(&m.answers), ip_list(&["198.19.100.100"]));
 }
+
+/// Over 64 KiB even TCP cannot carry the answer: as many records as fit, TC set
+/// (CoreDNS does the same), never SERVFAIL.
+#[tokio::test]
+async fn answers_beyond_64k_over_tcp_are_truncated_not_failed() {
+    use meshlite_proto::model::{Protocol, Resource};
+    let eps = (0..5000)
+        .map(|i| fixtures::named(&format!("pod-{i}"), &[&fixtures::pod_ip(i).to_string()]))
+        .collect();
+    let snapshot = meshlite_runtime::Snapshot::from_resources([
+        Resource::Service(fixtures::headless("default", "big")),
+        Resource::EndpointSlice(fixtures::slice(
+            "default",
+            "big-1",
+            "big",
+            &[("http", Protocol::Tcp, 80)],
+            eps,
+        )),
+    ]);
+    let h = handler_for(&snapshot, PodRecords::Disabled);
+    for (name, t) in [
+        ("big.default.svc.cluster.local.", RecordType::A),
+        ("_http._tcp.big.default.svc.cluster.local.", RecordType::SRV),
+    ] {
+        let (m, size) = ask_with(&h, name, t, None, Transport::Tcp).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{t}");
+        assert!(m.metadata.truncation, "{t}");
+        assert!(size <= usize::from(u16::MAX), "{t}: {size}");
+        assert!(
+            m.answers.len() > 500 && m.answers.len() < 5000,
+            "{t}: {}",
+            m.answers.len()
+        );
+    }
+}

@@ -49,7 +49,22 @@ pub enum Command {
     /// Print what the agent would program for a directory of manifests (the exact
     /// iptables-restore input, or with --mode ipvs the IPVS table, ipsets and rules),
     /// without a control plane and without touching the kernel.
-    Render(RenderArgs),
+    Render(Box<RenderArgs>),
+    /// Remove every rule either mode programmed (iptables and ip6tables chains and
+    /// jumps, ipsets, IPVS virtual servers, the dummy interface) and exit, like
+    /// `kube-proxy --cleanup`. Stop the agent first: it would put its rules back.
+    Cleanup(CleanupArgs),
+}
+
+/// What `cleanup` removes.
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    /// Chain and ipset prefix the agent ran with.
+    #[arg(long, env = "MESHLITE_CHAIN_PREFIX", default_value = "KUBE")]
+    pub chain_prefix: String,
+    /// The IPVS mode's dummy interface.
+    #[arg(long, env = "MESHLITE_IPVS_INTERFACE", default_value = "kube-ipvs0")]
+    pub ipvs_interface: String,
 }
 
 /// The node agent (default command).

@@ -440,7 +440,7 @@ fn fail(stage: &'static str, e: Error) -> BackendError {
     }
 }
 
-fn tool(family: IpFamily, what: &str) -> String {
+pub(crate) fn tool(family: IpFamily, what: &str) -> String {
     match family {
         IpFamily::V4 => format!("iptables{what}"),
         IpFamily::V6 => format!("ip6tables{what}"),

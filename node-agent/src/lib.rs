@@ -8,6 +8,7 @@
 
 pub mod app;
 pub mod backend;
+pub mod cleanup;
 pub mod config;
 pub mod exec;
 pub mod health;

@@ -1,12 +1,14 @@
 //! `meshlite-node-agent`: see the crate docs. Parses the command line, then either
-//! renders manifests (`render`) or runs the agent.
+//! renders manifests (`render`), removes what the agent programmed (`cleanup`)
+//! or runs the agent.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use clap::error::ErrorKind;
 use meshlite_node_agent::config::{BackendKind, Cli, Command};
-use meshlite_node_agent::{app, preview};
+use meshlite_node_agent::iptables::chains;
+use meshlite_node_agent::{app, cleanup, preview};
 
 /// sysexits' EX_USAGE: the configuration is invalid.
 const EXIT_CONFIG: u8 = 64;
@@ -24,8 +26,36 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(Command::Render(args)) => render(args),
+        Some(Command::Render(args)) => render(*args),
+        Some(Command::Cleanup(args)) => cleanup(&args),
         None => run(cli.run),
+    }
+}
+
+fn cleanup(args: &meshlite_node_agent::config::CleanupArgs) -> ExitCode {
+    if let Err(reason) = chains::validate_prefix(&args.chain_prefix) {
+        eprintln!(
+            "error: invalid --chain-prefix {:?}: {reason}",
+            args.chain_prefix
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = rt.block_on(cleanup::run(&args.chain_prefix, &args.ipvs_interface));
+    print!("{report}");
+    if report.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

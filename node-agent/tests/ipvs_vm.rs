@@ -40,6 +40,7 @@ const CHECKS: &[&str] = &[
     "removal-weight0",
     "removal-no-new",
     "removal-deleted",
+    "cleanup",
 ];
 
 fn repo() -> PathBuf {

@@ -515,3 +515,85 @@ async fn restart_under_a_request_loop_loses_no_requests() {
         failed.len()
     );
 }
+
+/// `meshlite-node-agent cleanup` (kube-proxy's `--cleanup`): every chain and jump
+/// the agent programmed is gone and traffic is no longer translated; other
+/// people's chains and kubelet's stay; a second run finds nothing.
+#[tokio::test]
+async fn cleanup_removes_our_rules_and_keeps_the_rest() {
+    let lab = Lab::new(1).await.unwrap();
+    let agent = Agent::start(&lab);
+    agent
+        .apply(
+            &lab,
+            vec![
+                node_object(),
+                Resource::Service(node_port("cl", "198.19.0.30", 30030)),
+                slice("cl", vec![ep(&lab, 0, NODE)]),
+            ],
+        )
+        .await;
+    assert!(
+        from_client(&lab, addr("198.19.0.30", 80), T)
+            .await
+            .served()
+            .is_some()
+    );
+    drop(agent);
+    // Let the sync loop stop (its canary would repair what cleanup removes).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    lab.node_iptables(&["-t", "filter", "-N", "OTHER-INPUT"])
+        .unwrap();
+    lab.node_iptables(&[
+        "-t",
+        "filter",
+        "-A",
+        "INPUT",
+        "-p",
+        "tcp",
+        "--dport",
+        "9",
+        "-j",
+        "OTHER-INPUT",
+    ])
+    .unwrap();
+    lab.node_iptables(&["-t", "nat", "-N", "KUBE-KUBELET-CANARY"])
+        .unwrap();
+
+    let bin = env!("CARGO_BIN_EXE_meshlite-node-agent");
+    let out = lab.node.exec(&[bin, "cleanup"]).unwrap();
+    assert!(out.contains("ipv4 iptables: deleted"), "{out}");
+    assert!(out.contains("ipvs: "), "{out}");
+    // Past a canary period: nothing put the rules back.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let save = lab.node.exec(&["iptables-save"]).unwrap();
+    for gone in [
+        "KUBE-SERVICES",
+        "KUBE-SVC-",
+        "KUBE-SEP-",
+        "KUBE-EXT-",
+        "KUBE-NODEPORTS",
+        "KUBE-EXTERNAL-SERVICES",
+        "KUBE-POSTROUTING",
+        "KUBE-MARK-MASQ",
+        "KUBE-FORWARD",
+        "KUBE-PROXY-FIREWALL",
+        "KUBE-PROXY-CANARY",
+    ] {
+        assert!(!save.contains(gone), "{gone} is left:\n{save}");
+    }
+    for kept in [
+        ":OTHER-INPUT",
+        "-A INPUT -p tcp -m tcp --dport 9 -j OTHER-INPUT",
+        ":KUBE-KUBELET-CANARY",
+        // kubelet's under the default prefix.
+        ":KUBE-FIREWALL",
+    ] {
+        assert!(save.contains(kept), "{kept} is gone:\n{save}");
+    }
+    let o = from_client(&lab, addr("198.19.0.30", 80), Duration::from_millis(500)).await;
+    assert!(o.served().is_none(), "still translated: {o:?}");
+
+    let out = lab.node.exec(&[bin, "cleanup"]).unwrap();
+    assert!(out.contains("ipv4 iptables: nothing to delete"), "{out}");
+}

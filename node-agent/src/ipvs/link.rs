@@ -128,6 +128,21 @@ impl Link {
         Ok(i)
     }
 
+    /// Deletes the interface (and with it every address on it); `false` when it
+    /// did not exist.
+    pub async fn delete(&self) -> Result<bool, LinkError> {
+        let Some(index) = self.find().await? else {
+            return Ok(false);
+        };
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(|e| err(format!("delete interface {}", self.name), e))?;
+        Ok(true)
+    }
+
     /// Every address of the node, split into the dummy interface's and the others.
     pub async fn addresses(&self) -> Result<Addresses, LinkError> {
         let index = self.find().await?;

@@ -260,4 +260,18 @@ ipset list -t | grep -E 'Name|entries'
 iptables-save -t nat | grep -v '^#'
 tail -n 5 /run/agent2.log
 kill -TERM $AGENT_PID $CP_PID 2>/dev/null
+wait $AGENT_PID $CP_PID 2>/dev/null
+
+sec "cleanup (kube-proxy --cleanup)"
+out=$(meshlite-node-agent cleanup 2>&1); rc=$?
+echo "$out"
+left_vs=$(ipvsadm -Sn | wc -l)
+left_sets=$(ipset list -n | grep -c '^KUBE-')
+left_chains=$( (iptables-save; ip6tables-save) | grep -E '^:KUBE-' | grep -v -E '^:KUBE-(FIREWALL|KUBELET-CANARY) ' | wc -l)
+if [ $rc = 0 ] && [ "$left_vs" = 0 ] && [ "$left_sets" = 0 ] && [ "$left_chains" = 0 ] && ! ip link show kube-ipvs0 >/dev/null 2>&1; then
+    ok cleanup "no virtual servers, ipsets, KUBE chains or kube-ipvs0 left"
+else
+    fail cleanup "rc=$rc virtual servers=$left_vs sets=$left_sets chains=$left_chains"
+    ip link show kube-ipvs0; (iptables-save; ip6tables-save) | grep KUBE-
+fi
 [ -z "$FAILS" ]

@@ -1,0 +1,448 @@
+//! `meshlite-node-agent cleanup`: removes what either mode programmed, as
+//! `kube-proxy --cleanup` does, so a node can switch modes, go back to kube-proxy,
+//! or be left clean after an uninstall. The agent must be stopped first (it would
+//! put its rules back).
+//!
+//! - iptables, both families: our chains in every table (the fixed ones of both
+//!   modes and the per-service `-SVC-`/`-SVL-`/`-EXT-`/`-FW-`/`-SEP-` ones, plus
+//!   `-XLB-` left by older kube-proxy versions) are flushed and deleted, and every
+//!   rule elsewhere that jumps to one of them is deleted, in one `iptables-restore
+//!   --noflush` per family. Chains that are not ours stay, among them kubelet's
+//!   `KUBE-FIREWALL` and `KUBE-KUBELET-CANARY` under the default prefix.
+//! - ipsets: the IPVS mode's sets (after the rules that match them are gone).
+//! - IPVS: every virtual server, as kube-proxy's cleanup flushes the table.
+//! - the IPVS mode's dummy interface.
+//!
+//! A part whose tool or kernel feature is absent has nothing to clean and is
+//! reported as skipped; a part that fails is reported and the others still run.
+
+use std::collections::BTreeSet;
+use std::fmt::{self, Write as _};
+
+use tokio::process::Command;
+
+use crate::iptables::{self, ChainNames};
+use crate::ipvs::ipset::{self, SetNames};
+use crate::ipvs::link::Link;
+use crate::ipvs::netlink::{IpvsSocket, NetlinkError};
+use crate::ipvs::{Op, rules};
+use crate::proxy::IpFamily;
+
+/// What cleanup did, one line per part; `errors` non-empty means it is not done.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub lines: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+/// The `iptables-restore --noflush` input that removes our chains from one
+/// family's `iptables-save` output, with what it removes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IptablesPlan {
+    pub text: String,
+    pub chains: usize,
+    pub jumps: usize,
+}
+
+/// Runs every part of the cleanup for chain prefix `prefix` and the IPVS mode's
+/// dummy interface `interface`.
+pub async fn run(prefix: &str, interface: &str) -> Report {
+    let mut report = Report::default();
+    for family in [IpFamily::V4, IpFamily::V6] {
+        let part = format!("{family} iptables");
+        match clean_iptables(family, prefix).await {
+            Ok(line) => report.lines.push(format!("{part}: {line}")),
+            Err(e) => report.errors.push(format!("{part}: {e}")),
+        }
+    }
+    match clean_ipsets(prefix).await {
+        Ok(line) => report.lines.push(format!("ipsets: {line}")),
+        Err(e) => report.errors.push(format!("ipsets: {e}")),
+    }
+    match clean_ipvs() {
+        Ok(line) => report.lines.push(format!("ipvs: {line}")),
+        Err(e) => report.errors.push(format!("ipvs: {e}")),
+    }
+    let part = format!("interface {interface}");
+    match Link::new(interface) {
+        Ok(link) => match link.delete().await {
+            Ok(true) => report.lines.push(format!("{part}: deleted")),
+            Ok(false) => report.lines.push(format!("{part}: not present")),
+            Err(e) => report.errors.push(format!("{part}: {e}")),
+        },
+        Err(e) => report.errors.push(format!("{part}: {e}")),
+    }
+    report
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for l in &self.lines {
+            writeln!(f, "{l}")?;
+        }
+        for e in &self.errors {
+            writeln!(f, "error: {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether `chain` is one meshlite (or kube-proxy, with the default prefix) creates.
+pub fn is_ours(chain: &str, prefix: &str) -> bool {
+    let Some(rest) = chain.strip_prefix(prefix).and_then(|r| r.strip_prefix('-')) else {
+        return false;
+    };
+    const PER_SERVICE: [&str; 6] = ["SVC-", "SVL-", "EXT-", "FW-", "SEP-", "XLB-"];
+    if PER_SERVICE.iter().any(|p| rest.starts_with(p)) {
+        return true;
+    }
+    let ipt = ChainNames::new(prefix);
+    let ipvs = rules::ChainNames::new(prefix);
+    let mut fixed = vec![
+        &ipt.services,
+        &ipt.external_services,
+        &ipt.nodeports,
+        &ipt.postrouting,
+        &ipt.mark_masq,
+        &ipt.forward,
+        &ipt.proxy_firewall,
+        &ipt.canary,
+        &ipvs.node_port,
+        &ipvs.load_balancer,
+        &ipvs.source_ranges_firewall,
+        &ipvs.ipvs_filter,
+        &ipvs.ipvs_out_filter,
+    ];
+    // Under kube-proxy's prefix this chain is kubelet's, which goes on using it.
+    if prefix != "KUBE" {
+        fixed.push(&ipt.firewall);
+    }
+    fixed.iter().any(|c| c.as_str() == chain)
+}
+
+/// Plans the removal of our chains from `save` (`iptables-save` output of every
+/// table); `None` when there is nothing of ours.
+pub fn plan_iptables(save: &str, prefix: &str) -> Option<IptablesPlan> {
+    struct Table<'a> {
+        name: &'a str,
+        chains: Vec<&'a str>,
+        rules: Vec<(&'a str, &'a str)>,
+    }
+    let mut tables: Vec<Table<'_>> = Vec::new();
+    for line in save.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            tables.push(Table {
+                name: name.trim(),
+                chains: Vec::new(),
+                rules: Vec::new(),
+            });
+        } else if let Some(t) = tables.last_mut() {
+            if let Some(decl) = line.strip_prefix(':') {
+                if let Some(chain) = decl.split_whitespace().next() {
+                    t.chains.push(chain);
+                }
+            } else if let Some(rule) = line.strip_prefix("-A ")
+                && let Some((chain, spec)) = rule.split_once(' ')
+            {
+                t.rules.push((chain, spec));
+            }
+        }
+    }
+    let mut plan = IptablesPlan {
+        text: String::new(),
+        chains: 0,
+        jumps: 0,
+    };
+    for t in &tables {
+        let ours: BTreeSet<&str> = t
+            .chains
+            .iter()
+            .copied()
+            .filter(|c| is_ours(c, prefix))
+            .collect();
+        if ours.is_empty() {
+            continue;
+        }
+        let _ = writeln!(plan.text, "*{}", t.name);
+        for c in &ours {
+            let _ = writeln!(plan.text, ":{c} - [0:0]");
+        }
+        for (chain, spec) in &t.rules {
+            if !ours.contains(chain) && jump_target(spec).is_some_and(|j| ours.contains(j)) {
+                let _ = writeln!(plan.text, "-D {chain} {spec}");
+                plan.jumps += 1;
+            }
+        }
+        for c in &ours {
+            let _ = writeln!(plan.text, "-X {c}");
+        }
+        plan.text.push_str("COMMIT\n");
+        plan.chains += ours.len();
+    }
+    (plan.chains > 0).then_some(plan)
+}
+
+/// The chain a rule jumps or goes to (`-j`/`--jump`/`-g`/`--goto`), skipping
+/// quoted strings such as comments.
+fn jump_target(spec: &str) -> Option<&str> {
+    let mut words = Vec::new();
+    let mut rest = spec.trim_start();
+    while !rest.is_empty() {
+        if let Some(q) = rest.strip_prefix('"') {
+            // A quoted word (comments); `\"` does not end it.
+            let mut end = q.len();
+            let mut escaped = false;
+            for (i, ch) in q.char_indices() {
+                match ch {
+                    '\\' if !escaped => escaped = true,
+                    '"' if !escaped => {
+                        end = i;
+                        break;
+                    }
+                    _ => escaped = false,
+                }
+            }
+            words.push("\"\"");
+            rest = q.get(end + 1..).unwrap_or("").trim_start();
+        } else {
+            let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+            words.push(&rest[..end]);
+            rest = rest[end..].trim_start();
+        }
+    }
+    words
+        .windows(2)
+        .find(|w| matches!(w[0], "-j" | "--jump" | "-g" | "--goto"))
+        .map(|w| w[1])
+}
+
+async fn clean_iptables(family: IpFamily, prefix: &str) -> Result<String, String> {
+    let command = iptables::tool(family, "-save");
+    let out = match Command::new(&command).kill_on_drop(true).output().await {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(format!("{command} not installed, skipped"));
+        }
+        Err(e) => return Err(format!("{command}: {e}")),
+    };
+    if !out.status.success() {
+        return Err(format!(
+            "{command} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let save = String::from_utf8_lossy(&out.stdout);
+    let Some(plan) = plan_iptables(&save, prefix) else {
+        return Ok("nothing to delete".into());
+    };
+    iptables::restore(family, &plan.text)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(format!(
+        "deleted {} chains and {} jump rules",
+        plan.chains, plan.jumps
+    ))
+}
+
+async fn clean_ipsets(prefix: &str) -> Result<String, String> {
+    let out = match Command::new("ipset")
+        .args(["list", "-n"])
+        .kill_on_drop(true)
+        .output()
+        .await
+    {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok("ipset not installed, skipped".into());
+        }
+        Err(e) => return Err(format!("ipset list: {e}")),
+    };
+    if !out.status.success() {
+        return Err(format!(
+            "ipset list failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let ours: BTreeSet<String> = [IpFamily::V4, IpFamily::V6]
+        .into_iter()
+        .flat_map(|f| {
+            ipset::empty_sets(&SetNames::new(prefix, f), f)
+                .into_map()
+                .into_keys()
+        })
+        .collect();
+    let present = String::from_utf8_lossy(&out.stdout);
+    let doomed: Vec<&str> = present
+        .lines()
+        .map(str::trim)
+        .filter(|n| ours.contains(*n))
+        .collect();
+    if doomed.is_empty() {
+        return Ok("nothing to delete".into());
+    }
+    let text: String = doomed.iter().map(|n| format!("destroy {n}\n")).collect();
+    ipset::restore(&text).await.map_err(|e| e.to_string())?;
+    Ok(format!("destroyed {}", doomed.len()))
+}
+
+fn clean_ipvs() -> Result<String, String> {
+    let mut socket = match IpvsSocket::open() {
+        Ok(s) => s,
+        Err(NetlinkError::Family(_)) => return Ok("not loaded, nothing to delete".into()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let ops: Vec<Op> = socket
+        .dump_services()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|(key, _)| Op::DelService { key })
+        .collect();
+    if ops.is_empty() {
+        return Ok("no virtual servers".into());
+    }
+    let refs: Vec<&Op> = ops.iter().collect();
+    let failed = socket.execute(&refs).map_err(|e| e.to_string())?;
+    if let Some(first) = failed.first() {
+        return Err(format!(
+            "{} of {} virtual servers not deleted, first: {first:?}",
+            failed.len(),
+            ops.len()
+        ));
+    }
+    Ok(format!("deleted {} virtual servers", ops.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAVE: &str = r#"# Generated by iptables-save v1.8.9
+*mangle
+:PREROUTING ACCEPT [0:0]
+:KUBE-PROXY-CANARY - [0:0]
+:KUBE-KUBELET-CANARY - [0:0]
+COMMIT
+*nat
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:DOCKER - [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-SVC-ABCDEFGHIJKLMNOP - [0:0]
+:KUBE-SEP-ABCDEFGHIJKLMNOP - [0:0]
+:KUBE-XLB-ABCDEFGHIJKLMNOP - [0:0]
+-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER
+-A OUTPUT -m comment --comment "says -j KUBE-SERVICES but goes elsewhere" -j DOCKER
+-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING
+-A KUBE-SERVICES -d 198.19.0.10/32 -p tcp -j KUBE-SVC-ABCDEFGHIJKLMNOP
+-A KUBE-SVC-ABCDEFGHIJKLMNOP -j KUBE-SEP-ABCDEFGHIJKLMNOP
+COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:KUBE-FIREWALL - [0:0]
+:KUBE-FORWARD - [0:0]
+:KUBE-IPVS-FILTER - [0:0]
+:KUBE-NODE-PORT - [0:0]
+:KUBERNETES-X - [0:0]
+-A INPUT -j KUBE-FIREWALL
+-A INPUT -m comment --comment "kubernetes ipvs access filter" -j KUBE-IPVS-FILTER
+-A FORWARD -m comment --comment "kubernetes forwarding rules" -g KUBE-FORWARD
+COMMIT
+"#;
+
+    #[test]
+    fn our_chains_and_only_ours() {
+        for c in [
+            "KUBE-SERVICES",
+            "KUBE-SVC-ABCDEFGHIJKLMNOP",
+            "KUBE-SEP-X",
+            "KUBE-FW-X",
+            "KUBE-EXT-X",
+            "KUBE-SVL-X",
+            "KUBE-PROXY-CANARY",
+            "KUBE-IPVS-OUT-FILTER",
+            "KUBE-LOAD-BALANCER",
+        ] {
+            assert!(is_ours(c, "KUBE"), "{c}");
+        }
+        for c in [
+            "KUBE-FIREWALL",
+            "KUBE-KUBELET-CANARY",
+            "KUBERNETES-X",
+            "DOCKER",
+            "INPUT",
+            "MESH-SERVICES",
+        ] {
+            assert!(!is_ours(c, "KUBE"), "{c}");
+        }
+        // Under another prefix the firewall chain is ours too.
+        assert!(is_ours("MESH-FIREWALL", "MESH"));
+        assert!(is_ours("MESH-SEP-X", "MESH"));
+        assert!(!is_ours("KUBE-SERVICES", "MESH"));
+    }
+
+    #[test]
+    fn plan_flushes_unhooks_and_deletes_ours() {
+        let plan = plan_iptables(SAVE, "KUBE").unwrap();
+        let want = "\
+*mangle
+:KUBE-PROXY-CANARY - [0:0]
+-X KUBE-PROXY-CANARY
+COMMIT
+*nat
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-SEP-ABCDEFGHIJKLMNOP - [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-SVC-ABCDEFGHIJKLMNOP - [0:0]
+:KUBE-XLB-ABCDEFGHIJKLMNOP - [0:0]
+-D PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-D OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-D POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING
+-X KUBE-MARK-MASQ
+-X KUBE-POSTROUTING
+-X KUBE-SEP-ABCDEFGHIJKLMNOP
+-X KUBE-SERVICES
+-X KUBE-SVC-ABCDEFGHIJKLMNOP
+-X KUBE-XLB-ABCDEFGHIJKLMNOP
+COMMIT
+*filter
+:KUBE-FORWARD - [0:0]
+:KUBE-IPVS-FILTER - [0:0]
+:KUBE-NODE-PORT - [0:0]
+-D INPUT -m comment --comment \"kubernetes ipvs access filter\" -j KUBE-IPVS-FILTER
+-D FORWARD -m comment --comment \"kubernetes forwarding rules\" -g KUBE-FORWARD
+-X KUBE-FORWARD
+-X KUBE-IPVS-FILTER
+-X KUBE-NODE-PORT
+COMMIT
+";
+        assert_eq!(plan.text, want);
+        assert_eq!((plan.chains, plan.jumps), (10, 5));
+    }
+
+    #[test]
+    fn nothing_of_ours_plans_nothing() {
+        assert_eq!(plan_iptables(SAVE, "MESH"), None);
+        assert_eq!(plan_iptables("", "KUBE"), None);
+    }
+
+    #[test]
+    fn jump_targets_skip_quoted_words() {
+        assert_eq!(jump_target("-p tcp -j ACCEPT"), Some("ACCEPT"));
+        assert_eq!(jump_target("-g KUBE-FORWARD"), Some("KUBE-FORWARD"));
+        assert_eq!(
+            jump_target(r#"-m comment --comment "a \"-j X\" b" -j Y"#),
+            Some("Y")
+        );
+        assert_eq!(jump_target(r#"-m comment --comment "-j X""#), None);
+        assert_eq!(jump_target("-p tcp"), None);
+    }
+}

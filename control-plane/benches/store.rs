@@ -3,7 +3,8 @@
 //!
 //! `cargo bench -p meshlite-control-plane --bench store`
 //! Prints: time to ingest the full state, to cut a full snapshot, to apply one
-//! endpoint change and cut its delta, and the bytes of that delta on the wire.
+//! endpoint change and cut its delta, and the bytes of that delta on the wire, whole
+//! and as an EndpointSlice patch.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -50,9 +51,11 @@ fn slice(i: u32, generation: u32) -> Resource {
         }],
         endpoints: (0..PER_SERVICE)
             .map(|e| {
-                let mut ep = Endpoint::ready(ip(18, (i * PER_SERVICE + e + generation) % 65_000))
-                    .on_node(&format!("node-{}", (i + e) % 5000));
-                ep.target_pod = Some(format!("svc-{i}-pod-{e}"));
+                // Each generation replaces the first pod: a new address and name.
+                let g = if e == 0 { generation } else { 0 };
+                let mut ep = Endpoint::ready(ip(18, (i * PER_SERVICE + e + g * 7_919) % 65_000))
+                    .on_node(&format!("node-{}", (i + e + g) % 5000));
+                ep.target_pod = Some(format!("svc-{i}-pod-{e}-{g}"));
                 ep
             })
             .collect(),
@@ -105,7 +108,11 @@ fn bench(c: &mut Criterion) {
                 resource: slice(42, generation),
                 cause: Cause::observed_now(None),
             }]);
-            black_box(store.delta(v, &View::Node("node-1".into())).unwrap())
+            black_box(
+                store
+                    .delta_with_patches(v, &View::Node("node-1".into()), true)
+                    .unwrap(),
+            )
         })
     });
     g.finish();
@@ -116,11 +123,16 @@ fn bench(c: &mut Criterion) {
         resource: slice(7, 99_999),
         cause: Cause::observed_now(None),
     }]);
-    let delta = store.delta(v, &View::Node("node-1".into())).unwrap();
-    let delta_bytes: usize = frames(1, v, "1", delta, 3 << 20)
-        .iter()
-        .map(|f| f.encoded_len())
-        .sum();
+    let wire = |patches: bool| -> usize {
+        let delta = store
+            .delta_with_patches(v, &View::Node("node-1".into()), patches)
+            .unwrap();
+        frames(1, v, "1", delta, 3 << 20)
+            .iter()
+            .map(|f| f.encoded_len())
+            .sum()
+    };
+    let (delta_bytes, patch_bytes) = (wire(false), wire(true));
     let full = store.full(&View::Node("node-1".into()));
     let full_bytes: usize = frames(1, 0, "1", full, 3 << 20)
         .iter()
@@ -139,7 +151,10 @@ fn bench(c: &mut Criterion) {
         ingest.as_secs_f64() * 1e3
     );
     println!(
-        "figures: one-endpoint delta on wire  {delta_bytes:>10} bytes (one slice of {PER_SERVICE} endpoints + cause)"
+        "figures: one-endpoint delta on wire  {delta_bytes:>10} bytes (whole slice of {PER_SERVICE} endpoints + cause)"
+    );
+    println!(
+        "figures: same delta as a patch       {patch_bytes:>10} bytes (agents holding the previous version)"
     );
     println!(
         "figures: full snapshot on wire       {:>10.1} MiB",

@@ -95,6 +95,7 @@ pub struct Metrics {
     pub subscribers: Family<RoleLabels, Gauge>,
     pub updates_sent: Family<UpdateLabels, Counter>,
     pub update_bytes_sent: Counter,
+    pub patches_sent: Counter,
     pub acks: Counter,
     pub nacks: Counter,
     pub ack_latency: Histogram,
@@ -117,6 +118,7 @@ impl Metrics {
             subscribers: Family::default(),
             updates_sent: Family::default(),
             update_bytes_sent: Counter::default(),
+            patches_sent: Counter::default(),
             acks: Counter::default(),
             nacks: Counter::default(),
             ack_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
@@ -171,6 +173,11 @@ impl Metrics {
             "update_bytes_sent",
             "Bytes of updates sent to agents",
             m.update_bytes_sent.clone(),
+        );
+        r.register(
+            "endpoint_slice_patches_sent",
+            "EndpointSlices sent to agents as patches from the version they hold instead of whole",
+            m.patches_sent.clone(),
         );
         r.register("acks", "ACKs received", m.acks.clone());
         r.register("nacks", "NACKs received", m.nacks.clone());

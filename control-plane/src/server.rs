@@ -423,7 +423,8 @@ impl Subscription {
             return self.full_plan();
         }
         if h.epoch == store.epoch()
-            && let Some(delta) = store.delta(h.applied_version, &self.view)
+            && let Some(delta) =
+                store.delta_with_patches(h.applied_version, &self.view, h.accepts_patches)
         {
             let kind = if delta.upserts.is_empty() && delta.removals.is_empty() {
                 UpdateKind::Unchanged
@@ -465,7 +466,11 @@ impl Subscription {
         if self.shared.store.version() <= holds {
             return Plan::Nothing;
         }
-        match self.shared.store.delta(holds, &self.view) {
+        match self
+            .shared
+            .store
+            .delta_with_patches(holds, &self.view, self.hello.accepts_patches)
+        {
             Some(d) if d.upserts.is_empty() && d.removals.is_empty() => {
                 // Nothing in this agent's view changed: it is current as it is.
                 self.hold(d.version, SystemTime::now());
@@ -531,6 +536,10 @@ impl Subscription {
         self.nonce += 1;
         let nonce = self.nonce.to_string();
         let version = delta.version;
+        self.shared
+            .metrics
+            .patches_sent
+            .inc_by(delta.patches as u64);
         let chunks = frames(
             self.shared.store.epoch(),
             base,

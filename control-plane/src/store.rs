@@ -80,6 +80,8 @@ pub struct Delta {
     pub upserts: Vec<Bytes>,
     pub removals: Vec<String>,
     pub causes: Vec<v1::ChangeCause>,
+    /// How many of `upserts` are EndpointSlice patches.
+    pub patches: usize,
 }
 
 /// What an apply did.
@@ -136,8 +138,20 @@ struct Entry {
     seq: u64,
     hash: u64,
     bytes: Bytes,
+    /// For an EndpointSlice: the encoded patch from its previous version, when
+    /// smaller than `bytes`.
+    patch: Option<Patch>,
     cause: Cause,
     published: Option<SystemTime>,
+}
+
+/// An encoded `EndpointSlicePatch` resource and the sequence number of the
+/// version it applies to: a subscriber at any version from `base_seq` up to the
+/// entry's own holds exactly that version of the slice.
+#[derive(Debug, Clone)]
+struct Patch {
+    base_seq: u64,
+    bytes: Bytes,
 }
 
 #[derive(Debug, Clone)]
@@ -414,12 +428,20 @@ impl Store {
             upserts: upserts.into_iter().map(|(_, b)| b).collect(),
             removals: Vec::new(),
             causes: Vec::new(),
+            patches: 0,
         }
     }
 
     /// Changes in the view since `from`, or `None` when `from` is older than the
     /// tombstone window (or newer than the store: a subscriber from another epoch).
+    /// Whole resources only; see [`Store::delta_with_patches`].
     pub fn delta(&self, from: u64, view: &View) -> Option<Delta> {
+        self.delta_with_patches(from, view, false)
+    }
+
+    /// [`Store::delta`], where with `patches` an EndpointSlice changed once since
+    /// `from` goes as a patch from the version the subscriber holds, if smaller.
+    pub fn delta_with_patches(&self, from: u64, view: &View, patches: bool) -> Option<Delta> {
         let inner = self.read();
         if from < inner.compacted || from > inner.seq {
             return None;
@@ -433,7 +455,13 @@ impl Store {
                 continue;
             }
             if let Some(e) = inner.entries.get(key) {
-                d.upserts.push(e.bytes.clone());
+                match &e.patch {
+                    Some(p) if patches && from >= p.base_seq => {
+                        d.upserts.push(p.bytes.clone());
+                        d.patches += 1;
+                    }
+                    _ => d.upserts.push(e.bytes.clone()),
+                }
                 d.causes
                     .push(cause_to_wire(key, &e.cause, e.published, false));
             } else if let Some(t) = inner.tombstones.get(key) {
@@ -512,6 +540,32 @@ pub fn encode(resource: &Resource) -> (String, u64, Bytes) {
     (key, hash, Bytes::from(msg.encode_to_vec()))
 }
 
+/// The encoded patch resource from the slice encoded in `old` to `new`, if `new`
+/// is an EndpointSlice, a patch can say the change, and it is smaller than
+/// `new_len` (the whole resource's encoding).
+fn encode_patch(
+    key: &str,
+    old: &Bytes,
+    new: &Resource,
+    new_hash: u64,
+    new_len: usize,
+) -> Option<Bytes> {
+    let Resource::EndpointSlice(new) = new else {
+        return None;
+    };
+    let old = v1::Resource::decode(old.clone()).ok()?;
+    let Some(v1::resource::Kind::EndpointSlice(old_slice)) = &old.kind else {
+        return None;
+    };
+    let patch = meshlite_proto::patch::diff(old_slice, &new.into(), old.hash)?;
+    let msg = v1::Resource {
+        key: key.to_string(),
+        hash: new_hash,
+        kind: Some(v1::resource::Kind::EndpointSlicePatch(patch)),
+    };
+    (msg.encoded_len() < new_len).then(|| Bytes::from(msg.encode_to_vec()))
+}
+
 // === impl Inner ===
 
 impl Inner {
@@ -536,11 +590,17 @@ impl Inner {
     fn upsert(&mut self, resource: &Resource, cause: Cause) -> bool {
         let (key, hash, bytes) = encode(resource);
         let key: Arc<str> = Arc::from(key);
+        let mut patch = None;
         if let Some(old) = self.entries.get(&key) {
             if old.hash == hash {
                 return false;
             }
             let (old_seq, old_hash) = (old.seq, old.hash);
+            patch =
+                encode_patch(&key, &old.bytes, resource, hash, bytes.len()).map(|bytes| Patch {
+                    base_seq: old_seq,
+                    bytes,
+                });
             self.log.remove(&old_seq);
             self.digest_remove(&key, old_hash);
         } else {
@@ -558,6 +618,7 @@ impl Inner {
                 seq,
                 hash,
                 bytes,
+                patch,
                 cause,
                 published: None,
             },

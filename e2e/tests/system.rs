@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use meshlite_e2e::apiserver::Collection;
 use meshlite_e2e::lab::{DNS_IP, T, system, webui_slice, within};
-use meshlite_e2e::stack::admin_get;
+use meshlite_e2e::stack::{admin_get, metric};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_lifecycle_by_vip_and_name() {
@@ -125,6 +125,18 @@ async fn service_lifecycle_by_vip_and_name() {
     })
     .await;
     println!("readiness flip: rules {traffic:?}, DNS {:?}", t1.elapsed());
+    // The flips reached the real agents as EndpointSlice patches, which they applied.
+    let (_, m) = admin_get(&s.cluster, &s.stack.control_plane, "/metrics")
+        .await
+        .unwrap();
+    let patches = metric(
+        &m,
+        "meshlite_control_plane_endpoint_slice_patches_sent_total",
+    );
+    assert!(
+        patches.is_some_and(|n| n >= 4.0),
+        "patches sent: {patches:?}"
+    );
     for _ in 0..20 {
         assert!(
             !s.curl("testpod", "http://198.19.7.7/")

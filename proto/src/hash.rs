@@ -25,6 +25,11 @@ pub fn content_hash(kind: &v1::resource::Kind) -> u64 {
             buf.push(3);
             n.encode(&mut buf)
         }
+        // Never a content hash of its own (a patch carries its result's), but defined.
+        v1::resource::Kind::EndpointSlicePatch(p) => {
+            buf.push(4);
+            p.encode(&mut buf)
+        }
     }
     // Encoding into a Vec grows it as needed; it cannot run out of space.
     .expect("encoding into a Vec is infallible");

@@ -5,6 +5,7 @@
 //! - [`server`]: the generated gRPC server, which sends [`v1::UpdateFrame`]s.
 //! - [`model`]: validated domain types; agents convert wire types at the edge with
 //!   `TryFrom` and never handle prost structs past it.
+//! - [`patch`]: EndpointSlice patches (diff on the control plane, apply on agents).
 
 /// Generated wire types and client.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
@@ -20,5 +21,6 @@ pub mod server {
 
 pub mod hash;
 pub mod model;
+pub mod patch;
 
 pub use hash::{InventoryDigest, content_hash};

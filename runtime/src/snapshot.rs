@@ -123,6 +123,16 @@ impl Snapshot {
         self.entries.get(key).map(|e| e.hash)
     }
 
+    /// The EndpointSlice held under `key`, with its content hash.
+    pub fn slice(&self, key: &ResourceKey) -> Option<(u64, &Arc<EndpointSlice>)> {
+        let ResourceKey::EndpointSlice { name, .. } = key else {
+            return None;
+        };
+        let entry = self.entries.get(key)?;
+        let slice = self.slices.get(entry.owner.as_ref()?)?.get(name)?;
+        Some((entry.hash, slice))
+    }
+
     /// Every (key string, hash) pair, for an inventory.
     pub fn inventory(&self) -> impl Iterator<Item = (&str, u64)> {
         self.entries

@@ -310,6 +310,7 @@ impl<H: Handler> Subscriber<H> {
             applied_version: self.snapshot.version(),
             applied_digest: digest.sum,
             applied_count: digest.count,
+            accepts_patches: true,
         };
         send(&tx, v1::agent_message::Msg::Hello(hello)).await?;
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
@@ -444,7 +445,28 @@ impl<H: Handler> Subscriber<H> {
         let mut upserts = Vec::with_capacity(p.upserts.len());
         let mut rejected = Vec::new();
         for r in &p.upserts {
-            match Resource::try_from(r) {
+            let converted = match &r.kind {
+                Some(v1::resource::Kind::EndpointSlicePatch(patch)) => {
+                    match patched(&self.snapshot, r, patch) {
+                        Ok(res) => Ok(res),
+                        Err(PatchFailure::Invalid(e)) => Err(e),
+                        Err(PatchFailure::Diverged(why)) => {
+                            // We do not hold what the server thinks we do: only a
+                            // full snapshot can bring us back in line.
+                            self.metrics.nack("patch_base");
+                            warn!(key = %r.key, %why, "patch does not fit what we hold; asking for a full snapshot");
+                            return nack(
+                                self.snapshot.version(),
+                                format!("{}: {why}", r.key),
+                                vec![],
+                                true,
+                            );
+                        }
+                    }
+                }
+                _ => Resource::try_from(r).map_err(|e| e.to_string()),
+            };
+            match converted {
                 Ok(res) => upserts.push((r.hash, res)),
                 Err(e) => rejected.push(format!("{}: {e}", r.key)),
             }
@@ -535,6 +557,51 @@ impl<H: Handler> Subscriber<H> {
             }
         }
     }
+}
+
+/// Why an EndpointSlice patch was not applied.
+enum PatchFailure {
+    /// The patch itself is malformed (bad key, positions or endpoint): the key is
+    /// rejected like any invalid resource.
+    Invalid(String),
+    /// The patch does not apply to what we hold, or does not give what the server
+    /// holds.
+    Diverged(String),
+}
+
+/// The slice `patch` makes of the one held under `r.key`, checked against both
+/// content hashes.
+fn patched(
+    snapshot: &Snapshot,
+    r: &v1::Resource,
+    patch: &v1::EndpointSlicePatch,
+) -> Result<Resource, PatchFailure> {
+    let key: ResourceKey = r
+        .key
+        .parse()
+        .map_err(|e: meshlite_proto::model::InvalidKey| PatchFailure::Invalid(e.to_string()))?;
+    let Some((held_hash, held)) = snapshot.slice(&key) else {
+        return Err(PatchFailure::Diverged(
+            "patch for a slice we do not hold".into(),
+        ));
+    };
+    if held_hash != patch.base_hash {
+        return Err(PatchFailure::Diverged(format!(
+            "patch base {:016x}, we hold {held_hash:016x}",
+            patch.base_hash
+        )));
+    }
+    let slice = meshlite_proto::patch::apply(held, patch)
+        .map_err(|e| PatchFailure::Invalid(e.to_string()))?;
+    let resource = Resource::EndpointSlice(slice);
+    let hash = meshlite_proto::content_hash(&(&resource).into());
+    if hash != r.hash {
+        return Err(PatchFailure::Diverged(format!(
+            "patched slice hashes to {hash:016x}, the server announced {:016x}",
+            r.hash
+        )));
+    }
+    Ok(resource)
 }
 
 /// An update being assembled from chunks.

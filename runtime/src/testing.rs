@@ -124,6 +124,8 @@ pub struct Recorded {
     /// The causes' traceparents (empty strings when untraced).
     pub traceparents: Vec<String>,
     pub resources: usize,
+    /// The snapshot's inventory digest after the apply (compare with the store's).
+    pub digest: u64,
 }
 
 /// Records every apply; can be told to fail.
@@ -166,6 +168,7 @@ impl Handler for RecordingHandler {
                 .map(|c| c.traceparent.clone().unwrap_or_default())
                 .collect(),
             resources: snapshot.len(),
+            digest: snapshot.digest().sum,
         });
         Ok(Applied {
             rules_changed: (changes.upserted.len() + changes.removed.len()) as u64,

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use meshlite_proto::model::{Resource, Service};
+use meshlite_proto::model::{AddressFamily, Endpoint, EndpointSlice, Resource, Service};
 use meshlite_proto::server::mesh_server::{Mesh, MeshServer};
 use meshlite_proto::{content_hash, v1};
 use meshlite_runtime::backoff::Backoff;
@@ -201,6 +201,102 @@ async fn a_delta_for_an_unknown_base_is_nacked_with_want_full() {
     let recs = h.records();
     assert_eq!(recs.len(), 2, "the bad delta was not applied: {recs:?}");
     assert_eq!(recs[1].resources, 2);
+}
+
+fn resource_bytes(r: &Resource) -> bytes::Bytes {
+    let kind = v1::resource::Kind::from(r);
+    bytes::Bytes::from(
+        v1::Resource {
+            key: r.key().to_string(),
+            hash: content_hash(&kind),
+            kind: Some(kind),
+        }
+        .encode_to_vec(),
+    )
+}
+
+fn web_slice(ips: &[&str]) -> Resource {
+    Resource::EndpointSlice(EndpointSlice {
+        namespace: "default".into(),
+        name: "web-abc".into(),
+        service_name: "web".into(),
+        address_family: AddressFamily::Ipv4,
+        ports: vec![],
+        endpoints: ips
+            .iter()
+            .map(|ip| Endpoint::ready(ip.parse().unwrap()))
+            .collect(),
+    })
+}
+
+/// The patch from `old` to `new` as the control plane encodes it, with its base
+/// hash replaced by `base` when given.
+fn patch_bytes(old: &Resource, new: &Resource, base: Option<u64>) -> bytes::Bytes {
+    let (Resource::EndpointSlice(o), Resource::EndpointSlice(n)) = (old, new) else {
+        panic!("slices only");
+    };
+    let old_hash = content_hash(&old.into());
+    let mut patch = meshlite_proto::patch::diff(&o.into(), &n.into(), old_hash).unwrap();
+    if let Some(b) = base {
+        patch.base_hash = b;
+    }
+    bytes::Bytes::from(
+        v1::Resource {
+            key: new.key().to_string(),
+            hash: content_hash(&new.into()),
+            kind: Some(v1::resource::Kind::EndpointSlicePatch(patch)),
+        }
+        .encode_to_vec(),
+    )
+}
+
+#[tokio::test]
+async fn patches_apply_to_the_held_slice_and_a_mismatch_asks_for_a_full_snapshot() {
+    let v1_ = web_slice(&["198.18.0.1", "198.18.0.2", "198.18.0.3"]);
+    let v2 = web_slice(&["198.18.0.1", "198.18.0.9", "198.18.0.3"]);
+    let v3 = web_slice(&["198.18.0.1", "198.18.0.9", "198.18.0.4"]);
+    // A patch whose result is not what the server announces.
+    let mut lying = v1::Resource::decode(patch_bytes(&v2, &v3, None).as_ref()).unwrap();
+    lying.hash ^= 1;
+    let (fake, addr) = serve(vec![vec![
+        frame(1, 0, "1", vec![resource_bytes(&v1_)], &[]),
+        frame(2, 1, "2", vec![patch_bytes(&v1_, &v2, None)], &[]),
+        // Based on a version of the slice the agent does not hold.
+        frame(3, 2, "3", vec![patch_bytes(&v2, &v3, Some(42))], &[]),
+        frame(
+            3,
+            2,
+            "4",
+            vec![bytes::Bytes::from(lying.encode_to_vec())],
+            &[],
+        ),
+    ]])
+    .await;
+    let (h, _m, _stop) = subscribe(addr, 4 << 20);
+    assert_eventually("four replies", T, || replies(&fake).len() == 4).await;
+    let r = replies(&fake);
+    assert!(
+        matches!(&r[1], v1::agent_message::Msg::Ack(a) if a.version == 2),
+        "{r:?}"
+    );
+    for (i, what) in [(2, "patch base"), (3, "hashes to")] {
+        match &r[i] {
+            v1::agent_message::Msg::Nack(n) => {
+                assert!(n.want_full, "{n:?}");
+                assert_eq!(n.version, 2, "keeps what it holds");
+                assert!(n.error.contains(what), "{n:?}");
+            }
+            other => panic!("expected a NACK, got {other:?}"),
+        }
+    }
+    let recs = h.records();
+    assert_eq!(recs.len(), 2, "the bad patches were not applied: {recs:?}");
+    assert_eq!(recs[1].upserted, vec!["endpointslice/default/web-abc"]);
+    // The patched slice is exactly v2.
+    let want = meshlite_runtime::Snapshot::from_resources([v2])
+        .digest()
+        .sum;
+    assert_eq!(recs[1].digest, want);
 }
 
 #[tokio::test]

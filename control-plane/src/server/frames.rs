@@ -68,6 +68,7 @@ mod tests {
             upserts: (0..100).map(|_| Bytes::from(vec![0u8; 1000])).collect(),
             removals: vec!["service/a/b".into()],
             causes: vec![],
+            patches: 0,
         };
         let f = frames(1, 3, "n", delta, 10_000);
         assert!(f.len() >= 10, "{}", f.len());
@@ -105,6 +106,7 @@ mod tests {
             upserts: vec![Bytes::from(r.encode_to_vec())],
             removals: vec!["service/x/y".into()],
             causes: vec![],
+            patches: 0,
         };
         let f = frames(5, 1, "7", delta, 1 << 20).remove(0);
         let u = v1::Update::decode(f.encode_to_vec().as_slice()).unwrap();

@@ -19,7 +19,7 @@ use tokio_stream::StreamExt;
 
 use super::*;
 use crate::metrics::Metrics;
-use crate::store::{Cause, Change, Kind, Store};
+use crate::store::{Cause, Change, Kind, Store, View, encode};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -248,6 +248,67 @@ async fn full_snapshot_then_single_key_deltas() {
             .is_some_and(|a| a.lag == 0 && a.acks == 2)
     })
     .await;
+}
+
+fn big_slice(gen_: usize) -> Resource {
+    let endpoints = (0..100)
+        .map(|i| {
+            // Endpoint 42 is the one being replaced.
+            let host = if i == 42 { 100 + gen_ } else { i + 1 };
+            let mut e = Endpoint::ready(format!("198.18.0.{host}").parse().unwrap());
+            e.node_name = Some(format!("node-{:05}", i * 37 % 5000));
+            e.target_pod = Some(format!("web-7f9c8d-{host:05}"));
+            e
+        })
+        .collect();
+    Resource::EndpointSlice(EndpointSlice {
+        namespace: "default".into(),
+        name: "web-abc".into(),
+        service_name: "web".into(),
+        address_family: AddressFamily::Ipv4,
+        ports: vec![],
+        endpoints,
+    })
+}
+
+/// One pod replaced in a slice of 100: the agent gets a patch a fraction of the
+/// slice's size and ends up holding exactly what the store holds.
+#[tokio::test]
+async fn a_slice_changed_once_reaches_the_agent_as_a_small_patch() {
+    let pki = TestPki::new("ca");
+    let store = seeded_store(1);
+    store.apply(vec![up(big_slice(0))]);
+    let server = Server::start(&pki, store.clone(), 0).await;
+    let agent = start_agent(server.addr, pki.client("node1", &["node1"]));
+    assert_eventually("full snapshot applied", T, || {
+        agent.handler.records().len() == 1
+    })
+    .await;
+    let full_bytes = server.metrics.update_bytes_sent.get();
+
+    for gen_ in 1..=3 {
+        store.apply(vec![up(big_slice(gen_))]);
+        assert_eventually("delta applied", T, || {
+            agent.handler.records().len() == 1 + gen_
+        })
+        .await;
+        let r = agent.handler.records()[gen_].clone();
+        assert_eq!(r.upserted, vec!["endpointslice/default/web-abc"]);
+        let (digest, version) = store.digest(&View::Node("node1".into()));
+        assert_eq!(
+            (r.version, r.digest),
+            (version, digest.sum),
+            "agent holds the store's state"
+        );
+    }
+    assert_eq!(server.metrics.patches_sent.get(), 3);
+    let per_change = (server.metrics.update_bytes_sent.get() - full_bytes) / 3;
+    let whole = encode(&big_slice(3)).2.len() as u64;
+    assert!(
+        per_change < 300 && per_change * 10 < whole,
+        "{per_change} bytes per change; the slice is {whole}"
+    );
+    assert_eq!(server.sent(UpdateKind::Full), 1);
 }
 
 /// A raw client that does its own ACKs.

@@ -94,6 +94,84 @@ fn delta_has_only_changed_keys_and_tombstones() {
     assert!(s.delta(s.version() + 1, &View::Dns).is_none());
 }
 
+fn kinds(d: &Delta) -> Vec<&'static str> {
+    d.upserts
+        .iter()
+        .map(|b| match v1::Resource::decode(b.as_ref()).unwrap().kind {
+            Some(v1::resource::Kind::EndpointSlicePatch(_)) => "patch",
+            Some(_) => "whole",
+            None => "none",
+        })
+        .collect()
+}
+
+#[test]
+fn a_slice_changed_once_goes_as_a_patch_to_those_holding_its_previous_version() {
+    let s = store();
+    let ips: Vec<String> = (1..=50).map(|i| format!("198.18.0.{i}")).collect();
+    let mut ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+    s.apply(vec![
+        up(svc("a", "198.19.0.1")),
+        up(slice("a-1", "a", &ips)),
+    ]);
+    let v1_ = s.version();
+    ips[10] = "198.18.1.99";
+    s.apply(vec![up(slice("a-1", "a", &ips))]);
+    let whole = s.delta(v1_, &View::Dns).unwrap();
+    let d = s.delta_with_patches(v1_, &View::Dns, true).unwrap();
+    assert_eq!(kinds(&whole), vec!["whole"]);
+    assert_eq!((kinds(&d), d.patches), (vec!["patch"], 1));
+    assert_eq!(keys(&d), vec!["endpointslice/default/a-1"]);
+    assert!(
+        d.upserts[0].len() * 5 < whole.upserts[0].len(),
+        "patch {} bytes, slice {}",
+        d.upserts[0].len(),
+        whole.upserts[0].len()
+    );
+    // The patch announces the new content hash and applies to the old one.
+    let r = v1::Resource::decode(d.upserts[0].as_ref()).unwrap();
+    let w = v1::Resource::decode(whole.upserts[0].as_ref()).unwrap();
+    assert_eq!(r.hash, w.hash);
+    assert!(!s.holds(
+        "endpointslice/default/a-1",
+        match r.kind {
+            Some(v1::resource::Kind::EndpointSlicePatch(p)) => p.base_hash,
+            _ => unreachable!(),
+        }
+    ));
+
+    // Changed twice since: a subscriber at v1_ holds neither base; whole slice.
+    let v2 = s.version();
+    ips[20] = "198.18.1.98";
+    s.apply(vec![up(slice("a-1", "a", &ips))]);
+    let d = s.delta_with_patches(v1_, &View::Dns, true).unwrap();
+    assert_eq!(kinds(&d), vec!["whole"]);
+    // ... but one at v2 gets the newest patch.
+    let d = s.delta_with_patches(v2, &View::Dns, true).unwrap();
+    assert_eq!(kinds(&d), vec!["patch"]);
+    // Unrelated changes after the patch do not spoil it.
+    s.apply(vec![up(svc("b", "198.19.0.2"))]);
+    let d = s.delta_with_patches(v2, &View::Dns, true).unwrap();
+    assert_eq!(kinds(&d), vec!["patch", "whole"]);
+    // Full snapshots and inventory diffs are always whole.
+    assert!(kinds(&s.full(&View::Dns)).iter().all(|k| *k == "whole"));
+    let d = s.diff_inventory(&View::Dns, &HashMap::new());
+    assert!(kinds(&d).iter().all(|k| *k == "whole"));
+}
+
+#[test]
+fn a_patch_no_smaller_than_the_slice_is_not_kept() {
+    let s = store();
+    let old = ["198.18.0.1", "198.18.0.2", "198.18.0.3", "198.18.0.4"];
+    s.apply(vec![up(slice("a-1", "a", &old))]);
+    let v = s.version();
+    // Every endpoint replaced: the patch would carry all of them and more.
+    let new = ["198.18.1.1", "198.18.1.2", "198.18.1.3", "198.18.1.4"];
+    s.apply(vec![up(slice("a-1", "a", &new))]);
+    let d = s.delta_with_patches(v, &View::Dns, true).unwrap();
+    assert_eq!((kinds(&d), d.patches), (vec!["whole"], 0));
+}
+
 #[test]
 fn resurrected_key_is_an_upsert_not_a_removal() {
     let s = store();

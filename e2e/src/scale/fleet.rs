@@ -351,6 +351,8 @@ async fn stream_once(shared: &Shared, me: &AgentShared, held: &mut Held) -> Stre
         applied_version: held.version,
         applied_digest: held.digest.sum,
         applied_count: held.digest.count,
+        // Patches carry the new hash like any resource: all the fleet reads.
+        accepts_patches: true,
     };
     let _ = tx
         .send(v1::AgentMessage {

@@ -28,6 +28,8 @@ pub enum ConvertError {
     Key(#[from] InvalidKey),
     #[error("FQDN endpoint slices are not supported")]
     FqdnSlice,
+    #[error("an EndpointSlice patch needs the slice it applies to")]
+    Patch,
 }
 
 fn ip(field: &'static str, s: &str) -> Result<IpAddr, ConvertError> {
@@ -248,20 +250,7 @@ impl TryFrom<&v1::EndpointSlice> for EndpointSlice {
         let endpoints = s
             .endpoints
             .iter()
-            .map(|e| {
-                Ok(Endpoint {
-                    addresses: ips("endpoints.addresses", &e.addresses)?,
-                    ready: e.ready,
-                    serving: e.serving,
-                    terminating: e.terminating,
-                    node_name: opt_string(&e.node_name),
-                    zone: opt_string(&e.zone),
-                    zone_hints: e.zone_hints.clone(),
-                    node_hints: e.node_hints.clone(),
-                    hostname: opt_string(&e.hostname),
-                    target_pod: opt_string(&e.target_pod),
-                })
-            })
+            .map(Endpoint::try_from)
             .collect::<Result<Vec<_>, ConvertError>>()?;
         Ok(EndpointSlice {
             namespace: non_empty("namespace", &s.namespace)?,
@@ -271,6 +260,42 @@ impl TryFrom<&v1::EndpointSlice> for EndpointSlice {
             ports,
             endpoints,
         })
+    }
+}
+
+impl TryFrom<&v1::Endpoint> for Endpoint {
+    type Error = ConvertError;
+
+    fn try_from(e: &v1::Endpoint) -> Result<Self, Self::Error> {
+        Ok(Endpoint {
+            addresses: ips("endpoints.addresses", &e.addresses)?,
+            ready: e.ready,
+            serving: e.serving,
+            terminating: e.terminating,
+            node_name: opt_string(&e.node_name),
+            zone: opt_string(&e.zone),
+            zone_hints: e.zone_hints.clone(),
+            node_hints: e.node_hints.clone(),
+            hostname: opt_string(&e.hostname),
+            target_pod: opt_string(&e.target_pod),
+        })
+    }
+}
+
+impl From<&Endpoint> for v1::Endpoint {
+    fn from(e: &Endpoint) -> Self {
+        v1::Endpoint {
+            addresses: strings(&e.addresses),
+            ready: e.ready,
+            serving: e.serving,
+            terminating: e.terminating,
+            node_name: e.node_name.clone().unwrap_or_default(),
+            zone: e.zone.clone().unwrap_or_default(),
+            zone_hints: e.zone_hints.clone(),
+            node_hints: e.node_hints.clone(),
+            hostname: e.hostname.clone().unwrap_or_default(),
+            target_pod: e.target_pod.clone().unwrap_or_default(),
+        }
     }
 }
 
@@ -294,22 +319,7 @@ impl From<&EndpointSlice> for v1::EndpointSlice {
                     app_protocol: p.app_protocol.clone().unwrap_or_default(),
                 })
                 .collect(),
-            endpoints: s
-                .endpoints
-                .iter()
-                .map(|e| v1::Endpoint {
-                    addresses: strings(&e.addresses),
-                    ready: e.ready,
-                    serving: e.serving,
-                    terminating: e.terminating,
-                    node_name: e.node_name.clone().unwrap_or_default(),
-                    zone: e.zone.clone().unwrap_or_default(),
-                    zone_hints: e.zone_hints.clone(),
-                    node_hints: e.node_hints.clone(),
-                    hostname: e.hostname.clone().unwrap_or_default(),
-                    target_pod: e.target_pod.clone().unwrap_or_default(),
-                })
-                .collect(),
+            endpoints: s.endpoints.iter().map(v1::Endpoint::from).collect(),
         }
     }
 }
@@ -352,6 +362,7 @@ impl TryFrom<&v1::Resource> for Resource {
             Some(v1::resource::Kind::Service(s)) => Resource::Service(s.try_into()?),
             Some(v1::resource::Kind::EndpointSlice(s)) => Resource::EndpointSlice(s.try_into()?),
             Some(v1::resource::Kind::Node(n)) => Resource::Node(n.try_into()?),
+            Some(v1::resource::Kind::EndpointSlicePatch(_)) => return Err(ConvertError::Patch),
             None => return Err(ConvertError::MissingKind),
         };
         let expected = res.key();

@@ -40,6 +40,10 @@ pub struct Hello {
     /// Number of keys the agent holds.
     #[prost(uint64, tag = "7")]
     pub applied_count: u64,
+    /// The agent applies EndpointSlicePatch upserts; the server sends none otherwise
+    /// (so a control plane can be upgraded before its agents).
+    #[prost(bool, tag = "8")]
+    pub accepts_patches: bool,
 }
 /// The agent's key -> content hash list, sent only when the server asks for it
 /// (Update.inventory_request), chunked like Updates.
@@ -175,7 +179,7 @@ pub struct Resource {
     /// First 8 bytes of sha256 over the deterministic encoding of the kind.
     #[prost(fixed64, tag = "2")]
     pub hash: u64,
-    #[prost(oneof = "resource::Kind", tags = "3, 4, 5")]
+    #[prost(oneof = "resource::Kind", tags = "3, 4, 5, 6")]
     pub kind: ::core::option::Option<resource::Kind>,
 }
 /// Nested message and enum types in `Resource`.
@@ -188,7 +192,30 @@ pub mod resource {
         EndpointSlice(super::EndpointSlice),
         #[prost(message, tag = "5")]
         Node(super::Node),
+        /// Only in deltas, to an agent known to hold the slice's previous version.
+        #[prost(message, tag = "6")]
+        EndpointSlicePatch(super::EndpointSlicePatch),
     }
+}
+/// A change to an EndpointSlice, sent instead of the whole slice when that is
+/// smaller (one pod replaced in a slice of 100 endpoints). The new slice is the one
+/// the agent holds, whose content hash must be base_hash, with the endpoints at the
+/// `removed` positions dropped and then each `added` endpoint inserted at its
+/// `added_at` position of the new list, in order; every other field is unchanged.
+/// The result's content hash is the Resource's hash. An agent that finds either
+/// hash different asks for a full snapshot (Nack.want_full).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct EndpointSlicePatch {
+    #[prost(fixed64, tag = "1")]
+    pub base_hash: u64,
+    /// Positions in the held endpoint list, ascending.
+    #[prost(uint32, repeated, tag = "2")]
+    pub removed: ::prost::alloc::vec::Vec<u32>,
+    /// Positions in the new endpoint list, ascending; one per `added`.
+    #[prost(uint32, repeated, tag = "3")]
+    pub added_at: ::prost::alloc::vec::Vec<u32>,
+    #[prost(message, repeated, tag = "4")]
+    pub added: ::prost::alloc::vec::Vec<Endpoint>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Service {

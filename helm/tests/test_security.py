@@ -140,6 +140,13 @@ def test_node_agent_daemonset(case):
     assert args["healthz-bind-address"] == "0.0.0.0:10256"
     assert args["metrics-bind-address"] == "127.0.0.1:10249"
     assert ("ipvs-scheduler" in args) == (args["mode"] == "ipvs")
+    ipvs = values.get("ipvs", {})
+    if args["mode"] == "ipvs":
+        assert args["ipvs-graceful-termination-timeout"] == ipvs.get("gracefulTerminationTimeout", "15m")
+        assert args.get("ipvs-exclude-cidrs") == (",".join(ipvs["excludeCIDRs"]) if ipvs.get("excludeCIDRs") else None)
+        assert ("ipvs-strict-arp" in args) == bool(ipvs.get("strictARP"))
+    else:
+        assert not any(a.startswith("ipvs-") for a in args), args
     ports = {p["name"]: p for p in c["ports"]}
     assert ports["healthz"]["containerPort"] == 10256 == ports["healthz"]["hostPort"]
 

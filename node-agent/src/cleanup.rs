@@ -10,7 +10,8 @@
 //!   --noflush` per family. Chains that are not ours stay, among them kubelet's
 //!   `KUBE-FIREWALL` and `KUBE-KUBELET-CANARY` under the default prefix.
 //! - ipsets: the IPVS mode's sets (after the rules that match them are gone).
-//! - IPVS: every virtual server, as kube-proxy's cleanup flushes the table.
+//! - IPVS: every virtual server, as kube-proxy's cleanup flushes the table, except
+//!   those in `--ipvs-exclude-cidrs` (someone else's, as for the running agent).
 //! - the IPVS mode's dummy interface.
 //!
 //! A part whose tool or kernel feature is absent has nothing to clean and is
@@ -19,6 +20,7 @@
 use std::collections::BTreeSet;
 use std::fmt::{self, Write as _};
 
+use ipnet::IpNet;
 use tokio::process::Command;
 
 use crate::iptables::{self, ChainNames};
@@ -45,8 +47,8 @@ pub struct IptablesPlan {
 }
 
 /// Runs every part of the cleanup for chain prefix `prefix` and the IPVS mode's
-/// dummy interface `interface`.
-pub async fn run(prefix: &str, interface: &str) -> Report {
+/// dummy interface `interface`, keeping virtual servers in `exclude`.
+pub async fn run(prefix: &str, interface: &str, exclude: &[IpNet]) -> Report {
     let mut report = Report::default();
     for family in [IpFamily::V4, IpFamily::V6] {
         let part = format!("{family} iptables");
@@ -59,7 +61,7 @@ pub async fn run(prefix: &str, interface: &str) -> Report {
         Ok(line) => report.lines.push(format!("ipsets: {line}")),
         Err(e) => report.errors.push(format!("ipsets: {e}")),
     }
-    match clean_ipvs() {
+    match clean_ipvs(exclude) {
         Ok(line) => report.lines.push(format!("ipvs: {line}")),
         Err(e) => report.errors.push(format!("ipvs: {e}")),
     }
@@ -287,20 +289,29 @@ async fn clean_ipsets(prefix: &str) -> Result<String, String> {
     Ok(format!("destroyed {}", doomed.len()))
 }
 
-fn clean_ipvs() -> Result<String, String> {
+fn clean_ipvs(exclude: &[IpNet]) -> Result<String, String> {
     let mut socket = match IpvsSocket::open() {
         Ok(s) => s,
         Err(NetlinkError::Family(_)) => return Ok("not loaded, nothing to delete".into()),
         Err(e) => return Err(e.to_string()),
     };
-    let ops: Vec<Op> = socket
+    let (kept, doomed): (Vec<_>, Vec<_>) = socket
         .dump_services()
         .map_err(|e| e.to_string())?
         .into_iter()
-        .map(|(key, _)| Op::DelService { key })
+        .map(|(key, _)| key)
+        .partition(|key| exclude.iter().any(|c| c.contains(&key.addr.ip())));
+    let ops: Vec<Op> = doomed
+        .into_iter()
+        .map(|key| Op::DelService { key })
         .collect();
+    let kept = if kept.is_empty() {
+        String::new()
+    } else {
+        format!("; kept {} in --ipvs-exclude-cidrs", kept.len())
+    };
     if ops.is_empty() {
-        return Ok("no virtual servers".into());
+        return Ok(format!("no virtual servers to delete{kept}"));
     }
     let refs: Vec<&Op> = ops.iter().collect();
     let failed = socket.execute(&refs).map_err(|e| e.to_string())?;
@@ -311,7 +322,7 @@ fn clean_ipvs() -> Result<String, String> {
             ops.len()
         ));
     }
-    Ok(format!("deleted {} virtual servers", ops.len()))
+    Ok(format!("deleted {} virtual servers{kept}", ops.len()))
 }
 
 #[cfg(test)]

@@ -51,8 +51,9 @@ pub enum Command {
     /// without a control plane and without touching the kernel.
     Render(Box<RenderArgs>),
     /// Remove every rule either mode programmed (iptables and ip6tables chains and
-    /// jumps, ipsets, IPVS virtual servers, the dummy interface) and exit, like
-    /// `kube-proxy --cleanup`. Stop the agent first: it would put its rules back.
+    /// jumps, ipsets, IPVS virtual servers outside --ipvs-exclude-cidrs, the dummy
+    /// interface) and exit, like `kube-proxy --cleanup`. Stop the agent first: it
+    /// would put its rules back.
     Cleanup(CleanupArgs),
 }
 
@@ -65,6 +66,9 @@ pub struct CleanupArgs {
     /// The IPVS mode's dummy interface.
     #[arg(long, env = "MESHLITE_IPVS_INTERFACE", default_value = "kube-ipvs0")]
     pub ipvs_interface: String,
+    /// Virtual servers in these CIDRs are not ours: left in place.
+    #[arg(long, env = "MESHLITE_IPVS_EXCLUDE_CIDRS", value_delimiter = ',')]
+    pub ipvs_exclude_cidrs: Vec<IpNet>,
 }
 
 /// The node agent (default command).

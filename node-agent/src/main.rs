@@ -50,7 +50,11 @@ fn cleanup(args: &meshlite_node_agent::config::CleanupArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let report = rt.block_on(cleanup::run(&args.chain_prefix, &args.ipvs_interface));
+    let report = rt.block_on(cleanup::run(
+        &args.chain_prefix,
+        &args.ipvs_interface,
+        &args.ipvs_exclude_cidrs,
+    ));
     print!("{report}");
     if report.errors.is_empty() {
         ExitCode::SUCCESS

@@ -263,15 +263,19 @@ kill -TERM $AGENT_PID $CP_PID 2>/dev/null
 wait $AGENT_PID $CP_PID 2>/dev/null
 
 sec "cleanup (kube-proxy --cleanup)"
-out=$(meshlite-node-agent cleanup 2>&1); rc=$?
+# Someone else's virtual server, protected by --ipvs-exclude-cidrs.
+ipvsadm -A -t 198.19.250.1:80 -s rr
+out=$(meshlite-node-agent cleanup --ipvs-exclude-cidrs 198.19.250.0/24 2>&1); rc=$?
 echo "$out"
+ipvsadm -Ln -t 198.19.250.1:80 >/dev/null 2>&1 && foreign_kept=yes || foreign_kept=no
+ipvsadm -D -t 198.19.250.1:80 2>/dev/null
 left_vs=$(ipvsadm -Sn | wc -l)
 left_sets=$(ipset list -n | grep -c '^KUBE-')
 left_chains=$( (iptables-save; ip6tables-save) | grep -E '^:KUBE-' | grep -v -E '^:KUBE-(FIREWALL|KUBELET-CANARY) ' | wc -l)
-if [ $rc = 0 ] && [ "$left_vs" = 0 ] && [ "$left_sets" = 0 ] && [ "$left_chains" = 0 ] && ! ip link show kube-ipvs0 >/dev/null 2>&1; then
-    ok cleanup "no virtual servers, ipsets, KUBE chains or kube-ipvs0 left"
+if [ $rc = 0 ] && [ "$foreign_kept" = yes ] && [ "$left_vs" = 0 ] && [ "$left_sets" = 0 ] && [ "$left_chains" = 0 ] && ! ip link show kube-ipvs0 >/dev/null 2>&1; then
+    ok cleanup "no virtual servers (but the excluded one), ipsets, KUBE chains or kube-ipvs0 left"
 else
-    fail cleanup "rc=$rc virtual servers=$left_vs sets=$left_sets chains=$left_chains"
+    fail cleanup "rc=$rc foreign kept=$foreign_kept virtual servers=$left_vs sets=$left_sets chains=$left_chains"
     ip link show kube-ipvs0; (iptables-save; ip6tables-save) | grep KUBE-
 fi
 [ -z "$FAILS" ]

@@ -145,6 +145,9 @@ def test_node_agent_daemonset(case):
         assert args["ipvs-graceful-termination-timeout"] == ipvs.get("gracefulTerminationTimeout", "15m")
         assert args.get("ipvs-exclude-cidrs") == (",".join(ipvs["excludeCIDRs"]) if ipvs.get("excludeCIDRs") else None)
         assert ("ipvs-strict-arp" in args) == bool(ipvs.get("strictARP"))
+        for flag, key in (("ipvs-tcp-timeout", "tcpTimeout"), ("ipvs-tcpfin-timeout", "tcpFinTimeout"),
+                          ("ipvs-udp-timeout", "udpTimeout")):
+            assert args.get(flag) == (ipvs[key] if ipvs.get(key, "0s") != "0s" else None), flag
     else:
         assert not any(a.startswith("ipvs-") for a in args), args
     ports = {p["name"]: p for p in c["ports"]}

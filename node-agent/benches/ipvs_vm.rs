@@ -138,6 +138,7 @@ fn guest(which: &str) {
                     node_ips: vec![],
                     nodeport_addresses: vec![],
                     graceful_timeout: Duration::from_secs(900),
+                    timeouts: Default::default(),
                     exclude_cidrs: vec![],
                     strict_arp: false,
                     conntrack_cleanup: false,

@@ -14,6 +14,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::iptables::{IptablesConfig, chains};
+use crate::ipvs::netlink::Timeouts;
 use crate::ipvs::{IpvsConfig, Scheduler};
 use crate::proxy::IpFamily;
 
@@ -212,6 +213,15 @@ pub struct IpvsArgs {
     /// Set net.ipv4.conf.all.arp_ignore=1 and arp_announce=2 (kube-proxy's strictARP).
     #[arg(long, env = "MESHLITE_IPVS_STRICT_ARP")]
     pub ipvs_strict_arp: bool,
+    /// IPVS timeout of idle TCP connections (whole seconds; 0: leave the kernel's).
+    #[arg(long, env = "MESHLITE_IPVS_TCP_TIMEOUT", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub ipvs_tcp_timeout: Duration,
+    /// IPVS timeout of TCP connections after a FIN (whole seconds; 0: leave the kernel's).
+    #[arg(long, env = "MESHLITE_IPVS_TCPFIN_TIMEOUT", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub ipvs_tcpfin_timeout: Duration,
+    /// IPVS timeout of UDP flows (whole seconds; 0: leave the kernel's).
+    #[arg(long, env = "MESHLITE_IPVS_UDP_TIMEOUT", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub ipvs_udp_timeout: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -276,6 +286,12 @@ pub struct Config {
     pub ipvs_graceful_termination_timeout: Duration,
     pub ipvs_exclude_cidrs: Vec<IpNet>,
     pub ipvs_strict_arp: bool,
+    #[serde(with = "humantime_serde_shim")]
+    pub ipvs_tcp_timeout: Duration,
+    #[serde(with = "humantime_serde_shim")]
+    pub ipvs_tcpfin_timeout: Duration,
+    #[serde(with = "humantime_serde_shim")]
+    pub ipvs_udp_timeout: Duration,
     pub chain_prefix: String,
     pub cluster_cidrs: Vec<IpNet>,
     pub node_ips: Vec<IpAddr>,
@@ -394,7 +410,29 @@ impl IpvsArgs {
                 reason: "must be positive".into(),
             });
         }
+        for (flag, d) in [
+            ("ipvs-tcp-timeout", self.ipvs_tcp_timeout),
+            ("ipvs-tcpfin-timeout", self.ipvs_tcpfin_timeout),
+            ("ipvs-udp-timeout", self.ipvs_udp_timeout),
+        ] {
+            if d.subsec_nanos() != 0 || u32::try_from(d.as_secs()).is_err() {
+                return Err(ConfigError::Invalid {
+                    flag,
+                    value: humantime::format_duration(d).to_string(),
+                    reason: "must be whole seconds (IPVS keeps its timeouts in seconds)".into(),
+                });
+            }
+        }
         Ok(())
+    }
+
+    /// The connection timeouts to set at start.
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            tcp: self.ipvs_tcp_timeout,
+            tcp_fin: self.ipvs_tcpfin_timeout,
+            udp: self.ipvs_udp_timeout,
+        }
     }
 
     /// The default scheduler.
@@ -429,6 +467,7 @@ impl IpvsArgs {
             graceful_timeout: self.ipvs_graceful_termination_timeout,
             exclude_cidrs: self.ipvs_exclude_cidrs.iter().map(|c| c.trunc()).collect(),
             strict_arp: self.ipvs_strict_arp,
+            timeouts: self.timeouts(),
             conntrack_cleanup,
         })
     }
@@ -538,6 +577,9 @@ impl RunArgs {
             ipvs_graceful_termination_timeout: self.ipvs.ipvs_graceful_termination_timeout,
             ipvs_exclude_cidrs: self.ipvs.ipvs_exclude_cidrs,
             ipvs_strict_arp: self.ipvs.ipvs_strict_arp,
+            ipvs_tcp_timeout: self.ipvs.ipvs_tcp_timeout,
+            ipvs_tcpfin_timeout: self.ipvs.ipvs_tcpfin_timeout,
+            ipvs_udp_timeout: self.ipvs.ipvs_udp_timeout,
             chain_prefix: self.rules.chain_prefix.clone(),
             cluster_cidrs: self.rules.cluster_cidr.clone(),
             node_ips: self.rules.node_ip.clone(),
@@ -583,6 +625,11 @@ impl Config {
             graceful_timeout: self.ipvs_graceful_termination_timeout,
             exclude_cidrs: self.ipvs_exclude_cidrs.iter().map(|c| c.trunc()).collect(),
             strict_arp: self.ipvs_strict_arp,
+            timeouts: Timeouts {
+                tcp: self.ipvs_tcp_timeout,
+                tcp_fin: self.ipvs_tcpfin_timeout,
+                udp: self.ipvs_udp_timeout,
+            },
             conntrack_cleanup: self.conntrack_cleanup,
         }
     }
@@ -647,6 +694,8 @@ mod tests {
             "--ipvs-scheduler=sed",
             "--cluster-cidr=198.18.0.0/17",
             "--ipvs-exclude-cidrs=198.51.100.7/24",
+            "--ipvs-tcp-timeout=15m",
+            "--ipvs-udp-timeout=45s",
         ])
         .unwrap();
         assert_eq!(c.backend, BackendKind::Ipvs);
@@ -660,6 +709,15 @@ mod tests {
             ["198.51.100.0/24".parse::<IpNet>().unwrap()]
         );
         assert_eq!(i.masquerade_bit, 14);
+        // Unset timeouts stay zero: the kernel's are left alone.
+        assert_eq!(
+            i.timeouts,
+            Timeouts {
+                tcp: Duration::from_secs(900),
+                tcp_fin: Duration::ZERO,
+                udp: Duration::from_secs(45),
+            }
+        );
     }
 
     #[test]
@@ -705,6 +763,8 @@ mod tests {
             "--ipvs-scheduler=wlc",
             "--ipvs-interface=a-name-longer-than-15",
             "--ipvs-graceful-termination-timeout=0s",
+            "--ipvs-tcp-timeout=1500ms",
+            "--ipvs-udp-timeout=200years",
         ] {
             let mut a = ok.to_vec();
             a.push(bad);

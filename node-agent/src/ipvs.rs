@@ -125,6 +125,8 @@ pub struct IpvsConfig {
     pub exclude_cidrs: Vec<IpNet>,
     /// Set `arp_ignore=1`/`arp_announce=2` (kube-proxy's `--ipvs-strict-arp`).
     pub strict_arp: bool,
+    /// Connection timeouts set once at start (`--ipvs-tcp-timeout`, ...).
+    pub timeouts: netlink::Timeouts,
     /// Delete stale UDP conntrack entries after syncs (needs `conntrack`).
     pub conntrack_cleanup: bool,
 }
@@ -295,6 +297,10 @@ impl IpvsBackend {
         let mut sock = tokio::task::spawn_blocking(netlink::IpvsSocket::open)
             .await
             .map_err(|e| Error::Other(e.to_string()))??;
+        if cfg.timeouts.any() {
+            sock.set_timeouts(&cfg.timeouts)?;
+            info!(timeouts = ?cfg.timeouts, "IPVS connection timeouts set");
+        }
         let ipvs_info = sock.info()?;
         let (a, b, c) = ipvs_info.version;
         info!(

@@ -20,6 +20,7 @@ use std::process::Command;
 /// scenario that stopped early cannot pass.
 const CHECKS: &[&str] = &[
     "startup-check",
+    "timeouts",
     "render-matches",
     "render-ipsets",
     "rr",

@@ -21,7 +21,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use meshlite_proto::model::Protocol;
 use nlrs::genetlink::msg::GeNlMsgHeader;
 use nlrs::genetlink::socket::{GenericNetlinkSocket, GenericRequestBuilder};
-use nlrs::ipvs::cmd_attributes::{IPVS_CMD_ATTR_DEST, IPVS_CMD_ATTR_SERVICE};
+use nlrs::ipvs::cmd_attributes::{
+    IPVS_CMD_ATTR_DEST, IPVS_CMD_ATTR_SERVICE, IPVS_CMD_ATTR_TIMEOUT_TCP,
+    IPVS_CMD_ATTR_TIMEOUT_TCP_FIN, IPVS_CMD_ATTR_TIMEOUT_UDP,
+};
 use nlrs::ipvs::destination::dest_attributes as dest_attr;
 use nlrs::ipvs::destination::forward_methods::IP_VS_CONN_F_MASQ;
 use nlrs::ipvs::destination::{
@@ -71,6 +74,24 @@ pub enum NetlinkError {
     Protocol { what: &'static str, message: String },
     #[error("{what}: {}", std::io::Error::from_raw_os_error(*errno))]
     Kernel { what: String, errno: i32 },
+}
+
+/// `IPVS_CMD_SET_CONFIG` (`linux/ip_vs.h`; nlrs has no constant for it).
+const IPVS_CMD_SET_CONFIG: u8 = 12;
+
+/// IPVS connection timeouts (whole seconds on the wire); zero means unchanged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    pub tcp: std::time::Duration,
+    pub tcp_fin: std::time::Duration,
+    pub udp: std::time::Duration,
+}
+
+impl Timeouts {
+    /// Whether any timeout is to be set.
+    pub fn any(&self) -> bool {
+        !(self.tcp.is_zero() && self.tcp_fin.is_zero() && self.udp.is_zero())
+    }
 }
 
 /// An operation the kernel refused.
@@ -212,6 +233,50 @@ impl IpvsSocket {
             state.insert(key, vs);
         }
         Ok(state)
+    }
+
+    /// Sets the connection timeouts (`ipvsadm --set`, kube-proxy's
+    /// `--ipvs-tcp-timeout` family); a zero leaves that timeout as it is.
+    ///
+    /// # Errors
+    /// The kernel refuses (e.g. without `CAP_NET_ADMIN`).
+    pub fn set_timeouts(&mut self, t: &Timeouts) -> Result<(), NetlinkError> {
+        let family = self.inner.family_id;
+        let seq = self.next_seq();
+        self.tx.clear();
+        let start = begin(
+            &mut self.tx,
+            family,
+            IPVS_CMD_SET_CONFIG,
+            NLM_F_REQUEST | NLM_F_ACK,
+            seq,
+        )?;
+        for (attr, d) in [
+            (IPVS_CMD_ATTR_TIMEOUT_TCP, t.tcp),
+            (IPVS_CMD_ATTR_TIMEOUT_TCP_FIN, t.tcp_fin),
+            (IPVS_CMD_ATTR_TIMEOUT_UDP, t.udp),
+        ] {
+            let secs = u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+            write_u32_attr(&mut self.tx, attr, secs).map_err(io)?;
+        }
+        finish(&mut self.tx, start);
+        self.send()?;
+        loop {
+            let n = self.inner.socket.socket.recv(&mut self.rx)?;
+            for msg in Messages::new(&self.rx[..n]) {
+                let msg = msg?;
+                if msg.kind != NLMSG_ERROR || msg.seq != seq {
+                    continue;
+                }
+                return match msg.error()? {
+                    0 => Ok(()),
+                    errno => Err(NetlinkError::Kernel {
+                        what: "set IPVS timeouts".into(),
+                        errno,
+                    }),
+                };
+            }
+        }
     }
 
     /// `IPVS_CMD_GET_SERVICE` dump.

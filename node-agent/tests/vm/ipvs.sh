@@ -29,7 +29,8 @@ RULE_ARGS="--cluster-cidr 198.18.0.0/17,2001:db8:18::/64 --node-ip 198.18.200.1,
   --nodeport-addresses 198.18.200.1/32,2001:db8:200::1/128"
 AGENT_ARGS="--mode ipvs --node-name node1 --insecure --ip-families ipv4,ipv6
   --admin-listen 127.0.0.1:0 --healthz-bind-address 127.0.0.1:0 --addresses-file /run/agent.json
-  $RULE_ARGS --ipvs-graceful-termination-timeout 6s --sync-period 30s"
+  $RULE_ARGS --ipvs-graceful-termination-timeout 6s --sync-period 30s
+  --ipvs-tcp-timeout 600s --ipvs-udp-timeout 45s"
 
 sec "startup check without IPVS (modprobe unavailable, no module loaded yet)"
 out=$(PATH=/nonexistent /usr/local/bin/meshlite-node-agent $AGENT_ARGS --control-plane http://127.0.0.1:9 2>&1)
@@ -145,6 +146,12 @@ start_agent() {
 start_agent /run/agent1.log
 grep -i "ipvs ready\|warn\|error" /run/agent1.log | head -n 10
 ipvsadm -Ln
+
+t=$(ipvsadm -L --timeout)
+case "$t" in
+    *"600 120 45"*) ok timeouts "$t (tcpfin left at the kernel's)" ;;
+    *) fail timeouts "$t" ;;
+esac
 
 sec "ipvsadm -Ln matches render --mode ipvs"
 norm() {

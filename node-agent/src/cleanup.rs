@@ -218,23 +218,38 @@ fn jump_target(spec: &str) -> Option<&str> {
         .map(|w| w[1])
 }
 
-async fn clean_iptables(family: IpFamily, prefix: &str) -> Result<String, String> {
-    let command = iptables::tool(family, "-save");
-    let out = match Command::new(&command).kill_on_drop(true).output().await {
+/// Runs `program args`; its stdout, `None` when the program is not installed
+/// (then there is nothing of ours for it to hold).
+async fn run_tool(program: &str, args: &[&str]) -> Result<Option<String>, String> {
+    let what = std::iter::once(program)
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = match Command::new(program)
+        .args(args)
+        .kill_on_drop(true)
+        .output()
+        .await
+    {
         Ok(out) => out,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(format!("{command} not installed, skipped"));
-        }
-        Err(e) => return Err(format!("{command}: {e}")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{what}: {e}")),
     };
     if !out.status.success() {
         return Err(format!(
-            "{command} failed ({}): {}",
+            "{what} failed ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    let save = String::from_utf8_lossy(&out.stdout);
+    Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
+}
+
+async fn clean_iptables(family: IpFamily, prefix: &str) -> Result<String, String> {
+    let command = iptables::tool(family, "-save");
+    let Some(save) = run_tool(&command, &[]).await? else {
+        return Ok(format!("{command} not installed, skipped"));
+    };
     let Some(plan) = plan_iptables(&save, prefix) else {
         return Ok("nothing to delete".into());
     };
@@ -248,25 +263,9 @@ async fn clean_iptables(family: IpFamily, prefix: &str) -> Result<String, String
 }
 
 async fn clean_ipsets(prefix: &str) -> Result<String, String> {
-    let out = match Command::new("ipset")
-        .args(["list", "-n"])
-        .kill_on_drop(true)
-        .output()
-        .await
-    {
-        Ok(out) => out,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok("ipset not installed, skipped".into());
-        }
-        Err(e) => return Err(format!("ipset list: {e}")),
+    let Some(present) = run_tool("ipset", &["list", "-n"]).await? else {
+        return Ok("ipset not installed, skipped".into());
     };
-    if !out.status.success() {
-        return Err(format!(
-            "ipset list failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
     let ours: BTreeSet<String> = [IpFamily::V4, IpFamily::V6]
         .into_iter()
         .flat_map(|f| {
@@ -275,7 +274,6 @@ async fn clean_ipsets(prefix: &str) -> Result<String, String> {
                 .into_keys()
         })
         .collect();
-    let present = String::from_utf8_lossy(&out.stdout);
     let doomed: Vec<&str> = present
         .lines()
         .map(str::trim)

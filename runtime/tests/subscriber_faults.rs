@@ -84,16 +84,11 @@ impl Mesh for Fake {
 }
 
 fn svc(name: &str, ip: &str) -> bytes::Bytes {
-    let r = Resource::Service(Service::cluster_ip("default", name, ip.parse().unwrap()));
-    let kind = v1::resource::Kind::from(&r);
-    bytes::Bytes::from(
-        v1::Resource {
-            key: r.key().to_string(),
-            hash: content_hash(&kind),
-            kind: Some(kind),
-        }
-        .encode_to_vec(),
-    )
+    resource_bytes(&Resource::Service(Service::cluster_ip(
+        "default",
+        name,
+        ip.parse().unwrap(),
+    )))
 }
 
 fn frame(

@@ -368,11 +368,17 @@ fn main() {
     let qfile = dir.join("queries.txt");
     std::fs::write(&qfile, queries()).expect("queries");
 
-    // The agent, pinned to one core, fed by the control plane.
+    // The agent, pinned to one core, fed by the control plane. The control plane
+    // shares the client's core: its manifest polls must not preempt the server
+    // being measured.
     let cp_addrs = dir.join("cp.json");
+    let client_cpu = env_or("BENCH_CLIENT_CPU", 0u32).to_string();
     let _cp = Proc(
-        Command::new(&cp_bin)
+        Command::new("taskset")
             .args([
+                "-c",
+                &client_cpu,
+                cp_bin.to_str().expect("utf-8 path"),
                 &format!("--source=file:{}", manifests.display()),
                 "--listen=127.0.0.1:0",
                 "--admin-listen=127.0.0.1:0",

@@ -164,6 +164,10 @@ pub struct Subscriber<H> {
     /// Set after the first successful apply; before that even an empty update is
     /// handed to the handler.
     applied_once: bool,
+    /// Keys whose latest upsert we rejected: the server counts them as applied, so
+    /// a patch for one is rejected like its whole resource was, not taken as a sign
+    /// that we diverged (which would cost a full snapshot per change of the key).
+    rejected_keys: std::collections::HashSet<String>,
 }
 
 /// Why a stream ended.
@@ -199,6 +203,7 @@ impl<H: Handler> Subscriber<H> {
             status,
             metrics,
             applied_once: false,
+            rejected_keys: Default::default(),
         }
     }
 
@@ -444,8 +449,14 @@ impl<H: Handler> Subscriber<H> {
 
         let mut upserts = Vec::with_capacity(p.upserts.len());
         let mut rejected = Vec::new();
+        let mut rejected_keys = Vec::new();
         for r in &p.upserts {
             let converted = match &r.kind {
+                Some(v1::resource::Kind::EndpointSlicePatch(_))
+                    if self.rejected_keys.contains(&r.key) =>
+                {
+                    Err("a patch for a resource rejected earlier".to_string())
+                }
                 Some(v1::resource::Kind::EndpointSlicePatch(patch)) => {
                     match patched(&self.snapshot, r, patch) {
                         Ok(res) => Ok(res),
@@ -468,7 +479,10 @@ impl<H: Handler> Subscriber<H> {
             };
             match converted {
                 Ok(res) => upserts.push((r.hash, res)),
-                Err(e) => rejected.push(format!("{}: {e}", r.key)),
+                Err(e) => {
+                    rejected.push(format!("{}: {e}", r.key));
+                    rejected_keys.push(r.key.clone());
+                }
             }
         }
         let mut removals = Vec::with_capacity(p.removals.len());
@@ -517,6 +531,16 @@ impl<H: Handler> Subscriber<H> {
             Ok(applied) => {
                 tracing::Span::current().record("rules_changed", applied.rules_changed);
                 self.applied_once = true;
+                if full {
+                    self.rejected_keys.clear();
+                }
+                for k in changes.upserted.iter().map(ToString::to_string) {
+                    self.rejected_keys.remove(&k);
+                }
+                for k in &p.removals {
+                    self.rejected_keys.remove(k);
+                }
+                self.rejected_keys.extend(rejected_keys);
                 let now = SystemTime::now();
                 self.status.send_modify(|s| {
                     s.applied_version = p.version;

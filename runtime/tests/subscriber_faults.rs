@@ -294,6 +294,57 @@ async fn patches_apply_to_the_held_slice_and_a_mismatch_asks_for_a_full_snapshot
     assert_eq!(recs[1].digest, want);
 }
 
+/// A slice the agent rejected (the server counts it as applied) later changes: the
+/// patch is rejected like the slice was, without asking for a full snapshot; the
+/// next valid whole slice is taken.
+#[tokio::test]
+async fn a_patch_for_a_rejected_slice_is_rejected_not_a_full_snapshot() {
+    let v1_ = web_slice(&["198.18.0.1", "198.18.0.2"]);
+    let v2 = web_slice(&["198.18.0.1", "198.18.0.3"]);
+    let v3 = web_slice(&["198.18.0.1", "198.18.0.4"]);
+    let mut invalid = v1::Resource::decode(resource_bytes(&v2).as_ref()).unwrap();
+    if let Some(v1::resource::Kind::EndpointSlice(s)) = invalid.kind.as_mut() {
+        s.endpoints[1].addresses = vec!["198.18.0.300".into()];
+    }
+    let (fake, addr) = serve(vec![vec![
+        frame(1, 0, "1", vec![resource_bytes(&v1_)], &[]),
+        frame(
+            2,
+            1,
+            "2",
+            vec![bytes::Bytes::from(invalid.encode_to_vec())],
+            &[],
+        ),
+        frame(3, 2, "3", vec![patch_bytes(&v2, &v3, None)], &[]),
+        frame(4, 3, "4", vec![resource_bytes(&v3)], &[]),
+    ]])
+    .await;
+    let (h, _m, _stop) = subscribe(addr, 4 << 20);
+    assert_eventually("four replies", T, || replies(&fake).len() == 4).await;
+    let r = replies(&fake);
+    for (i, version) in [(1, 2), (2, 3)] {
+        match &r[i] {
+            v1::agent_message::Msg::Nack(n) => {
+                assert!(!n.want_full, "{n:?}");
+                assert_eq!(n.version, version);
+                assert!(
+                    n.rejected[0].starts_with("endpointslice/default/web-abc"),
+                    "{n:?}"
+                );
+            }
+            other => panic!("expected a NACK, got {other:?}"),
+        }
+    }
+    assert!(
+        matches!(&r[3], v1::agent_message::Msg::Ack(a) if a.version == 4),
+        "{r:?}"
+    );
+    let want = meshlite_runtime::Snapshot::from_resources([v3])
+        .digest()
+        .sum;
+    assert_eq!(h.records().last().unwrap().digest, want);
+}
+
 #[tokio::test]
 async fn invalid_resources_are_rejected_by_key_and_the_rest_applied() {
     let mut bad = v1::Resource::decode(svc("bad", "198.19.0.9").as_ref()).unwrap();

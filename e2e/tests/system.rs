@@ -137,6 +137,10 @@ async fn service_lifecycle_by_vip_and_name() {
         patches.is_some_and(|n| n >= 4.0),
         "patches sent: {patches:?}"
     );
+    // ... and applied: no agent found a patch that did not fit (that would be a NACK
+    // asking for a full snapshot).
+    let nacks = metric(&m, "meshlite_control_plane_nacks_total");
+    assert_eq!(nacks, Some(0.0), "NACKs: {nacks:?}");
     for _ in 0..20 {
         assert!(
             !s.curl("testpod", "http://198.19.7.7/")

@@ -284,8 +284,13 @@ struct Subscription {
     hello: v1::Hello,
     view: View,
     tx: mpsc::Sender<Result<v1::UpdateFrame, Status>>,
-    /// The version the agent holds (None until known: after a full snapshot's ACK).
+    /// The version the agent holds (None until known: after a full snapshot's ACK):
+    /// the base of its next delta.
     holds: Option<u64>,
+    /// The newest version the agent is current at: `holds`, or later when nothing
+    /// in its view changed since. It is not told (its next delta still applies to
+    /// `holds`), so a change outside its view costs it nothing.
+    current: u64,
     in_flight: Option<InFlight>,
     /// Next update must be a full snapshot.
     need_full: bool,
@@ -336,6 +341,7 @@ impl Subscription {
             view,
             tx,
             holds: None,
+            current: 0,
             in_flight: None,
             need_full: false,
             inventory: None,
@@ -348,6 +354,13 @@ impl Subscription {
     /// Records the version the agent now holds.
     fn hold(&mut self, version: u64, applied: SystemTime) {
         self.holds = Some(version);
+        self.current_at(version, applied);
+    }
+
+    /// Records that the agent is current at `version` (it holds it, or nothing in
+    /// its view changed between what it holds and `version`).
+    fn current_at(&mut self, version: u64, applied: SystemTime) {
+        self.current = version;
         self.agent.set_version(version);
         self.shared
             .metrics
@@ -424,7 +437,7 @@ impl Subscription {
         }
         if h.epoch == store.epoch()
             && let Some(delta) =
-                store.delta_with_patches(h.applied_version, &self.view, h.accepts_patches)
+                store.delta_with_patches(h.applied_version, &self.view, takes_patches(h))
         {
             let kind = if delta.upserts.is_empty() && delta.removals.is_empty() {
                 UpdateKind::Unchanged
@@ -463,17 +476,18 @@ impl Subscription {
         let Some(holds) = self.holds else {
             return Plan::Nothing;
         };
-        if self.shared.store.version() <= holds {
+        if self.shared.store.version() <= holds.max(self.current) {
             return Plan::Nothing;
         }
         match self
             .shared
             .store
-            .delta_with_patches(holds, &self.view, self.hello.accepts_patches)
+            .delta_with_patches(holds, &self.view, takes_patches(&self.hello))
         {
             Some(d) if d.upserts.is_empty() && d.removals.is_empty() => {
-                // Nothing in this agent's view changed: it is current as it is.
-                self.hold(d.version, SystemTime::now());
+                // Nothing in this agent's view changed: it is current as it is,
+                // and its next delta still applies to what it holds.
+                self.current_at(d.version, SystemTime::now());
                 Plan::Nothing
             }
             Some(delta) => Plan::Send {
@@ -644,7 +658,11 @@ impl Subscription {
                     } else {
                         UpdateKind::Inventory
                     };
-                    let base = self.hello.applied_version;
+                    // The diff applies to what the agent holds now: the version it
+                    // reported in its Hello when resuming, the one it last ACKed when
+                    // it fell behind the tombstone window mid-stream. (Base 0 would
+                    // make the agent take the diff for a whole snapshot.)
+                    let base = self.holds.unwrap_or(self.hello.applied_version);
                     self.execute(Plan::Send { delta, base, kind }).await?;
                 }
                 Ok(())
@@ -659,6 +677,11 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         self.shared.metrics.convergence.gone(self.agent.id());
     }
+}
+
+/// Whether the agent applies EndpointSlice patches made by this control plane.
+fn takes_patches(hello: &v1::Hello) -> bool {
+    hello.patch_schema == meshlite_proto::PATCH_SCHEMA
 }
 
 async fn sleep_until_opt(t: Option<Instant>) {

@@ -95,3 +95,40 @@ fn generated_code_is_up_to_date() {
         );
     }
 }
+
+/// The EndpointSlice, EndpointPort and Endpoint messages as last released with
+/// `PATCH_SCHEMA`, fingerprinted without comments and spacing.
+const SLICE_MESSAGES: (u32, &str) = (1, "1f4019a1cdcf47ee");
+
+/// A change to the messages patches are made of must bump `PATCH_SCHEMA`, or
+/// agents and control planes of different builds would apply each other's patches
+/// to slices they decode differently.
+#[test]
+fn patch_schema_is_bumped_with_the_slice_messages() {
+    use sha2::{Digest, Sha256};
+    let proto = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("proto/meshlite/v1/mesh.proto"),
+    )
+    .expect("read mesh.proto");
+    let mut text = String::new();
+    for name in ["EndpointSlice", "EndpointPort", "Endpoint"] {
+        let start = proto
+            .find(&format!("\nmessage {name} {{"))
+            .unwrap_or_else(|| panic!("message {name} not found"));
+        let end = start + proto[start..].find("\n}").expect("message end");
+        for line in proto[start..end].lines() {
+            let code = line.split("//").next().unwrap_or("");
+            text.push_str(&code.split_whitespace().collect::<Vec<_>>().join(" "));
+            text.push('\n');
+        }
+    }
+    let digest = Sha256::digest(text.as_bytes());
+    let fingerprint: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(
+        (meshlite_proto::PATCH_SCHEMA, fingerprint.as_str()),
+        SLICE_MESSAGES,
+        "EndpointSlice/EndpointPort/Endpoint changed: bump meshlite_proto::PATCH_SCHEMA and \
+         record ({}, \"{fingerprint}\") in SLICE_MESSAGES",
+        meshlite_proto::PATCH_SCHEMA + 1
+    );
+}

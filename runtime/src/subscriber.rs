@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use meshlite_proto::model::{Resource, ResourceKey};
+use meshlite_proto::patch::PatchError;
 use meshlite_proto::v1;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
@@ -315,7 +316,7 @@ impl<H: Handler> Subscriber<H> {
             applied_version: self.snapshot.version(),
             applied_digest: digest.sum,
             applied_count: digest.count,
-            accepts_patches: true,
+            patch_schema: meshlite_proto::PATCH_SCHEMA,
         };
         send(&tx, v1::agent_message::Msg::Hello(hello)).await?;
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
@@ -450,17 +451,18 @@ impl<H: Handler> Subscriber<H> {
         let mut upserts = Vec::with_capacity(p.upserts.len());
         let mut rejected = Vec::new();
         let mut rejected_keys = Vec::new();
+        let mut accepted_keys = Vec::new();
         for r in &p.upserts {
             let converted = match &r.kind {
-                Some(v1::resource::Kind::EndpointSlicePatch(_))
-                    if self.rejected_keys.contains(&r.key) =>
-                {
-                    Err("a patch for a resource rejected earlier".to_string())
-                }
                 Some(v1::resource::Kind::EndpointSlicePatch(patch)) => {
                     match patched(&self.snapshot, r, patch) {
                         Ok(res) => Ok(res),
                         Err(PatchFailure::Invalid(e)) => Err(e),
+                        // We rejected this slice's last version, so we cannot hold
+                        // the patch's base: reject it by key, as that version was.
+                        Err(PatchFailure::Diverged(why)) if self.rejected_keys.contains(&r.key) => {
+                            Err(format!("patch for a resource rejected earlier ({why})"))
+                        }
                         Err(PatchFailure::Diverged(why)) => {
                             // We do not hold what the server thinks we do: only a
                             // full snapshot can bring us back in line.
@@ -478,7 +480,10 @@ impl<H: Handler> Subscriber<H> {
                 _ => Resource::try_from(r).map_err(|e| e.to_string()),
             };
             match converted {
-                Ok(res) => upserts.push((r.hash, res)),
+                Ok(res) => {
+                    upserts.push((r.hash, res));
+                    accepted_keys.push(r.key.clone());
+                }
                 Err(e) => {
                     rejected.push(format!("{}: {e}", r.key));
                     rejected_keys.push(r.key.clone());
@@ -534,10 +539,7 @@ impl<H: Handler> Subscriber<H> {
                 if full {
                     self.rejected_keys.clear();
                 }
-                for k in changes.upserted.iter().map(ToString::to_string) {
-                    self.rejected_keys.remove(&k);
-                }
-                for k in &p.removals {
+                for k in accepted_keys.iter().chain(&p.removals) {
                     self.rejected_keys.remove(k);
                 }
                 self.rejected_keys.extend(rejected_keys);
@@ -585,11 +587,11 @@ impl<H: Handler> Subscriber<H> {
 
 /// Why an EndpointSlice patch was not applied.
 enum PatchFailure {
-    /// The patch itself is malformed (bad key, positions or endpoint): the key is
-    /// rejected like any invalid resource.
+    /// The patch carries bad input (its key, an endpoint): the key is rejected like
+    /// any invalid resource.
     Invalid(String),
-    /// The patch does not apply to what we hold, or does not give what the server
-    /// holds.
+    /// The patch does not apply to what we hold (base hash, positions), or does not
+    /// give what the server holds.
     Diverged(String),
 }
 
@@ -615,8 +617,13 @@ fn patched(
             patch.base_hash
         )));
     }
-    let slice = meshlite_proto::patch::apply(held, patch)
-        .map_err(|e| PatchFailure::Invalid(e.to_string()))?;
+    let slice = meshlite_proto::patch::apply(held, patch).map_err(|e| match e {
+        // An endpoint that does not convert is bad input, like an invalid resource.
+        PatchError::Convert(_) => PatchFailure::Invalid(e.to_string()),
+        // Positions that do not fit a base whose hash matched: the two sides do not
+        // read patches alike.
+        _ => PatchFailure::Diverged(e.to_string()),
+    })?;
     let resource = Resource::EndpointSlice(slice);
     let hash = meshlite_proto::content_hash(&(&resource).into());
     if hash != r.hash {

@@ -345,6 +345,52 @@ async fn a_patch_for_a_rejected_slice_is_rejected_not_a_full_snapshot() {
     assert_eq!(h.records().last().unwrap().digest, want);
 }
 
+/// The server sends a slice's earlier, valid version again after the agent rejected
+/// a newer one: the agent holds it already, so the key is good again and the next
+/// patch from it applies.
+#[tokio::test]
+async fn a_rejected_slice_that_comes_back_takes_patches_again() {
+    let v1_ = web_slice(&["198.18.0.1", "198.18.0.2"]);
+    let v2 = web_slice(&["198.18.0.1", "198.18.0.3"]);
+    let v3 = web_slice(&["198.18.0.1", "198.18.0.4"]);
+    let mut invalid = v1::Resource::decode(resource_bytes(&v2).as_ref()).unwrap();
+    if let Some(v1::resource::Kind::EndpointSlice(s)) = invalid.kind.as_mut() {
+        s.endpoints[1].addresses = vec!["198.18.0.300".into()];
+    }
+    let (fake, addr) = serve(vec![vec![
+        frame(1, 0, "1", vec![resource_bytes(&v1_)], &[]),
+        frame(
+            2,
+            1,
+            "2",
+            vec![bytes::Bytes::from(invalid.encode_to_vec())],
+            &[],
+        ),
+        frame(3, 2, "3", vec![resource_bytes(&v1_)], &[]),
+        frame(4, 3, "4", vec![patch_bytes(&v1_, &v3, None)], &[]),
+    ]])
+    .await;
+    let (h, _m, _stop) = subscribe(addr, 4 << 20);
+    assert_eventually("four replies", T, || replies(&fake).len() == 4).await;
+    let r = replies(&fake);
+    assert!(
+        matches!(&r[1], v1::agent_message::Msg::Nack(n) if !n.want_full),
+        "{r:?}"
+    );
+    assert!(
+        matches!(&r[2], v1::agent_message::Msg::Ack(a) if a.version == 3),
+        "{r:?}"
+    );
+    assert!(
+        matches!(&r[3], v1::agent_message::Msg::Ack(a) if a.version == 4),
+        "{r:?}"
+    );
+    let want = meshlite_runtime::Snapshot::from_resources([v3])
+        .digest()
+        .sum;
+    assert_eq!(h.records().last().unwrap().digest, want);
+}
+
 #[tokio::test]
 async fn invalid_resources_are_rejected_by_key_and_the_rest_applied() {
     let mut bad = v1::Resource::decode(svc("bad", "198.19.0.9").as_ref()).unwrap();

@@ -52,7 +52,11 @@ fn up(r: Resource) -> Change {
 }
 
 fn seeded_store(n: usize) -> Arc<Store> {
-    let store = Arc::new(Store::new(Duration::from_secs(300), Kind::ALL));
+    seeded_store_retaining(n, Duration::from_secs(300))
+}
+
+fn seeded_store_retaining(n: usize, retention: Duration) -> Arc<Store> {
+    let store = Arc::new(Store::new(retention, Kind::ALL));
     store.apply((0..n).flat_map(|i| [up(svc(i)), up(slice(i, 0))]).collect());
     for k in Kind::ALL {
         store.mark_synced(k);
@@ -311,6 +315,87 @@ async fn a_slice_changed_once_reaches_the_agent_as_a_small_patch() {
     assert_eq!(server.sent(UpdateKind::Full), 1);
 }
 
+/// A change outside an agent's view (another node's Node object) sends that agent
+/// nothing; the next change in its view is still a delta it can apply, not a
+/// full snapshot.
+#[tokio::test]
+async fn a_change_outside_the_view_does_not_cost_a_full_snapshot() {
+    let pki = TestPki::new("ca");
+    let store = seeded_store(3);
+    let server = Server::start(&pki, store.clone(), 0).await;
+    let agent = start_agent(server.addr, pki.client("node1", &["node1"]));
+    assert_eventually("full snapshot applied", T, || {
+        agent.handler.records().len() == 1
+    })
+    .await;
+    store.apply(vec![up(Resource::Node(meshlite_proto::model::Node {
+        name: "node2".into(),
+        zone: None,
+        addresses: vec!["198.18.200.2".parse().unwrap()],
+        pod_cidrs: vec![],
+    }))]);
+    // The agent is current at the new version without being sent anything.
+    assert_eventually("agent current", T, || {
+        server
+            .agents
+            .rows(store.version())
+            .first()
+            .is_some_and(|a| a.lag == 0)
+    })
+    .await;
+    assert_eq!(agent.handler.records().len(), 1);
+    store.apply(vec![up(slice(1, 7))]);
+    assert_eventually("delta applied", T, || agent.handler.records().len() == 2).await;
+    let r = agent.handler.records()[1].clone();
+    assert!(!r.full, "{r:?}");
+    assert_eq!(r.upserted, vec!["endpointslice/default/svc-1-abc"]);
+    assert_eq!(server.sent(UpdateKind::Full), 1);
+    assert_eq!(server.metrics.nacks.get(), 0);
+}
+
+/// An agent that falls behind the tombstone window while connected is resumed by
+/// inventory: the diff applies to what it holds (not a full replacement, not a
+/// full snapshot), and it ends with exactly the store's state.
+#[tokio::test]
+async fn an_agent_behind_the_tombstone_window_mid_stream_is_resumed_by_inventory() {
+    let pki = TestPki::new("ca");
+    let store = seeded_store_retaining(5, Duration::from_millis(1));
+    let server = Server::start(&pki, store.clone(), 0).await;
+    let agent = start_agent(server.addr, pki.client("node1", &["node1"]));
+    assert_eventually("synced", T, || agent.handler.records().len() == 1).await;
+
+    agent
+        .handler
+        .fail_with(Some("iptables-restore: exit status 1"));
+    store.apply(vec![Change::Delete {
+        key: meshlite_proto::model::ResourceKey::service("default", "svc-4"),
+        cause: Cause::observed_now(None),
+    }]);
+    assert_eventually("nacked", T, || server.metrics.nacks.get() >= 1).await;
+    // The tombstone expires: a delta from what the agent holds can no longer be cut.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    store.apply(vec![up(slice(2, 9))]);
+    agent.handler.fail_with(None);
+
+    assert_eventually("caught up", T, || {
+        agent.status.borrow().applied_version == store.version()
+    })
+    .await;
+    let last = agent.handler.records().last().unwrap().clone();
+    let (digest, _) = store.digest(&View::Node("node1".into()));
+    assert_eq!(
+        last.digest, digest.sum,
+        "agent holds exactly the store's state"
+    );
+    assert_eq!(
+        last.resources, 9,
+        "5 services + 5 slices - the deleted service"
+    );
+    assert!(!last.full, "applied as a diff, not a replacement");
+    assert_eq!(server.sent(UpdateKind::Full), 1);
+    assert!(server.sent(UpdateKind::Inventory) >= 1);
+}
+
 /// A raw client that does its own ACKs.
 struct RawClient {
     tx: mpsc::Sender<v1::AgentMessage>,
@@ -379,6 +464,36 @@ impl RawClient {
             .await
             .unwrap();
     }
+}
+
+/// An agent that does not share the control plane's patch schema (here: none, as
+/// an agent from before patches) gets whole slices.
+#[tokio::test]
+async fn agents_without_the_patch_schema_get_whole_slices() {
+    let pki = TestPki::new("ca");
+    let store = seeded_store(1);
+    store.apply(vec![up(big_slice(0))]);
+    let server = Server::start(&pki, store.clone(), 0).await;
+    let mut raw = RawClient::connect(server.addr, &pki.client("raw", &["raw"]))
+        .await
+        .unwrap();
+    let full = raw.next_update(T).await.unwrap();
+    raw.ack(&full).await;
+    store.apply(vec![up(big_slice(1))]);
+    let u = raw.next_update(T).await.unwrap();
+    assert_eq!(u.base_version, full.version);
+    assert!(
+        matches!(
+            &u.upserts[..],
+            [v1::Resource {
+                kind: Some(v1::resource::Kind::EndpointSlice(_)),
+                ..
+            }]
+        ),
+        "{:?}",
+        u.upserts
+    );
+    assert_eq!(server.metrics.patches_sent.get(), 0);
 }
 
 #[tokio::test]

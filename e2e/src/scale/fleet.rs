@@ -352,7 +352,7 @@ async fn stream_once(shared: &Shared, me: &AgentShared, held: &mut Held) -> Stre
         applied_digest: held.digest.sum,
         applied_count: held.digest.count,
         // Patches carry the new hash like any resource: all the fleet reads.
-        accepts_patches: true,
+        patch_schema: meshlite_proto::PATCH_SCHEMA,
     };
     let _ = tx
         .send(v1::AgentMessage {

@@ -40,10 +40,13 @@ pub struct Hello {
     /// Number of keys the agent holds.
     #[prost(uint64, tag = "7")]
     pub applied_count: u64,
-    /// The agent applies EndpointSlicePatch upserts; the server sends none otherwise
-    /// (so a control plane can be upgraded before its agents).
-    #[prost(bool, tag = "8")]
-    pub accepts_patches: bool,
+    /// The agent applies EndpointSlicePatch upserts made against this revision of
+    /// the EndpointSlice and Endpoint messages (meshlite_proto::PATCH_SCHEMA; 0: it
+    /// takes no patches). The server sends patches only when the revision equals its
+    /// own: a patched slice is checked by re-hashing it, which only works when both
+    /// sides know the same fields. Whole resources go to everyone else.
+    #[prost(uint32, tag = "8")]
+    pub patch_schema: u32,
 }
 /// The agent's key -> content hash list, sent only when the server asks for it
 /// (Update.inventory_request), chunked like Updates.

@@ -631,6 +631,13 @@ impl Subscription {
                 if nack.want_full {
                     self.need_full = true;
                     self.holds = None;
+                } else if self.holds.is_none() && self.hello.epoch != self.shared.store.epoch() {
+                    // The first update failed to apply and the agent kept what it
+                    // held from another run of the control plane: that version
+                    // means nothing here, so no delta can be cut from it. Retry
+                    // with a full snapshot, after a pause.
+                    self.need_full = true;
+                    self.retry_at = Some(Instant::now() + self.nack_backoff.next_delay());
                 } else {
                     // The agent reports what it holds now: the update's version when
                     // only some resources were rejected (the rest applied), its

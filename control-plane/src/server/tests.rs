@@ -610,6 +610,53 @@ async fn restarted_control_plane_resumes_by_hashes() {
     assert_eq!(server.sent(UpdateKind::Full), 0);
 }
 
+/// After a control-plane restart the agent's first update fails to apply: the
+/// version it still holds is from the old run and means nothing in the new one, so
+/// the retry is a full snapshot, never a delta cut from that number.
+#[tokio::test]
+async fn a_failed_first_update_after_a_restart_is_retried_as_a_full_snapshot() {
+    let pki = TestPki::new("ca");
+    let store = seeded_store(20);
+    let server = Server::start(&pki, store.clone(), 0).await;
+    let agent = start_agent(server.addr, pki.client("node1", &["node1"]));
+    assert_eventually("synced", T, || agent.handler.records().len() == 1).await;
+
+    // The new run has other content at the same version numbers, then one more
+    // change (a new Service, so no patch hash can catch it): a delta from the
+    // agent's old version would carry only that one.
+    let port = server.kill();
+    let store2 = Arc::new(Store::new(Duration::from_secs(300), Kind::ALL));
+    store2.apply(
+        (0..20)
+            .flat_map(|i| [up(svc(i)), up(slice(i, 1))])
+            .collect(),
+    );
+    store2.apply(vec![up(svc(25))]);
+    for k in Kind::ALL {
+        store2.mark_synced(k);
+    }
+    store2.publish();
+    tokio::spawn(store2.clone().run_publisher(Duration::from_millis(1)));
+    agent
+        .handler
+        .fail_with(Some("iptables-restore: exit status 1"));
+    let server = Server::start(&pki, store2.clone(), port).await;
+    assert_eventually("nacked", T, || server.metrics.nacks.get() >= 1).await;
+    agent.handler.fail_with(None);
+    assert_eventually("caught up", T, || {
+        agent.status.borrow().epoch == store2.epoch()
+            && agent.status.borrow().applied_version == store2.version()
+    })
+    .await;
+    let last = agent.handler.records().last().unwrap().clone();
+    let (digest, _) = store2.digest(&View::Node("node1".into()));
+    assert_eq!(
+        last.digest, digest.sum,
+        "agent holds exactly the new store's state"
+    );
+    assert!(server.sent(UpdateKind::Full) >= 1);
+}
+
 #[tokio::test]
 async fn nack_keeps_the_last_good_version_and_retries() {
     let pki = TestPki::new("ca");

@@ -66,6 +66,19 @@ fn seeded_store_retaining(n: usize, retention: Duration) -> Arc<Store> {
     store
 }
 
+/// A free port below the ephemeral range (32768+ here) for a server a test kills
+/// and restarts on the same port: between the two, another test's connection
+/// could otherwise be given the freed ephemeral port.
+fn restartable_port() -> u16 {
+    for _ in 0..1_000 {
+        let port = 20_000 + rand::random::<u16>() % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000-31999 after 1,000 tries");
+}
+
 struct Server {
     addr: SocketAddr,
     metrics: Metrics,
@@ -140,7 +153,9 @@ impl Server {
                     transport::serve(listener, Some(tls), svc, 16, m, std::future::pending()).await;
             });
             let _ = stop_rx.recv();
-            rt.shutdown_background();
+            // Wait for the tasks to be dropped: the listener must be closed before a
+            // restarted server binds the same port.
+            rt.shutdown_timeout(Duration::from_secs(5));
         });
         let addr = addr_rx.await.unwrap();
         Server {
@@ -544,7 +559,7 @@ async fn an_agent_that_does_not_ack_gets_one_coalesced_delta() {
 async fn reconnect_resumes_with_a_delta() {
     let pki = TestPki::new("ca");
     let store = seeded_store(50);
-    let server = Server::start(&pki, store.clone(), 0).await;
+    let server = Server::start(&pki, store.clone(), restartable_port()).await;
     let agent = start_agent(server.addr, pki.client("node1", &["node1"]));
     assert_eventually("synced", T, || agent.handler.records().len() == 1).await;
 
@@ -565,7 +580,7 @@ async fn reconnect_resumes_with_a_delta() {
 async fn restarted_control_plane_resumes_by_hashes() {
     let pki = TestPki::new("ca");
     let store = seeded_store(50);
-    let server = Server::start(&pki, store.clone(), 0).await;
+    let server = Server::start(&pki, store.clone(), restartable_port()).await;
     let agent = start_agent(server.addr, pki.client("node1", &["node1"]));
     assert_eventually("synced", T, || agent.handler.records().len() == 1).await;
 
@@ -617,7 +632,7 @@ async fn restarted_control_plane_resumes_by_hashes() {
 async fn a_failed_first_update_after_a_restart_is_retried_as_a_full_snapshot() {
     let pki = TestPki::new("ca");
     let store = seeded_store(20);
-    let server = Server::start(&pki, store.clone(), 0).await;
+    let server = Server::start(&pki, store.clone(), restartable_port()).await;
     let agent = start_agent(server.addr, pki.client("node1", &["node1"]));
     assert_eventually("synced", T, || agent.handler.records().len() == 1).await;
 
@@ -650,11 +665,28 @@ async fn a_failed_first_update_after_a_restart_is_retried_as_a_full_snapshot() {
     .await;
     let last = agent.handler.records().last().unwrap().clone();
     let (digest, _) = store2.digest(&View::Node("node1".into()));
+    let seen = || {
+        format!(
+            "records {:?}; sent full {} inventory {} delta {}; nacks {}",
+            agent
+                .handler
+                .records()
+                .iter()
+                .map(|r| (r.version, r.full, r.upserted.len()))
+                .collect::<Vec<_>>(),
+            server.sent(UpdateKind::Full),
+            server.sent(UpdateKind::Inventory),
+            server.sent(UpdateKind::Delta),
+            server.metrics.nacks.get()
+        )
+    };
     assert_eq!(
-        last.digest, digest.sum,
-        "agent holds exactly the new store's state"
+        last.digest,
+        digest.sum,
+        "agent holds exactly the new store's state: {}",
+        seen()
     );
-    assert!(server.sent(UpdateKind::Full) >= 1);
+    assert!(server.sent(UpdateKind::Full) >= 1, "{}", seen());
 }
 
 #[tokio::test]

@@ -224,6 +224,15 @@ fn web_slice(ips: &[&str]) -> Resource {
     })
 }
 
+/// `slice` encoded with its second endpoint's address made invalid.
+fn with_invalid_endpoint(slice: &Resource) -> bytes::Bytes {
+    let mut r = v1::Resource::decode(resource_bytes(slice).as_ref()).unwrap();
+    if let Some(v1::resource::Kind::EndpointSlice(s)) = r.kind.as_mut() {
+        s.endpoints[1].addresses = vec!["198.18.0.300".into()];
+    }
+    bytes::Bytes::from(r.encode_to_vec())
+}
+
 /// The patch from `old` to `new` as the control plane encodes it, with its base
 /// hash replaced by `base` when given.
 fn patch_bytes(old: &Resource, new: &Resource, base: Option<u64>) -> bytes::Bytes {
@@ -302,19 +311,9 @@ async fn a_patch_for_a_rejected_slice_is_rejected_not_a_full_snapshot() {
     let v1_ = web_slice(&["198.18.0.1", "198.18.0.2"]);
     let v2 = web_slice(&["198.18.0.1", "198.18.0.3"]);
     let v3 = web_slice(&["198.18.0.1", "198.18.0.4"]);
-    let mut invalid = v1::Resource::decode(resource_bytes(&v2).as_ref()).unwrap();
-    if let Some(v1::resource::Kind::EndpointSlice(s)) = invalid.kind.as_mut() {
-        s.endpoints[1].addresses = vec!["198.18.0.300".into()];
-    }
     let (fake, addr) = serve(vec![vec![
         frame(1, 0, "1", vec![resource_bytes(&v1_)], &[]),
-        frame(
-            2,
-            1,
-            "2",
-            vec![bytes::Bytes::from(invalid.encode_to_vec())],
-            &[],
-        ),
+        frame(2, 1, "2", vec![with_invalid_endpoint(&v2)], &[]),
         frame(3, 2, "3", vec![patch_bytes(&v2, &v3, None)], &[]),
         frame(4, 3, "4", vec![resource_bytes(&v3)], &[]),
     ]])
@@ -353,19 +352,9 @@ async fn a_rejected_slice_that_comes_back_takes_patches_again() {
     let v1_ = web_slice(&["198.18.0.1", "198.18.0.2"]);
     let v2 = web_slice(&["198.18.0.1", "198.18.0.3"]);
     let v3 = web_slice(&["198.18.0.1", "198.18.0.4"]);
-    let mut invalid = v1::Resource::decode(resource_bytes(&v2).as_ref()).unwrap();
-    if let Some(v1::resource::Kind::EndpointSlice(s)) = invalid.kind.as_mut() {
-        s.endpoints[1].addresses = vec!["198.18.0.300".into()];
-    }
     let (fake, addr) = serve(vec![vec![
         frame(1, 0, "1", vec![resource_bytes(&v1_)], &[]),
-        frame(
-            2,
-            1,
-            "2",
-            vec![bytes::Bytes::from(invalid.encode_to_vec())],
-            &[],
-        ),
+        frame(2, 1, "2", vec![with_invalid_endpoint(&v2)], &[]),
         frame(3, 2, "3", vec![resource_bytes(&v1_)], &[]),
         frame(4, 3, "4", vec![patch_bytes(&v1_, &v3, None)], &[]),
     ]])

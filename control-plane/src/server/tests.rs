@@ -56,8 +56,18 @@ fn seeded_store(n: usize) -> Arc<Store> {
 }
 
 fn seeded_store_retaining(n: usize, retention: Duration) -> Arc<Store> {
+    store_with(n, 0, retention)
+}
+
+/// A synced, published store of `n` services with one slice each (endpoint
+/// addresses from `generation`), publishing further changes as they come.
+fn store_with(n: usize, generation: usize, retention: Duration) -> Arc<Store> {
     let store = Arc::new(Store::new(retention, Kind::ALL));
-    store.apply((0..n).flat_map(|i| [up(svc(i)), up(slice(i, 0))]).collect());
+    store.apply(
+        (0..n)
+            .flat_map(|i| [up(svc(i)), up(slice(i, generation))])
+            .collect(),
+    );
     for k in Kind::ALL {
         store.mark_synced(k);
     }
@@ -640,18 +650,8 @@ async fn a_failed_first_update_after_a_restart_is_retried_as_a_full_snapshot() {
     // change (a new Service, so no patch hash can catch it): a delta from the
     // agent's old version would carry only that one.
     let port = server.kill();
-    let store2 = Arc::new(Store::new(Duration::from_secs(300), Kind::ALL));
-    store2.apply(
-        (0..20)
-            .flat_map(|i| [up(svc(i)), up(slice(i, 1))])
-            .collect(),
-    );
+    let store2 = store_with(20, 1, Duration::from_secs(300));
     store2.apply(vec![up(svc(25))]);
-    for k in Kind::ALL {
-        store2.mark_synced(k);
-    }
-    store2.publish();
-    tokio::spawn(store2.clone().run_publisher(Duration::from_millis(1)));
     agent
         .handler
         .fail_with(Some("iptables-restore: exit status 1"));

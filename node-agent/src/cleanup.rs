@@ -89,37 +89,56 @@ impl fmt::Display for Report {
     }
 }
 
-/// Whether `chain` is one meshlite (or kube-proxy, with the default prefix) creates.
-pub fn is_ours(chain: &str, prefix: &str) -> bool {
-    let Some(rest) = chain.strip_prefix(prefix).and_then(|r| r.strip_prefix('-')) else {
-        return false;
-    };
-    const PER_SERVICE: [&str; 6] = ["SVC-", "SVL-", "EXT-", "FW-", "SEP-", "XLB-"];
-    if PER_SERVICE.iter().any(|p| rest.starts_with(p)) {
-        return true;
+/// The chains meshlite (or kube-proxy, with the default prefix) creates under one
+/// prefix. Built once per cleanup: a large node's `iptables-save` lists 100k+
+/// chains.
+#[derive(Debug)]
+pub struct OurChains {
+    prefix: String,
+    fixed: BTreeSet<String>,
+}
+
+impl OurChains {
+    pub fn new(prefix: &str) -> Self {
+        let ipt = ChainNames::new(prefix);
+        let ipvs = rules::ChainNames::new(prefix);
+        let mut fixed: BTreeSet<String> = [
+            ipt.services,
+            ipt.external_services,
+            ipt.nodeports,
+            ipt.postrouting,
+            ipt.mark_masq,
+            ipt.forward,
+            ipt.proxy_firewall,
+            ipt.canary,
+            ipvs.node_port,
+            ipvs.load_balancer,
+            ipvs.source_ranges_firewall,
+            ipvs.ipvs_filter,
+            ipvs.ipvs_out_filter,
+        ]
+        .into();
+        // Under kube-proxy's prefix this chain is kubelet's, which goes on using it.
+        if prefix != "KUBE" {
+            fixed.insert(ipt.firewall);
+        }
+        Self {
+            prefix: prefix.to_string(),
+            fixed,
+        }
     }
-    let ipt = ChainNames::new(prefix);
-    let ipvs = rules::ChainNames::new(prefix);
-    let mut fixed = vec![
-        &ipt.services,
-        &ipt.external_services,
-        &ipt.nodeports,
-        &ipt.postrouting,
-        &ipt.mark_masq,
-        &ipt.forward,
-        &ipt.proxy_firewall,
-        &ipt.canary,
-        &ipvs.node_port,
-        &ipvs.load_balancer,
-        &ipvs.source_ranges_firewall,
-        &ipvs.ipvs_filter,
-        &ipvs.ipvs_out_filter,
-    ];
-    // Under kube-proxy's prefix this chain is kubelet's, which goes on using it.
-    if prefix != "KUBE" {
-        fixed.push(&ipt.firewall);
+
+    /// Whether `chain` is one of ours.
+    pub fn contains(&self, chain: &str) -> bool {
+        let Some(rest) = chain
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|r| r.strip_prefix('-'))
+        else {
+            return false;
+        };
+        const PER_SERVICE: [&str; 6] = ["SVC-", "SVL-", "EXT-", "FW-", "SEP-", "XLB-"];
+        PER_SERVICE.iter().any(|p| rest.starts_with(p)) || self.fixed.contains(chain)
     }
-    fixed.iter().any(|c| c.as_str() == chain)
 }
 
 /// Plans the removal of our chains from `save` (`iptables-save` output of every
@@ -150,6 +169,7 @@ pub fn plan_iptables(save: &str, prefix: &str) -> Option<IptablesPlan> {
             }
         }
     }
+    let ours_all = OurChains::new(prefix);
     let mut plan = IptablesPlan {
         text: String::new(),
         chains: 0,
@@ -160,7 +180,7 @@ pub fn plan_iptables(save: &str, prefix: &str) -> Option<IptablesPlan> {
             .chains
             .iter()
             .copied()
-            .filter(|c| is_ours(c, prefix))
+            .filter(|c| ours_all.contains(c))
             .collect();
         if ours.is_empty() {
             continue;
@@ -368,6 +388,7 @@ COMMIT
 
     #[test]
     fn our_chains_and_only_ours() {
+        let kube = OurChains::new("KUBE");
         for c in [
             "KUBE-SERVICES",
             "KUBE-SVC-ABCDEFGHIJKLMNOP",
@@ -379,7 +400,7 @@ COMMIT
             "KUBE-IPVS-OUT-FILTER",
             "KUBE-LOAD-BALANCER",
         ] {
-            assert!(is_ours(c, "KUBE"), "{c}");
+            assert!(kube.contains(c), "{c}");
         }
         for c in [
             "KUBE-FIREWALL",
@@ -389,12 +410,13 @@ COMMIT
             "INPUT",
             "MESH-SERVICES",
         ] {
-            assert!(!is_ours(c, "KUBE"), "{c}");
+            assert!(!kube.contains(c), "{c}");
         }
         // Under another prefix the firewall chain is ours too.
-        assert!(is_ours("MESH-FIREWALL", "MESH"));
-        assert!(is_ours("MESH-SEP-X", "MESH"));
-        assert!(!is_ours("KUBE-SERVICES", "MESH"));
+        let mesh = OurChains::new("MESH");
+        assert!(mesh.contains("MESH-FIREWALL"));
+        assert!(mesh.contains("MESH-SEP-X"));
+        assert!(!mesh.contains("KUBE-SERVICES"));
     }
 
     #[test]

@@ -476,7 +476,8 @@ impl Subscription {
         let Some(holds) = self.holds else {
             return Plan::Nothing;
         };
-        if self.shared.store.version() <= holds.max(self.current) {
+        // `current` is never behind `holds`: `hold` sets both.
+        if self.shared.store.version() <= self.current {
             return Plan::Nothing;
         }
         match self

@@ -49,6 +49,12 @@ pub struct EventLabels {
     pub event: EventType,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WatchErrorLabels {
+    pub kind: KindLabel,
+    pub class: crate::source::kube::retry::Class,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 pub enum RoleLabel {
     Node,
@@ -86,6 +92,7 @@ pub struct ReasonLabels {
 #[derive(Debug, Clone)]
 pub struct Metrics {
     pub api_events: Family<EventLabels, Counter>,
+    pub watch_errors: Family<WatchErrorLabels, Counter>,
     pub invalid_objects: Family<KindLabels, Counter>,
     pub normalization_warnings: Family<KindLabels, Counter>,
     pub manifest_errors: Counter,
@@ -109,6 +116,7 @@ impl Metrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
             api_events: Family::default(),
+            watch_errors: Family::default(),
             invalid_objects: Family::default(),
             normalization_warnings: Family::default(),
             manifest_errors: Counter::default(),
@@ -132,6 +140,11 @@ impl Metrics {
             "api_events",
             "Watch events and re-lists received, by kind",
             m.api_events.clone(),
+        );
+        r.register(
+            "watch_errors",
+            "Watch and list errors, by kind and by what they called for (Gone: re-listed at once; ApiError, Unreachable: retried after a backoff)",
+            m.watch_errors.clone(),
         );
         r.register(
             "invalid_objects",

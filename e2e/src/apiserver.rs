@@ -10,7 +10,8 @@
 //!   lines, replaying history after `R` and then following changes;
 //! - `410 Gone` (an `ERROR` event with a `Status` of code 410, as the real server
 //!   sends it) when `R` is older than the compaction point;
-//! - dropped connections on demand.
+//! - dropped connections on demand, and whole outages ([`ApiServer::stop`],
+//!   [`ApiServer::restart`] on the same address: connections are refused meanwhile).
 //!
 //! Tests and harnesses drive it through [`ApiServer`]; it also counts the watch
 //! streams and events it serves, for the scale comparison with per-node watches.
@@ -120,6 +121,14 @@ pub struct ApiServer {
     bookmark_interval: Duration,
     pub stats: Arc<Stats>,
     addr: SocketAddr,
+    /// The running server: its shutdown trigger and task. `None` while stopped.
+    serving: Arc<Mutex<Option<Serving>>>,
+}
+
+#[derive(Debug)]
+struct Serving {
+    shutdown: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// Bad input to [`ApiServer::apply_yaml`].
@@ -177,7 +186,13 @@ impl ApiServer {
             bookmark_interval,
             stats: Arc::new(Stats::default()),
             addr,
+            serving: Arc::new(Mutex::new(None)),
         };
+        server.serve(listener);
+        Ok(server)
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
         let app = Router::new()
             .route("/api/v1/services", get(serve_services))
             .route("/api/v1/nodes", get(serve_nodes))
@@ -190,11 +205,51 @@ impl ApiServer {
                 "/apis/authentication.k8s.io/v1/tokenreviews",
                 axum::routing::post(token_review),
             )
-            .with_state(server.clone());
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            .with_state(self.clone());
+        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await;
         });
-        Ok(server)
+        *self.serving.lock().unwrap_or_else(|p| p.into_inner()) = Some(Serving { shutdown, task });
+    }
+
+    /// An outage: stops accepting connections, cuts every watch and closes idle
+    /// connections; clients are refused until [`ApiServer::restart`]. The state
+    /// stays and can still be changed (as other API servers would meanwhile).
+    pub async fn stop(&self) {
+        let serving = self
+            .serving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(serving) = serving else { return };
+        let _ = serving.shutdown.send(());
+        self.drop_watches();
+        // Open lists finish in milliseconds; a connection that would not close is
+        // left to the runtime rather than hanging the test.
+        let _ = tokio::time::timeout(Duration::from_secs(10), serving.task).await;
+    }
+
+    /// Serves again on the same address after [`ApiServer::stop`].
+    ///
+    /// # Errors
+    /// The address could not be bound again.
+    pub async fn restart(&self) -> std::io::Result<()> {
+        if self
+            .serving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            return Ok(());
+        }
+        let listener = tokio::net::TcpListener::bind(self.addr).await?;
+        self.serve(listener);
+        Ok(())
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -195,3 +195,42 @@ async fn dropped_watch_connections_resume_without_loss() {
     .await;
     assert!(s.handler.records().iter().all(|r| r.removed.is_empty()));
 }
+
+/// An API server outage long enough for a client's backoff to grow, with the
+/// history compacted meanwhile (so the watchers get 410 Gone when it returns) and a
+/// change made during it: the change reaches the agent within seconds of the
+/// return. kube-rs' default backoff (800 ms doubling to 30 s, applied to the 410 as
+/// well) took 13-33 s here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_during_an_outage_arrives_soon_after_the_api_server_returns() {
+    let s = setup().await;
+    assert_eventually("initial snapshot", T, || s.handler.records().len() == 1).await;
+    let lists = s.api.stats.lists.load(std::sync::atomic::Ordering::Relaxed);
+
+    s.api.stop().await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    s.api
+        .apply_yaml(&slice("web-1", "web", &["198.18.0.7"]))
+        .unwrap();
+    s.api.compact(false);
+    let back = std::time::Instant::now();
+    s.api.restart().await.unwrap();
+
+    assert_eventually("the change made during the outage", T, || {
+        s.handler.records().len() == 2
+    })
+    .await;
+    let took = back.elapsed();
+    println!("change made during the outage visible {took:?} after the API server returned");
+    assert_eventually("every watcher re-listed after the 410", T, || {
+        s.api.stats.lists.load(std::sync::atomic::Ordering::Relaxed) >= lists + 3
+    })
+    .await;
+    assert!(
+        took < Duration::from_secs(4),
+        "took {took:?}: the watchers waited out a long backoff"
+    );
+    let r = &s.handler.records()[1];
+    assert_eq!(r.upserted, vec!["endpointslice/default/web-1"]);
+    assert!(r.removed.is_empty(), "spurious deletes: {:?}", r.removed);
+}

@@ -6,6 +6,11 @@
 //! the store in one step with [`Store::sync`], which only changes what differs: a
 //! re-list never tells agents to delete what still exists. An object that fails to
 //! normalize is logged and counted, and its last good state stays.
+//!
+//! Errors are retried by what they say ([`retry`]): a 410 Gone re-lists at once, and
+//! the wait after an outage is at most a second, not kube-rs' default 30 s.
+
+pub mod retry;
 
 use std::collections::HashSet;
 use std::fmt::Debug;
@@ -16,13 +21,12 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
 use kube::Api;
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use meshlite_proto::model::{Resource, ResourceKey};
 use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
 
-use crate::metrics::{EventLabels, EventType, KindLabels, Metrics};
+use crate::metrics::{EventLabels, EventType, KindLabels, Metrics, WatchErrorLabels};
 use crate::normalize::{self, Invalid};
 use crate::store::{Cause, Change, Kind, Store, encode};
 
@@ -98,8 +102,12 @@ async fn watch_kind<K>(
             })
             .inc();
     };
-    let stream = watch_stream(api).default_backoff();
+    let stream = watch_stream(api);
     let mut stream = std::pin::pin!(stream);
+    let mut retry = retry::Retry::new();
+    // Errors since the API server last delivered something: the first is a warning,
+    // the rest of an outage is logged at debug level (counted in the metric).
+    let mut failing: u64 = 0;
     let mut relist: Option<Relist> = None;
     let normalized = |obj: &K| -> Option<Normalized> {
         match norm(obj) {
@@ -123,6 +131,15 @@ async fn watch_kind<K>(
         }
     };
     while let Some(event) = stream.next().await {
+        // `Init` is the watcher's own step before it lists; everything else that is
+        // not an error came from the API server.
+        if matches!(&event, Ok(e) if !matches!(e, Event::Init)) {
+            retry.reset();
+            if failing > 0 {
+                info!(kind = kind.as_str(), errors = failing, "watch recovered");
+                failing = 0;
+            }
+        }
         match event {
             Ok(Event::Init) => {
                 debug!(kind = kind.as_str(), "list started");
@@ -186,8 +203,27 @@ async fn watch_kind<K>(
                 }
             }
             Err(e) => {
-                // The backoff wrapper retries; a 410 leads to a fresh Init bracket.
-                warn!(kind = kind.as_str(), error = %e, "watch error; retrying");
+                // The watcher itself moves on (a 410 leads to a fresh Init bracket);
+                // this only decides how long to wait before asking it to.
+                let class = retry::Class::of(&e);
+                metrics
+                    .watch_errors
+                    .get_or_create(&WatchErrorLabels {
+                        kind: kind.into(),
+                        class,
+                    })
+                    .inc();
+                let wait = retry.after(class);
+                let retry_in_ms = wait.map_or(0, |d| d.as_millis() as u64);
+                failing += 1;
+                if failing == 1 {
+                    warn!(kind = kind.as_str(), error = %e, ?class, retry_in_ms, "watch error; retrying");
+                } else {
+                    debug!(kind = kind.as_str(), error = %e, ?class, retry_in_ms, errors = failing, "watch error; retrying");
+                }
+                if let Some(wait) = wait {
+                    tokio::time::sleep(wait).await;
+                }
             }
         }
     }

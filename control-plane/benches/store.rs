@@ -59,6 +59,7 @@ fn slice(i: u32, generation: u32) -> Resource {
                 ep
             })
             .collect(),
+        ignored_by_proxy: false,
     })
 }
 

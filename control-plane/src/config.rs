@@ -75,6 +75,12 @@ pub struct Config {
     /// How long removals are remembered for delta resume.
     #[arg(long, env = "MESHLITE_TOMBSTONE_RETENTION", default_value = "5m", value_parser = humantime::parse_duration)]
     pub tombstone_retention: Duration,
+    /// Proxy only Services (and EndpointSlices) labelled
+    /// `service.kubernetes.io/service-proxy-name=<this>`, so meshlite can run beside
+    /// another proxy. Unset (the default), meshlite proxies what kube-proxy would:
+    /// only objects without the label. DNS agents serve every Service either way.
+    #[arg(long, env = "MESHLITE_SERVICE_PROXY_NAME")]
+    pub service_proxy_name: Option<String>,
     /// Poll interval of `--source file:`.
     #[arg(long, env = "MESHLITE_FILE_POLL_INTERVAL", default_value = "200ms", value_parser = humantime::parse_duration)]
     pub file_poll_interval: Duration,

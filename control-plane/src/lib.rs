@@ -92,11 +92,15 @@ pub async fn start_with(
     let store = Arc::new(Store::new(config.tombstone_retention, Kind::ALL));
     tokio::spawn(store.clone().run_publisher(config.debounce));
 
+    let opts = normalize::Options {
+        service_proxy_name: config.service_proxy_name.clone(),
+    };
     match &config.source {
         SourceSpec::File(dir) => {
             let src = source::file::FileSource::new(
                 dir.clone(),
                 config.file_poll_interval,
+                opts,
                 store.clone(),
                 metrics.clone(),
             );
@@ -104,7 +108,7 @@ pub async fn start_with(
         }
         SourceSpec::Kube => {
             let client = kube_client(&config).await?;
-            source::kube::spawn(client, store.clone(), metrics.clone());
+            source::kube::spawn(client, opts, store.clone(), metrics.clone());
         }
     }
 

@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
 use meshlite_proto::model::{Resource, ResourceKey};
 
-use crate::normalize;
+use crate::normalize::{self, Options};
 
 /// A file that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -84,10 +84,10 @@ pub fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
 ///
 /// # Errors
 /// The directory or a file cannot be read, or a file is not valid YAML.
-pub fn load_dir(dir: &Path) -> Result<Manifests, ManifestError> {
+pub fn load_dir(dir: &Path, opts: &Options) -> Result<Manifests, ManifestError> {
     let mut all = Manifests::default();
     for path in list_dir(dir)? {
-        let m = load_file(&path)?;
+        let m = load_file(&path, opts)?;
         all.objects.extend(m.objects);
         all.warnings.extend(m.warnings);
         all.rejected.extend(m.rejected);
@@ -99,19 +99,19 @@ pub fn load_dir(dir: &Path) -> Result<Manifests, ManifestError> {
 ///
 /// # Errors
 /// The file cannot be read or is not valid YAML.
-pub fn load_file(path: &Path) -> Result<Manifests, ManifestError> {
+pub fn load_file(path: &Path, opts: &Options) -> Result<Manifests, ManifestError> {
     let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    parse(path, &text)
+    parse(path, &text, opts)
 }
 
 /// Parses multi-document YAML text; `path` names it in errors and warnings.
 ///
 /// # Errors
 /// The text is not valid YAML.
-pub fn parse(path: &Path, text: &str) -> Result<Manifests, ManifestError> {
+pub fn parse(path: &Path, text: &str, opts: &Options) -> Result<Manifests, ManifestError> {
     let docs: Vec<serde_json::Value> =
         serde_saphyr::from_multiple(text).map_err(|e| ManifestError::Yaml {
             path: path.to_path_buf(),
@@ -131,16 +131,21 @@ pub fn parse(path: &Path, text: &str) -> Result<Manifests, ManifestError> {
             .and_then(|i| i.as_array())
         {
             for (j, item) in items.iter().enumerate() {
-                object(&format!("{at} item {}", j + 1), item.clone(), &mut out);
+                object(
+                    &format!("{at} item {}", j + 1),
+                    item.clone(),
+                    opts,
+                    &mut out,
+                );
             }
         } else {
-            object(&at, doc, &mut out);
+            object(&at, doc, opts, &mut out);
         }
     }
     Ok(out)
 }
 
-fn object(at: &str, doc: serde_json::Value, out: &mut Manifests) {
+fn object(at: &str, doc: serde_json::Value, opts: &Options, out: &mut Manifests) {
     let api_version = doc.get("apiVersion").and_then(|v| v.as_str()).unwrap_or("");
     let kind = doc.get("kind").and_then(|v| v.as_str()).unwrap_or("");
     let key = identity(api_version, kind, &doc);
@@ -148,7 +153,7 @@ fn object(at: &str, doc: serde_json::Value, out: &mut Manifests) {
         ("v1", "Service") => serde_json::from_value::<core::Service>(doc)
             .map_err(|e| e.to_string())
             .and_then(|s| {
-                normalize::service(&s)
+                normalize::service(&s, opts)
                     .map(|n| (n.warnings, Resource::Service(n.value), None))
                     .map_err(|e| e.to_string())
             }),
@@ -157,7 +162,7 @@ fn object(at: &str, doc: serde_json::Value, out: &mut Manifests) {
                 .map_err(|e| e.to_string())
                 .and_then(|s| {
                     let trigger = normalize::trigger_time(&s.metadata);
-                    normalize::endpoint_slice(&s)
+                    normalize::endpoint_slice(&s, opts)
                         .map(|n| (n.warnings, Resource::EndpointSlice(n.value), trigger))
                         .map_err(|e| e.to_string())
                 })
@@ -212,7 +217,7 @@ mod tests {
     #[test]
     fn seed_loads_without_warnings() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/seed");
-        let m = load_dir(&dir).unwrap();
+        let m = load_dir(&dir, &Options::default()).unwrap();
         assert!(m.warnings.is_empty(), "{:?}", m.warnings);
         let keys: Vec<String> = m
             .objects
@@ -234,7 +239,12 @@ mod tests {
 
     #[test]
     fn broken_yaml_names_the_file() {
-        let err = parse(Path::new("/m/bad.yaml"), "kind: Service\n  - : [").unwrap_err();
+        let err = parse(
+            Path::new("/m/bad.yaml"),
+            "kind: Service\n  - : [",
+            &Options::default(),
+        )
+        .unwrap_err();
         assert!(
             err.to_string().starts_with("/m/bad.yaml: invalid YAML"),
             "{err}"
@@ -247,7 +257,7 @@ mod tests {
                     apiVersion: v1\nkind: Service\nmetadata: {name: ok}\nspec: {clusterIP: 198.19.0.1}\n---\n\
                     apiVersion: v1\nkind: Service\nmetadata: {name: bad}\nspec: {clusterIP: 300.0.0.1}\n---\n\
                     apiVersion: v1\nkind: Service\nmetadata: {name: typed}\nspec: {ports: nope}\n";
-        let m = parse(Path::new("m.yaml"), text).unwrap();
+        let m = parse(Path::new("m.yaml"), text, &Options::default()).unwrap();
         assert_eq!(m.objects.len(), 1);
         assert_eq!(m.warnings.len(), 3, "{:?}", m.warnings);
         assert!(m.warnings[0].contains("apps/v1 Deployment is not used"));
@@ -265,7 +275,7 @@ mod tests {
     #[test]
     fn lists_are_flattened() {
         let text = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Node\n  metadata: {name: n1}\n";
-        let m = parse(Path::new("l.yaml"), text).unwrap();
+        let m = parse(Path::new("l.yaml"), text, &Options::default()).unwrap();
         assert_eq!(m.objects.len(), 1);
     }
 }

@@ -48,7 +48,35 @@ pub const ANNOTATION_PREFIX: &str = "meshlite.io/";
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Which proxy implements a Service (its EndpointSlices carry it too).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Set on the EndpointSlices of headless Services.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// What the control plane's configuration decides about objects.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Options {
+    /// `--service-proxy-name`: `None` (kube-proxy's behaviour) proxies only objects
+    /// without a `service.kubernetes.io/service-proxy-name` label; `Some(name)`
+    /// proxies only objects whose label is exactly `name`, so meshlite can run
+    /// beside another proxy that keeps the rest.
+    pub service_proxy_name: Option<String>,
+}
+
+// === impl Options ===
+
+impl Options {
+    /// Whether node agents leave an object with these labels alone, as kube-proxy's
+    /// informers never see it: labelled for another proxy (or for none when we
+    /// claim a name), or labelled headless. DNS serves it all the same.
+    pub fn ignored_by_proxy(&self, labels: Option<&BTreeMap<String, String>>) -> bool {
+        let label = |k: &str| labels.and_then(|l| l.get(k));
+        label(HEADLESS_LABEL).is_some()
+            || label(SERVICE_PROXY_NAME_LABEL).map(String::as_str)
+                != self.service_proxy_name.as_deref()
+    }
+}
 
 /// Accumulates warnings for one object.
 struct Ctx {
@@ -161,9 +189,13 @@ fn meta_namespace(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectM
 
 /// Normalizes a v1 Service.
 ///
+/// Load-balancer ingress IPs with `ipMode: Proxy` are left out: the load balancer
+/// proxies that traffic itself and sends it to node ports, so, as kube-proxy does,
+/// nothing on a node captures it (KEP-1860).
+///
 /// # Errors
 /// The object is unusable: no name, unknown type, an invalid primary cluster IP.
-pub fn service(svc: &core::Service) -> Result<Normalized<Service>, Invalid> {
+pub fn service(svc: &core::Service, opts: &Options) -> Result<Normalized<Service>, Invalid> {
     let name = meta_name(&svc.metadata);
     let namespace = meta_namespace(&svc.metadata);
     let mut cx = Ctx::new("Service", Some(namespace), name);
@@ -300,7 +332,12 @@ pub fn service(svc: &core::Service) -> Result<Normalized<Service>, Invalid> {
         .as_ref()
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_ref())
-        .map(|ing| ing.iter().filter_map(|i| i.ip.clone()).collect())
+        .map(|ing| {
+            ing.iter()
+                .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+                .filter_map(|i| i.ip.clone())
+                .collect()
+        })
         .unwrap_or_default();
     let load_balancer_ips = if kind == ServiceType::LoadBalancer {
         ip_list("status.loadBalancer.ingress", &lb_raw, &mut cx)
@@ -388,6 +425,7 @@ pub fn service(svc: &core::Service) -> Result<Normalized<Service>, Invalid> {
         external_name,
         publish_not_ready_addresses: spec.publish_not_ready_addresses.unwrap_or(false),
         annotations,
+        ignored_by_proxy: opts.ignored_by_proxy(svc.metadata.labels.as_ref()),
     };
     Ok(cx.done(value))
 }
@@ -396,7 +434,10 @@ pub fn service(svc: &core::Service) -> Result<Normalized<Service>, Invalid> {
 ///
 /// # Errors
 /// No name, no `kubernetes.io/service-name` label, or an FQDN/unknown address type.
-pub fn endpoint_slice(s: &discovery::EndpointSlice) -> Result<Normalized<EndpointSlice>, Invalid> {
+pub fn endpoint_slice(
+    s: &discovery::EndpointSlice,
+    opts: &Options,
+) -> Result<Normalized<EndpointSlice>, Invalid> {
     let name = meta_name(&s.metadata);
     let namespace = meta_namespace(&s.metadata);
     let mut cx = Ctx::new("EndpointSlice", Some(namespace), name);
@@ -529,6 +570,7 @@ pub fn endpoint_slice(s: &discovery::EndpointSlice) -> Result<Normalized<Endpoin
         address_family,
         ports,
         endpoints,
+        ignored_by_proxy: opts.ignored_by_proxy(s.metadata.labels.as_ref()),
     }))
 }
 

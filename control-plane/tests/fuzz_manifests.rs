@@ -146,7 +146,7 @@ fn mutated_manifests_never_panic_and_accepted_objects_are_valid() {
     let (mut n, mut ok) = (0u64, 0u64);
     while n < iterations && started.elapsed() < budget {
         let text = mutate(&mut rng, &corpus);
-        if let Ok(m) = manifests::parse(Path::new("fuzz.yaml"), &text) {
+        if let Ok(m) = manifests::parse(Path::new("fuzz.yaml"), &text, &Default::default()) {
             check(&m);
             ok += 1;
         }

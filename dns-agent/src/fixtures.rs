@@ -59,6 +59,7 @@ pub fn slice(
             })
             .collect(),
         endpoints,
+        ignored_by_proxy: false,
     }
 }
 

@@ -75,6 +75,7 @@ fn resources(services: usize, endpoints: usize, shrink: Option<usize>) -> Vec<Re
                     Endpoint::ready(v4((i * endpoints + k) % 60_000, [198, 18])).on_node("node2")
                 })
                 .collect(),
+            ignored_by_proxy: false,
         }));
     }
     r

@@ -209,8 +209,9 @@ impl ServicePortView {
 impl ProxyView {
     /// Builds the view of every proxied service port of `family` for `node_name`.
     ///
-    /// Skipped like kube-proxy skips them: headless and ExternalName services, and
-    /// services without a cluster IP of this family.
+    /// Skipped like kube-proxy skips them: headless and ExternalName services,
+    /// services without a cluster IP of this family, and services and slices the
+    /// control plane marked as not ours (labelled for another proxy, or headless).
     pub fn build(snapshot: &Snapshot, node_name: &str, family: IpFamily) -> Self {
         let node = snapshot.node(node_name);
         let node_zone = node.and_then(|n| n.zone.clone()).filter(|z| !z.is_empty());
@@ -295,7 +296,8 @@ struct PortBase {
 
 impl PortBase {
     fn of(service: &Arc<Service>, family: IpFamily) -> Option<Self> {
-        if service.headless || service.kind == ServiceType::ExternalName {
+        if service.headless || service.kind == ServiceType::ExternalName || service.ignored_by_proxy
+        {
             return None;
         }
         let cluster_ip = *service.cluster_ips.iter().find(|ip| family.matches(ip))?;
@@ -374,7 +376,7 @@ fn endpoints_by_port(
 ) -> BTreeMap<(String, Protocol), Vec<EndpointInfo>> {
     let mut by_port: BTreeMap<(String, Protocol), BTreeMap<String, EndpointInfo>> = BTreeMap::new();
     for slice in snapshot.slices_for(service) {
-        if slice.address_family != family.slice_family() {
+        if slice.address_family != family.slice_family() || slice.ignored_by_proxy {
             continue;
         }
         for port in &slice.ports {

@@ -126,6 +126,7 @@ fn slice(svc: &str, eps: Vec<Endpoint>) -> Resource {
             app_protocol: None,
         }],
         endpoints: eps,
+        ignored_by_proxy: false,
     })
 }
 

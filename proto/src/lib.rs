@@ -28,4 +28,4 @@ pub use hash::{InventoryDigest, content_hash};
 /// Revision of the `EndpointSlice`, `EndpointPort` and `Endpoint` messages, sent as
 /// `Hello.patch_schema`: patches flow only between sides that agree on it. Bump it
 /// with any change to those messages (`tests/generated.rs` fails until you do).
-pub const PATCH_SCHEMA: u32 = 1;
+pub const PATCH_SCHEMA: u32 = 2;

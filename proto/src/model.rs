@@ -80,6 +80,10 @@ pub struct Service {
     pub publish_not_ready_addresses: bool,
     /// `meshlite.io/*` annotations.
     pub annotations: BTreeMap<String, String>,
+    /// Labelled `service.kubernetes.io/service-proxy-name` for a proxy other than
+    /// the one the control plane claims (`--service-proxy-name`): node agents do not
+    /// program it; DNS serves it.
+    pub ignored_by_proxy: bool,
 }
 
 /// One entry of `spec.ports`.
@@ -110,6 +114,9 @@ pub struct EndpointSlice {
     pub address_family: AddressFamily,
     pub ports: Vec<EndpointPort>,
     pub endpoints: Vec<Endpoint>,
+    /// Labelled `service.kubernetes.io/headless`, or for another proxy: node agents
+    /// do not use it, as kube-proxy does not watch such slices; DNS does.
+    pub ignored_by_proxy: bool,
 }
 
 /// One port of an EndpointSlice.
@@ -251,6 +258,7 @@ impl Service {
             external_name: None,
             publish_not_ready_addresses: false,
             annotations: BTreeMap::new(),
+            ignored_by_proxy: false,
         }
     }
 

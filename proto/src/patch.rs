@@ -41,6 +41,7 @@ pub fn diff(
         && old.name == new.name
         && old.service_name == new.service_name
         && old.address_family == new.address_family
+        && old.ignored_by_proxy == new.ignored_by_proxy
         && old.ports == new.ports;
     if !same_slice {
         return None;
@@ -152,6 +153,7 @@ mod tests {
                 app_protocol: None,
             }],
             endpoints: ids.iter().map(|&i| ep(i)).collect(),
+            ignored_by_proxy: false,
         }
     }
 
@@ -253,6 +255,10 @@ mod tests {
         // A slice field changed.
         let mut new = slice(&[1, 2, 3]);
         new.ports[0].port = 8080;
+        assert_eq!(diff(&(&old).into(), &(&new).into(), 1), None);
+        // Newly labelled headless or for another proxy.
+        let mut new = slice(&[1, 2, 3]);
+        new.ignored_by_proxy = true;
         assert_eq!(diff(&(&old).into(), &(&new).into(), 1), None);
     }
 

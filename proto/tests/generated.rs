@@ -98,7 +98,7 @@ fn generated_code_is_up_to_date() {
 
 /// The EndpointSlice, EndpointPort and Endpoint messages as last released with
 /// `PATCH_SCHEMA`, fingerprinted without comments and spacing.
-const SLICE_MESSAGES: (u32, &str) = (1, "1f4019a1cdcf47ee");
+const SLICE_MESSAGES: (u32, &str) = (2, "7d6152fc20116876");
 
 /// A change to the messages patches are made of must bump `PATCH_SCHEMA`, or
 /// agents and control planes of different builds would apply each other's patches

@@ -317,6 +317,7 @@ mod tests {
             address_family: AddressFamily::Ipv4,
             ports: vec![],
             endpoints: vec![Endpoint::ready(ip.parse().unwrap())],
+            ignored_by_proxy: false,
         })
     }
 

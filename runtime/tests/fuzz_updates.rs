@@ -66,6 +66,7 @@ fn seeds() -> Vec<(String, v1::Update)> {
             Endpoint::ready(ip("198.18.0.1")).on_node("node1"),
             Endpoint::ready(ip("198.18.0.2")),
         ],
+        ignored_by_proxy: false,
     };
     let node = Node {
         name: "node1".into(),

@@ -221,6 +221,7 @@ fn web_slice(ips: &[&str]) -> Resource {
             .iter()
             .map(|ip| Endpoint::ready(ip.parse().unwrap()))
             .collect(),
+        ignored_by_proxy: false,
     })
 }
 

@@ -8,6 +8,15 @@ fn slice(yaml: &str) -> discovery::EndpointSlice {
     serde_saphyr::from_str(yaml).unwrap()
 }
 
+// Most cases normalize as a control plane without --service-proxy-name does.
+fn service(s: &core::Service) -> Result<Normalized<Service>, Invalid> {
+    super::service(s, &Options::default())
+}
+
+fn endpoint_slice(s: &discovery::EndpointSlice) -> Result<Normalized<EndpointSlice>, Invalid> {
+    super::endpoint_slice(s, &Options::default())
+}
+
 #[test]
 fn service_every_field() {
     let s = svc(r#"
@@ -321,4 +330,99 @@ fn names_must_be_dns_names() {
         "metadata: {name: x, labels: {kubernetes.io/service-name: \"a/b\"}}\naddressType: IPv4\nendpoints: []",
     );
     assert!(endpoint_slice(&s).is_err());
+}
+
+#[test]
+fn objects_labelled_for_another_proxy_or_headless_are_ignored_by_the_proxy() {
+    let labelled = |labels: &str| {
+        svc(&format!(
+            "metadata: {{name: web, labels: {{{labels}}}}}\nspec: {{clusterIP: 198.19.0.1}}"
+        ))
+    };
+    let ours = Options {
+        service_proxy_name: Some("meshlite".into()),
+    };
+    let none = Options::default();
+    let other = labelled("service.kubernetes.io/service-proxy-name: cilium");
+    let mine = labelled("service.kubernetes.io/service-proxy-name: meshlite");
+    let plain = labelled("app: web");
+    // Without a claimed name, as kube-proxy: only unlabelled objects.
+    assert!(
+        !super::service(&plain, &none)
+            .unwrap()
+            .value
+            .ignored_by_proxy
+    );
+    assert!(
+        super::service(&other, &none)
+            .unwrap()
+            .value
+            .ignored_by_proxy
+    );
+    assert!(super::service(&mine, &none).unwrap().value.ignored_by_proxy);
+    // Claiming a name: only objects labelled with it.
+    assert!(
+        super::service(&plain, &ours)
+            .unwrap()
+            .value
+            .ignored_by_proxy
+    );
+    assert!(
+        super::service(&other, &ours)
+            .unwrap()
+            .value
+            .ignored_by_proxy
+    );
+    assert!(!super::service(&mine, &ours).unwrap().value.ignored_by_proxy);
+
+    let s = |labels: &str| {
+        slice(&format!(
+            "metadata: {{name: web-1, labels: {{kubernetes.io/service-name: web, {labels}}}}}\naddressType: IPv4\nendpoints: [{{addresses: [198.18.0.1]}}]"
+        ))
+    };
+    assert!(
+        !endpoint_slice(&s("app: web"))
+            .unwrap()
+            .value
+            .ignored_by_proxy
+    );
+    let headless = endpoint_slice(&s("service.kubernetes.io/headless: ''")).unwrap();
+    assert!(
+        headless.value.ignored_by_proxy,
+        "kube-proxy never sees headless slices"
+    );
+    assert!(
+        headless.warnings.is_empty(),
+        "an ordinary object, not a bad one"
+    );
+    assert!(
+        endpoint_slice(&s("service.kubernetes.io/service-proxy-name: cilium"))
+            .unwrap()
+            .value
+            .ignored_by_proxy
+    );
+}
+
+#[test]
+fn load_balancer_ips_in_proxy_mode_are_not_captured() {
+    let n = service(&svc(r#"
+metadata: {name: lb}
+spec: {type: LoadBalancer, clusterIP: 198.19.0.1, ports: [{port: 80, nodePort: 30080}]}
+status:
+  loadBalancer:
+    ingress:
+    - {ip: 198.19.9.1, ipMode: Proxy}
+    - {ip: 198.19.9.2, ipMode: VIP}
+    - {ip: 198.19.9.3}
+    - {hostname: lb.example}
+"#))
+    .unwrap();
+    assert_eq!(
+        n.value.load_balancer_ips,
+        vec![
+            "198.19.9.2".parse::<IpAddr>().unwrap(),
+            "198.19.9.3".parse().unwrap()
+        ]
+    );
+    assert!(n.warnings.is_empty(), "{:?}", n.warnings);
 }

@@ -41,6 +41,7 @@ fn slice(i: usize, gen_: usize) -> Resource {
         address_family: AddressFamily::Ipv4,
         ports: vec![],
         endpoints: vec![Endpoint::ready(ip)],
+        ignored_by_proxy: false,
     })
 }
 
@@ -297,6 +298,7 @@ fn big_slice(gen_: usize) -> Resource {
         address_family: AddressFamily::Ipv4,
         ports: vec![],
         endpoints,
+        ignored_by_proxy: false,
     })
 }
 

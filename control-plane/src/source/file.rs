@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use crate::manifests::{self, Manifests};
 use crate::metrics::{EventLabels, EventType, KindLabels, Metrics};
+use crate::normalize::Options;
 use crate::store::{Cause, Kind, Store, encode};
 
 type Stamp = (SystemTime, u64);
@@ -25,6 +26,7 @@ type Stamp = (SystemTime, u64);
 pub struct FileSource {
     dir: PathBuf,
     poll: Duration,
+    opts: Options,
     store: Arc<Store>,
     metrics: Metrics,
     files: BTreeMap<PathBuf, FileState>,
@@ -42,10 +44,17 @@ struct FileState {
 }
 
 impl FileSource {
-    pub fn new(dir: PathBuf, poll: Duration, store: Arc<Store>, metrics: Metrics) -> Self {
+    pub fn new(
+        dir: PathBuf,
+        poll: Duration,
+        opts: Options,
+        store: Arc<Store>,
+        metrics: Metrics,
+    ) -> Self {
         Self {
             dir,
             poll,
+            opts,
             store,
             metrics,
             files: BTreeMap::new(),
@@ -92,7 +101,7 @@ impl FileSource {
             }
             st.candidate = None;
             st.loaded = Some(stamp);
-            match manifests::load_file(path) {
+            match manifests::load_file(path, &self.opts) {
                 Ok(m) => {
                     for w in &m.warnings {
                         warn!("{w}");
@@ -193,6 +202,7 @@ mod tests {
         let src = FileSource::new(
             dir.path().to_path_buf(),
             Duration::from_millis(10),
+            Options::default(),
             store.clone(),
             metrics,
         );

@@ -27,7 +27,7 @@ use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
 
 use crate::metrics::{EventLabels, EventType, KindLabels, Metrics, WatchErrorLabels};
-use crate::normalize::{self, Invalid};
+use crate::normalize::{self, Invalid, Options};
 use crate::store::{Cause, Change, Kind, Store, encode};
 
 /// A normalized object: the resource, dropped-part warnings, and trigger time.
@@ -37,22 +37,26 @@ type Normalized = (Resource, Vec<String>, Option<SystemTime>);
 type Relist = (Vec<(Resource, Cause)>, HashSet<ResourceKey>);
 
 /// Starts the three watchers; they run until the process exits.
-pub fn spawn(client: kube::Client, store: Arc<Store>, metrics: Metrics) {
+pub fn spawn(client: kube::Client, opts: Options, store: Arc<Store>, metrics: Metrics) {
+    let opts = Arc::new(opts);
+    let svc_opts = opts.clone();
     tokio::spawn(watch_kind::<core::Service>(
         Api::all(client.clone()),
         Kind::Service,
         store.clone(),
         metrics.clone(),
-        |s| normalize::service(s).map(|n| (Resource::Service(n.value), n.warnings, None)),
+        move |s| {
+            normalize::service(s, &svc_opts).map(|n| (Resource::Service(n.value), n.warnings, None))
+        },
     ));
     tokio::spawn(watch_kind::<discovery::EndpointSlice>(
         Api::all(client.clone()),
         Kind::EndpointSlice,
         store.clone(),
         metrics.clone(),
-        |s| {
+        move |s| {
             let trigger = normalize::trigger_time(&s.metadata);
-            normalize::endpoint_slice(s)
+            normalize::endpoint_slice(s, &opts)
                 .map(|n| (Resource::EndpointSlice(n.value), n.warnings, trigger))
         },
     ));
@@ -88,7 +92,7 @@ async fn watch_kind<K>(
     kind: Kind,
     store: Arc<Store>,
     metrics: Metrics,
-    norm: fn(&K) -> Result<Normalized, Invalid>,
+    norm: impl Fn(&K) -> Result<Normalized, Invalid> + Send + 'static,
 ) where
     K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {

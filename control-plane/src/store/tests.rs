@@ -19,6 +19,7 @@ fn slice(name: &str, svc: &str, ips: &[&str]) -> Resource {
             .iter()
             .map(|ip| Endpoint::ready(ip.parse::<IpAddr>().unwrap()))
             .collect(),
+        ignored_by_proxy: false,
     })
 }
 

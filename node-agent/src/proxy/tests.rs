@@ -31,6 +31,7 @@ fn slice(name: &str, service: &str, endpoints: Vec<Endpoint>) -> EndpointSlice {
             app_protocol: None,
         }],
         endpoints,
+        ignored_by_proxy: false,
     }
 }
 
@@ -383,4 +384,28 @@ fn load_balancer_and_health_check_only_where_kube_proxy_uses_them() {
     assert_eq!(v.info.load_balancer_ips, [ip("198.19.60.1")]);
     assert_eq!(v.info.health_check_node_port, Some(30000));
     assert_eq!(v.info.node_port, Some(30080));
+}
+
+#[test]
+fn services_and_slices_ignored_by_the_proxy_are_not_programmed() {
+    let mut other = svc("other");
+    other.ignored_by_proxy = true;
+    let mut headless_slice = slice("web-h", "web", vec![ep("198.18.1.2")]);
+    headless_slice.ignored_by_proxy = true;
+    let resources = vec![
+        Resource::Service(other),
+        Resource::EndpointSlice(slice("other-1", "other", vec![ep("198.18.1.1")])),
+        Resource::Service(svc("web")),
+        Resource::EndpointSlice(headless_slice),
+    ];
+    let v = ProxyView::build(&Snapshot::from_resources(resources), NODE, IpFamily::V4);
+    // Another proxy's service is not there at all.
+    assert_eq!(
+        v.ports.keys().map(ToString::to_string).collect::<Vec<_>>(),
+        vec!["ns/web:p80"]
+    );
+    // A service whose only slice is labelled headless has no endpoints: it rejects,
+    // as kube-proxy's does (its informer never sees such slices).
+    let web = &v.ports[&ServicePortName::new("ns", "web", "p80", Protocol::Tcp)];
+    assert!(!web.has_endpoints());
 }

@@ -48,6 +48,7 @@ fn snapshot(endpoints: &[&str]) -> Snapshot {
                 .iter()
                 .map(|ip| Endpoint::ready(ip.parse().unwrap()).on_node("node1"))
                 .collect(),
+            ignored_by_proxy: false,
         }),
     ])
 }

@@ -167,6 +167,7 @@ impl TryFrom<&v1::Service> for Service {
             external_name: opt_string(&s.external_name),
             publish_not_ready_addresses: s.publish_not_ready_addresses,
             annotations: s.annotations.clone(),
+            ignored_by_proxy: s.ignored_by_proxy,
         })
     }
 }
@@ -214,6 +215,7 @@ impl From<&Service> for v1::Service {
             external_name: s.external_name.clone().unwrap_or_default(),
             publish_not_ready_addresses: s.publish_not_ready_addresses,
             annotations: s.annotations.clone(),
+            ignored_by_proxy: s.ignored_by_proxy,
         }
     }
 }
@@ -259,6 +261,7 @@ impl TryFrom<&v1::EndpointSlice> for EndpointSlice {
             address_family,
             ports,
             endpoints,
+            ignored_by_proxy: s.ignored_by_proxy,
         })
     }
 }
@@ -320,6 +323,7 @@ impl From<&EndpointSlice> for v1::EndpointSlice {
                 })
                 .collect(),
             endpoints: s.endpoints.iter().map(v1::Endpoint::from).collect(),
+            ignored_by_proxy: s.ignored_by_proxy,
         }
     }
 }
@@ -430,6 +434,7 @@ mod tests {
             external_name: None,
             publish_not_ready_addresses: true,
             annotations: [("meshlite.io/ipvs-scheduler".to_string(), "sh".to_string())].into(),
+            ignored_by_proxy: true,
         }
     }
 
@@ -465,6 +470,7 @@ mod tests {
                 hostname: Some("web-0".into()),
                 target_pod: Some("web-0".into()),
             }],
+            ignored_by_proxy: true,
         };
         let wire = v1::EndpointSlice::from(&s);
         assert_eq!(EndpointSlice::try_from(&wire).unwrap(), s);

@@ -43,6 +43,7 @@ fn slice(ns: &str, svc: &str, eps: Vec<Endpoint>) -> Resource {
             app_protocol: None,
         }],
         endpoints: eps,
+        ignored_by_proxy: false,
     })
 }
 

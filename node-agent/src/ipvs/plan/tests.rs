@@ -33,6 +33,7 @@ fn slice(service: &str, endpoints: Vec<Endpoint>) -> EndpointSlice {
             app_protocol: None,
         }],
         endpoints,
+        ignored_by_proxy: false,
     }
 }
 

@@ -264,6 +264,10 @@ pub struct Service {
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
+    /// Labelled for another proxy (service.kubernetes.io/service-proxy-name other than
+    /// the one the control plane claims): node agents do not program it, DNS serves it.
+    #[prost(bool, tag = "18")]
+    pub ignored_by_proxy: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ServicePort {
@@ -298,6 +302,10 @@ pub struct EndpointSlice {
     pub ports: ::prost::alloc::vec::Vec<EndpointPort>,
     #[prost(message, repeated, tag = "6")]
     pub endpoints: ::prost::alloc::vec::Vec<Endpoint>,
+    /// Labelled service.kubernetes.io/headless, or for another proxy: node agents do
+    /// not use it (as kube-proxy does not watch it), DNS does.
+    #[prost(bool, tag = "7")]
+    pub ignored_by_proxy: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct EndpointPort {

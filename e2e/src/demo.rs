@@ -312,6 +312,7 @@ pub async fn run(opts: Options) -> Result<usize> {
         pod_records: true,
         env: vec![],
         fast: true,
+        control_plane_replicas: 1,
     };
     let stack = Stack::start(&cluster, &cfg, work.path(), Duration::from_secs(30)).await?;
     for r in stack.all() {

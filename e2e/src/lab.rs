@@ -38,8 +38,17 @@ pub fn webui_slice(svc: &str, eps: &[(&str, &str, bool)]) -> String {
 ///
 /// # Panics
 /// When not root or a tool is missing, with a message saying what.
-#[allow(clippy::unwrap_used, clippy::expect_used)] // a test harness: failures are test failures
 pub async fn system(prefix: &str) -> System {
+    system_with_replicas(prefix, 1).await
+}
+
+/// [`system`] with `replicas` control planes behind one address (see
+/// [`StackConfig::control_plane_replicas`]).
+///
+/// # Panics
+/// As [`system`].
+#[allow(clippy::unwrap_used, clippy::expect_used)] // a test harness: failures are test failures
+pub async fn system_with_replicas(prefix: &str, replicas: usize) -> System {
     meshlite_runtime::tls::install_default_provider();
     crate::netns::set_prefix(prefix);
     let mut cluster = Cluster::new(&["node1", "node2"]).unwrap_or_else(|e| panic!("{e:#}"));
@@ -112,6 +121,7 @@ pub async fn system(prefix: &str) -> System {
         pod_records: false,
         env: vec![],
         fast: true,
+        control_plane_replicas: replicas,
     };
     let stack = Stack::start(&cluster, &cfg, dir.path(), T)
         .await

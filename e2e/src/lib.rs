@@ -12,6 +12,7 @@
 pub mod apiserver;
 pub mod cluster;
 pub mod demo;
+pub mod front;
 pub mod lab;
 pub mod netns;
 pub mod otlp;

@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use meshlite_runtime::testing::TestPki;
 
 use crate::cluster::Cluster;
+use crate::front::Front;
 use crate::netns::{Outcome, get};
 use crate::procs::{Process, binary};
 
@@ -39,6 +40,10 @@ pub struct StackConfig {
     pub env: Vec<(String, String)>,
     /// `--file-poll-interval` and `--min-sync-period`: quick, for demos and tests.
     pub fast: bool,
+    /// Control-plane replicas. With more than one, each listens on its own port
+    /// and agents dial a [`Front`] on the usual address that forwards each new
+    /// connection to the first replica that accepts it.
+    pub control_plane_replicas: usize,
 }
 
 /// A running process and its admin address (inside its namespace).
@@ -112,7 +117,12 @@ impl Running {
 pub struct Stack {
     pub pki: TestPki,
     pub dir: PathBuf,
+    /// The (first) control-plane replica.
     pub control_plane: Running,
+    /// Further replicas, with `control_plane_replicas` > 1.
+    pub more_control_planes: Vec<Running>,
+    /// The address agents dial, with more than one replica.
+    pub front: Option<Front>,
     pub node_agents: BTreeMap<String, Running>,
     pub dns_agents: BTreeMap<String, Running>,
 }
@@ -143,30 +153,63 @@ impl Stack {
             Source::Files(d) => vec![s("--source"), format!("file:{}", d.display())],
             Source::Kube(k) => vec![s("--source=kube"), format!("--kubeconfig={}", k.display())],
         };
-        let mut args = source;
-        args.extend([
-            format!("--listen={cp_ip}:{CONTROL_PLANE_PORT}"),
-            s("--admin-listen=127.0.0.1:0"),
-            format!("--tls-cert={}", cert.display()),
-            format!("--tls-key={}", key.display()),
-            format!("--client-ca={}", ca.display()),
-            s("--node-identity=certificate"),
-        ]);
-        if cfg.fast {
-            args.push(s("--file-poll-interval=100ms"));
+        let replicas = cfg.control_plane_replicas.max(1);
+        let mut control_planes = Vec::new();
+        let mut backends = Vec::new();
+        for i in 0..replicas {
+            // One replica listens where agents dial; several sit behind a front.
+            let port = if replicas == 1 {
+                CONTROL_PLANE_PORT
+            } else {
+                CONTROL_PLANE_PORT + 1 + i as u16
+            };
+            backends.push(std::net::SocketAddr::new(cp_ip.into(), port));
+            let mut args = source.clone();
+            args.extend([
+                format!("--listen={cp_ip}:{port}"),
+                s("--admin-listen=127.0.0.1:0"),
+                format!("--tls-cert={}", cert.display()),
+                format!("--tls-key={}", key.display()),
+                format!("--client-ca={}", ca.display()),
+                s("--node-identity=certificate"),
+            ]);
+            if cfg.fast {
+                args.push(s("--file-poll-interval=100ms"));
+            }
+            control_planes.push(Running::launch(
+                Launch {
+                    dir: dir.to_path_buf(),
+                    name: if i == 0 {
+                        "control-plane".into()
+                    } else {
+                        format!("control-plane-{}", i + 1)
+                    },
+                    binary: binary("meshlite-control-plane")?,
+                    args,
+                    wrap: wrap(&cp_node.ns.name),
+                    env: cfg.env.clone(),
+                },
+                &cp_node.ns.name,
+                timeout,
+            )?);
         }
-        let control_plane = Running::launch(
-            Launch {
-                dir: dir.to_path_buf(),
-                name: "control-plane".into(),
-                binary: binary("meshlite-control-plane")?,
-                args,
-                wrap: wrap(&cp_node.ns.name),
-                env: cfg.env.clone(),
-            },
-            &cp_node.ns.name,
-            timeout,
-        )?;
+        let front = if replicas > 1 {
+            let listen = std::net::SocketAddr::new(cp_ip.into(), CONTROL_PLANE_PORT);
+            Some(
+                cp_node
+                    .rt
+                    .run(Front::start(listen, backends))
+                    .await
+                    .context("control-plane front")?,
+            )
+        } else {
+            None
+        };
+        let mut control_planes = control_planes.into_iter();
+        let control_plane = control_planes
+            .next()
+            .context("at least one control-plane replica")?;
+        let more_control_planes: Vec<Running> = control_planes.collect();
         let endpoint = format!("https://{cp_ip}:{CONTROL_PLANE_PORT}");
 
         let mut node_agents = BTreeMap::new();
@@ -256,6 +299,8 @@ impl Stack {
             pki,
             dir: dir.to_path_buf(),
             control_plane,
+            more_control_planes,
+            front,
             node_agents,
             dns_agents,
         };
@@ -266,6 +311,7 @@ impl Stack {
     /// Every process, for listing PIDs.
     pub fn all(&self) -> Vec<&Running> {
         std::iter::once(&self.control_plane)
+            .chain(&self.more_control_planes)
             .chain(self.node_agents.values())
             .chain(self.dns_agents.values())
             .collect()

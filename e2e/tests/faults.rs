@@ -2,7 +2,9 @@
 //! continuous, bounded request loop through a ClusterIP, the control plane is
 //! killed and restarted, a node agent is killed and restarted, the API's watches are
 //! cut and its history compacted (410 Gone), our chains are flushed, the control
-//! plane stays away for a while, and an agent never ACKs while the cluster churns.
+//! plane stays away for a while, an agent never ACKs while the cluster churns, and
+//! agents move between two control-plane replicas (a replica killed, then a rolling
+//! update of both).
 //! Each prints a `FAULT` line: what happened and how many requests were lost.
 //!
 //! Needs root, iptables, conntrack, curl, dig and the built binaries.
@@ -12,13 +14,18 @@
 use std::time::{Duration, Instant};
 
 use meshlite_e2e::apiserver::Collection;
-use meshlite_e2e::lab::{System, T, system, webui_slice, within};
+use meshlite_e2e::lab::{System, T, system, system_with_replicas, webui_slice, within};
+use meshlite_e2e::stack::Running;
 use meshlite_e2e::stack::{admin_get, metric};
 
 const VIP: &str = "198.19.7.7:80";
 
 async fn lab(prefix: &str) -> System {
-    let s = system(prefix).await;
+    with_web(system(prefix).await).await
+}
+
+/// The lab with the `web` service (three endpoints over both nodes) up.
+async fn with_web(s: System) -> System {
     s.api
         .apply_yaml(&webui_slice(
             "web",
@@ -51,9 +58,12 @@ fn rules(s: &System, node: &str) -> String {
 }
 
 async fn cp_metric(s: &System, name: &str) -> f64 {
-    let (_, m) = admin_get(&s.cluster, &s.stack.control_plane, "/metrics")
-        .await
-        .unwrap();
+    metric_of(s, &s.stack.control_plane, name).await
+}
+
+/// The sum of a metric's samples on one process.
+async fn metric_of(s: &System, r: &Running, name: &str) -> f64 {
+    let (_, m) = admin_get(&s.cluster, r, "/metrics").await.unwrap();
     // Exact sample name (with or without labels), not every metric sharing a prefix.
     m.lines()
         .filter(|l| {
@@ -371,4 +381,105 @@ async fn r6_an_agent_that_never_acks_costs_constant_memory() {
         0,
     );
     assert!(growth_kib < 4 * 1024, "RSS grew {growth_kib} KiB");
+}
+
+const UNCHANGED: &str = "meshlite_control_plane_updates_sent_total{kind=\"Unchanged\"}";
+const FULL: &str = "meshlite_control_plane_updates_sent_total{kind=\"Full\"}";
+const INVENTORY: &str = "meshlite_control_plane_updates_sent_total{kind=\"Inventory\"}";
+const BYTES: &str = "meshlite_control_plane_update_bytes_sent_total";
+
+/// Waits until every agent (2 node agents, 2 DNS agents) has resumed on `r` with
+/// nothing to send, and checks that nothing else was sent: no full snapshot, no
+/// inventory diff. Returns how long it took and the bytes `r` sent.
+async fn resumed_by_digest_on(s: &System, r: &Running, what: &str) -> (Duration, f64) {
+    let start = Instant::now();
+    while metric_of(s, r, UNCHANGED).await < 4.0 {
+        assert!(
+            start.elapsed() < T,
+            "{what}: agents did not resume on {}",
+            r.process.name
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = start.elapsed();
+    assert_eq!(
+        metric_of(s, r, FULL).await,
+        0.0,
+        "{what}: a full snapshot was sent"
+    );
+    assert_eq!(
+        metric_of(s, r, INVENTORY).await,
+        0.0,
+        "{what}: resumed by inventory, not digest"
+    );
+    (took, metric_of(s, r, BYTES).await)
+}
+
+/// Two control-plane replicas on the same API, agents behind one address that
+/// sends each new connection to the first replica up (as a Service would send it to
+/// a ready one). The replicas have different epochs, so agents moving between them
+/// resume by inventory digest: nothing is sent but the resume, nothing re-rendered,
+/// no request lost. Then a rolling update of both replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r7_agents_move_between_control_plane_replicas() {
+    let mut s = with_web(system_with_replicas("mlr7", 2).await).await;
+    let front = s.stack.front.as_ref().expect("a front with two replicas");
+    assert_eq!(
+        front.forwarded_to(1),
+        0,
+        "every agent starts on the first replica"
+    );
+    let before = (rules(&s, "node1"), rules(&s, "node2"));
+    let lp = s.request_loop("testpod", VIP.parse().unwrap());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The first replica dies: everyone moves to the second.
+    s.stack.control_plane.kill();
+    let (moved_in, bytes) =
+        resumed_by_digest_on(&s, &s.stack.more_control_planes[0], "failover").await;
+    assert_eq!(
+        (rules(&s, "node1"), rules(&s, "node2")),
+        before,
+        "rules changed on failover"
+    );
+
+    // A rolling update: the first comes back (new epoch), then the second restarts.
+    s.stack.control_plane.start_again(T).unwrap();
+    s.stack.wait_ready(&s.cluster, T).await.unwrap();
+    s.stack.more_control_planes[0].kill();
+    let (back_in, back_bytes) =
+        resumed_by_digest_on(&s, &s.stack.control_plane, "rolling update").await;
+    s.stack.more_control_planes[0].start_again(T).unwrap();
+    s.stack.wait_ready(&s.cluster, T).await.unwrap();
+    assert_eq!(
+        (rules(&s, "node1"), rules(&s, "node2")),
+        before,
+        "rules changed in the update"
+    );
+
+    // Changes still flow after both replicas were replaced.
+    s.api
+        .apply_yaml(&webui_slice(
+            "web",
+            &[("198.18.1.1", "node1", true), ("198.18.2.1", "node2", true)],
+        ))
+        .unwrap();
+    within("a change after the rolling update", T, || {
+        ["node1", "node2"]
+            .iter()
+            .all(|n| !s.nat(n).contains("198.18.2.2:80"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let r = lp.finish().await;
+    report(
+        "R7 control-plane replica killed, then both replaced in turn",
+        &format!(
+            "agents resumed by digest on the other replica in {moved_in:?} and {back_in:?}; \
+             0 full snapshots; resume bytes {bytes} and {back_bytes} for 4 agents; rules unchanged"
+        ),
+        r.failed.len(),
+        r.ok + r.failed.len() as u64,
+    );
+    assert!(r.failed.is_empty(), "lost requests: {:?}", r.failed);
 }

@@ -87,6 +87,7 @@ async fn one_change_is_traced_from_the_api_to_every_agent() {
         pod_records: false,
         env,
         fast: true,
+        control_plane_replicas: 1,
     };
     let stack = Stack::start(&cluster, &cfg, dir.path(), T)
         .await

@@ -308,3 +308,59 @@ async fn agents_converge_on_the_same_version() {
         "{m}"
     );
 }
+
+/// A Service labelled for another proxy is that proxy's: no node programs it, as
+/// kube-proxy would not, while DNS still answers for it. Its load-balancer IP in
+/// `ipMode: Proxy` is not captured either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_for_another_proxy_is_left_alone_but_resolves() {
+    let s = system("mlsys3").await;
+    s.api
+        .apply_yaml(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: other, namespace: default, labels: {service.kubernetes.io/service-proxy-name: other-proxy}}\nspec: {clusterIP: 198.19.7.8, ports: [{name: http, port: 80}]}\n",
+        )
+        .unwrap();
+    s.api
+        .apply_yaml(&webui_slice("other", &[("198.18.2.1", "node2", true)]).replace(
+            "labels: {kubernetes.io/service-name: other}",
+            "labels: {kubernetes.io/service-name: other, service.kubernetes.io/service-proxy-name: other-proxy}",
+        ))
+        .unwrap();
+    // Applied after it, so once this one is programmed, `other` would have been too.
+    s.api
+        .apply_yaml(&webui_slice("web", &[("198.18.2.1", "node2", true)]))
+        .unwrap();
+    s.api
+        .apply_yaml("apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec: {type: LoadBalancer, clusterIP: 198.19.7.7, ports: [{name: http, port: 80, nodePort: 30080}]}\nstatus: {loadBalancer: {ingress: [{ip: 198.19.9.1, ipMode: Proxy}, {ip: 198.19.9.2}]}}\n")
+        .unwrap();
+    for node in ["node1", "node2"] {
+        within(&format!("web on {node}"), T, || {
+            s.nat(node).contains("default/web:http loadbalancer IP")
+        })
+        .await;
+        let nat = s.nat(node);
+        assert!(
+            !nat.contains("default/other"),
+            "{node} programs another proxy's service:\n{nat}"
+        );
+        assert!(
+            nat.contains("198.19.9.2/32"),
+            "the VIP-mode load-balancer IP is captured"
+        );
+        assert!(
+            !nat.contains("198.19.9.1"),
+            "a Proxy-mode load-balancer IP was captured:\n{nat}"
+        );
+    }
+    assert_ne!(
+        s.curl_code("testpod", "http://198.19.7.8/"),
+        0,
+        "nothing serves its VIP here"
+    );
+    for server in ["198.18.1.53", "198.18.2.53"] {
+        within("DNS answers for the other proxy's service", T, || {
+            s.dig(server, "other.default.svc.cluster.local", "A").1 == ["198.19.7.8"]
+        })
+        .await;
+    }
+}

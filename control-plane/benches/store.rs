@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use meshlite_control_plane::server::frames;
-use meshlite_control_plane::store::{Cause, Change, Kind, Store, View};
+use meshlite_control_plane::store::{Cause, Change, Encoded, Kind, Store, View};
 use meshlite_proto::model::{
     AddressFamily, Endpoint, EndpointPort, EndpointSlice, Protocol, Resource, Service,
 };
@@ -67,7 +67,7 @@ fn cluster() -> Vec<Change> {
     (0..SERVICES)
         .flat_map(|i| [service(i), slice(i, 0)])
         .map(|resource| Change::Upsert {
-            resource,
+            value: Encoded::new(&resource),
             cause: Cause::observed_now(None),
         })
         .collect()
@@ -106,7 +106,7 @@ fn bench(c: &mut Criterion) {
             let v = store.version();
             generation += 1;
             store.apply(vec![Change::Upsert {
-                resource: slice(42, generation),
+                value: Encoded::new(&slice(42, generation)),
                 cause: Cause::observed_now(None),
             }]);
             black_box(
@@ -121,7 +121,7 @@ fn bench(c: &mut Criterion) {
     // Figures that are sizes, not times.
     let v = store.version();
     store.apply(vec![Change::Upsert {
-        resource: slice(7, 99_999),
+        value: Encoded::new(&slice(7, 99_999)),
         cause: Cause::observed_now(None),
     }]);
     let wire = |patches: bool| -> usize {

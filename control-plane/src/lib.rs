@@ -17,9 +17,7 @@ use prometheus_client::registry::Registry;
 use tracing::{info, warn};
 
 pub mod config;
-pub mod manifests;
 pub mod metrics;
-pub mod normalize;
 pub mod server;
 pub mod source;
 pub mod status;
@@ -92,7 +90,7 @@ pub async fn start_with(
     let store = Arc::new(Store::new(config.tombstone_retention, Kind::ALL));
     tokio::spawn(store.clone().run_publisher(config.debounce));
 
-    let opts = normalize::Options {
+    let opts = meshlite_k8s::Options {
         service_proxy_name: config.service_proxy_name.clone(),
     };
     match &config.source {

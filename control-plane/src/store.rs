@@ -50,17 +50,37 @@ impl Cause {
 /// One change to apply.
 #[derive(Debug, Clone)]
 pub enum Change {
-    Upsert { resource: Resource, cause: Cause },
+    Upsert { value: Encoded, cause: Cause },
     Delete { key: ResourceKey, cause: Cause },
 }
 
-/// Resource kinds, for per-kind sync (a re-list replaces one kind).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Kind {
-    Service,
-    EndpointSlice,
-    Node,
+// === impl Change ===
+
+impl Change {
+    /// An upsert of `resource`, encoded here.
+    pub fn upsert(resource: &Resource, cause: Cause) -> Self {
+        Change::Upsert {
+            value: Encoded::new(resource),
+            cause,
+        }
+    }
 }
+
+/// A resource encoded once, as the store keeps it and every update carries it.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    pub kind: Kind,
+    /// The key's string form, as on the wire.
+    pub key: Arc<str>,
+    pub hash: u64,
+    /// The encoded `v1::Resource`.
+    pub bytes: Bytes,
+    /// The wire form of an EndpointSlice, kept to diff against its next version.
+    slice: Option<v1::EndpointSlice>,
+}
+
+/// Resource kinds (a re-list replaces one kind).
+pub use meshlite_proto::model::ResourceKind as Kind;
 
 /// Which resources a subscriber sees.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,7 +141,7 @@ struct Inner {
     entries: HashMap<Arc<str>, Entry>,
     tombstones: HashMap<Arc<str>, Tombstone>,
     /// seq -> key, one per key (its latest change, live or tombstone).
-    log: BTreeMap<u64, Arc<str>>,
+    log: BTreeMap<u64, (Kind, Arc<str>)>,
     /// Tombstones in order of death, for expiry.
     graveyard: VecDeque<(Instant, u64, Arc<str>)>,
     /// Deltas can be cut from versions >= compacted.
@@ -135,6 +155,7 @@ struct Inner {
 
 #[derive(Debug, Clone)]
 struct Entry {
+    kind: Kind,
     seq: u64,
     hash: u64,
     bytes: Bytes,
@@ -161,45 +182,16 @@ struct Tombstone {
     published: Option<SystemTime>,
 }
 
-// === impl Kind ===
-
-impl Kind {
-    pub fn of(key: &ResourceKey) -> Self {
-        match key {
-            ResourceKey::Service { .. } => Kind::Service,
-            ResourceKey::EndpointSlice { .. } => Kind::EndpointSlice,
-            ResourceKey::Node { .. } => Kind::Node,
-        }
-    }
-
-    fn of_str(key: &str) -> Self {
-        if key.starts_with("service/") {
-            Kind::Service
-        } else if key.starts_with("node/") {
-            Kind::Node
-        } else {
-            Kind::EndpointSlice
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Service => "service",
-            Kind::EndpointSlice => "endpointslice",
-            Kind::Node => "node",
-        }
-    }
-
-    pub const ALL: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Node];
-}
-
 // === impl View ===
 
 impl View {
-    fn includes(&self, key: &str) -> bool {
-        match key.strip_prefix("node/") {
-            None => true,
-            Some(name) => matches!(self, View::Node(n) if n == name),
+    /// Every service and slice; of the Nodes, a node agent's own.
+    fn includes(&self, kind: Kind, key: &str) -> bool {
+        match kind {
+            Kind::Node => {
+                matches!(self, View::Node(n) if key.strip_prefix("node/") == Some(n.as_str()))
+            }
+            Kind::Service | Kind::EndpointSlice => true,
         }
     }
 }
@@ -237,10 +229,17 @@ impl Store {
         self.published.subscribe()
     }
 
-    /// Whether the store holds `key` with exactly this content hash (an upsert of it
-    /// would change nothing).
-    pub fn holds(&self, key: &str, hash: u64) -> bool {
-        self.read().entries.get(key).is_some_and(|e| e.hash == hash)
+    /// The content hash held for `key`, if any.
+    pub fn hash_of(&self, key: &str) -> Option<u64> {
+        self.read().entries.get(key).map(|e| e.hash)
+    }
+
+    /// Whether the store holds exactly this (an upsert of it would change nothing).
+    pub fn holds(&self, value: &Encoded) -> bool {
+        self.read()
+            .entries
+            .get(&value.key)
+            .is_some_and(|e| e.hash == value.hash)
     }
 
     /// Number of live resources of a kind.
@@ -269,8 +268,8 @@ impl Store {
         let mut applied = Applied::default();
         for c in changes {
             match c {
-                Change::Upsert { resource, cause } => {
-                    if inner.upsert(&resource, cause) {
+                Change::Upsert { value, cause } => {
+                    if inner.upsert(value, cause) {
                         applied.upserted += 1;
                     } else {
                         applied.unchanged += 1;
@@ -300,23 +299,26 @@ impl Store {
     pub fn sync(
         &self,
         kinds: &[Kind],
-        objects: Vec<(Resource, Cause)>,
+        objects: Vec<(Encoded, Cause)>,
         keep: &HashSet<ResourceKey>,
     ) -> Applied {
         let now = Instant::now();
         let mut inner = self.write();
         let mut applied = Applied::default();
-        let incoming: HashSet<String> = objects.iter().map(|(r, _)| r.key().to_string()).collect();
+        let incoming: HashSet<&str> = objects.iter().map(|(v, _)| v.key.as_ref()).collect();
         let keep: HashSet<String> = keep.iter().map(ToString::to_string).collect();
         let stale: Vec<Arc<str>> = inner
             .entries
-            .keys()
-            .filter(|k| kinds.contains(&Kind::of_str(k)))
-            .filter(|k| !incoming.contains(k.as_ref()) && !keep.contains(k.as_ref()))
-            .cloned()
+            .iter()
+            .filter(|(k, e)| {
+                kinds.contains(&e.kind)
+                    && !incoming.contains(k.as_ref())
+                    && !keep.contains(k.as_ref())
+            })
+            .map(|(k, _)| k.clone())
             .collect();
-        for (resource, cause) in objects {
-            if inner.upsert(&resource, cause) {
+        for (value, cause) in objects {
+            if inner.upsert(value, cause) {
                 applied.upserted += 1;
             } else {
                 applied.unchanged += 1;
@@ -393,7 +395,7 @@ impl Store {
             let keys: Vec<Arc<str>> = inner
                 .log
                 .range(from + 1..)
-                .map(|(_, k)| k.clone())
+                .map(|(_, (_, k))| k.clone())
                 .collect();
             for k in keys {
                 if let Some(e) = inner.entries.get_mut(&k) {
@@ -414,18 +416,17 @@ impl Store {
     /// Everything in the view, replacing what the subscriber has.
     pub fn full(&self, view: &View) -> Delta {
         let inner = self.read();
-        let mut upserts: Vec<(&Arc<str>, Bytes)> = inner
+        let mut upserts: Vec<(Kind, &Arc<str>, Bytes)> = inner
             .entries
             .iter()
-            .filter(|(k, _)| view.includes(k))
-            .map(|(k, e)| (k, e.bytes.clone()))
+            .filter(|(k, e)| view.includes(e.kind, k))
+            .map(|(k, e)| (e.kind, k, e.bytes.clone()))
             .collect();
         // Services before endpoint slices, then by key: stable and readable.
-        upserts.sort_by(|a, b| a.0.cmp(b.0));
-        upserts.sort_by_key(|(k, _)| Kind::of_str(k));
+        upserts.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
         Delta {
             version: inner.seq,
-            upserts: upserts.into_iter().map(|(_, b)| b).collect(),
+            upserts: upserts.into_iter().map(|(_, _, b)| b).collect(),
             removals: Vec::new(),
             causes: Vec::new(),
             patches: 0,
@@ -450,8 +451,8 @@ impl Store {
             version: inner.seq,
             ..Delta::default()
         };
-        for (_, key) in inner.log.range(from + 1..) {
-            if !view.includes(key) {
+        for (_, (kind, key)) in inner.log.range(from + 1..) {
+            if !view.includes(*kind, key) {
                 continue;
             }
             if let Some(e) = inner.entries.get(key) {
@@ -483,12 +484,16 @@ impl Store {
             ..Delta::default()
         };
         for (key, e) in &inner.entries {
-            if view.includes(key) && inventory.get(key.as_ref()) != Some(&e.hash) {
+            if view.includes(e.kind, key) && inventory.get(key.as_ref()) != Some(&e.hash) {
                 d.upserts.push(e.bytes.clone());
             }
         }
         for key in inventory.keys() {
-            if !view.includes(key) || !inner.entries.contains_key(key.as_str()) {
+            let held = inner
+                .entries
+                .get(key.as_str())
+                .is_some_and(|e| view.includes(e.kind, key));
+            if !held {
                 d.removals.push(key.clone());
             }
         }
@@ -527,43 +532,50 @@ fn cause_to_wire(
     }
 }
 
-/// Encodes a resource once, with its key and hash.
-pub fn encode(resource: &Resource) -> (String, u64, Bytes) {
-    let kind = v1::resource::Kind::from(resource);
-    let hash = content_hash(&kind);
-    let key = resource.key().to_string();
-    let msg = v1::Resource {
-        key: key.clone(),
-        hash,
-        kind: Some(kind),
-    };
-    (key, hash, Bytes::from(msg.encode_to_vec()))
-}
+// === impl Encoded ===
 
-/// The encoded patch resource from the slice encoded in `old` to `new`, if `new`
-/// is an EndpointSlice, a patch can say the change, and it is smaller than
-/// `new_len` (the whole resource's encoding).
-fn encode_patch(
-    key: &str,
-    old: &Bytes,
-    new: &Resource,
-    new_hash: u64,
-    new_len: usize,
-) -> Option<Bytes> {
-    let Resource::EndpointSlice(new) = new else {
-        return None;
-    };
-    let old = v1::Resource::decode(old.clone()).ok()?;
-    let Some(v1::resource::Kind::EndpointSlice(old_slice)) = &old.kind else {
-        return None;
-    };
-    let patch = meshlite_proto::patch::diff(old_slice, &new.into(), old.hash)?;
-    let msg = v1::Resource {
-        key: key.to_string(),
-        hash: new_hash,
-        kind: Some(v1::resource::Kind::EndpointSlicePatch(patch)),
-    };
-    (msg.encoded_len() < new_len).then(|| Bytes::from(msg.encode_to_vec()))
+impl Encoded {
+    /// Encodes a resource once, with its key and content hash.
+    pub fn new(resource: &Resource) -> Self {
+        let wire = v1::resource::Kind::from(resource);
+        let hash = content_hash(&wire);
+        let key = resource.key();
+        let slice = match &wire {
+            v1::resource::Kind::EndpointSlice(s) => Some(s.clone()),
+            _ => None,
+        };
+        let key_str = key.to_string();
+        let msg = v1::Resource {
+            key: key_str.clone(),
+            hash,
+            kind: Some(wire),
+        };
+        Self {
+            kind: key.kind(),
+            key: Arc::from(key_str),
+            hash,
+            bytes: Bytes::from(msg.encode_to_vec()),
+            slice,
+        }
+    }
+
+    /// The encoded `EndpointSlicePatch` from the slice encoded in `old` (with hash
+    /// `old_hash`) to this one, if this is an EndpointSlice, a patch can say the
+    /// change, and it is smaller than the whole resource.
+    fn patch_from(&self, old: &Bytes, old_hash: u64) -> Option<Bytes> {
+        let new = self.slice.as_ref()?;
+        let old = v1::Resource::decode(old.clone()).ok()?;
+        let Some(v1::resource::Kind::EndpointSlice(old_slice)) = &old.kind else {
+            return None;
+        };
+        let patch = meshlite_proto::patch::diff(old_slice, new, old_hash)?;
+        let msg = v1::Resource {
+            key: self.key.to_string(),
+            hash: self.hash,
+            kind: Some(v1::resource::Kind::EndpointSlicePatch(patch)),
+        };
+        (msg.encoded_len() < self.bytes.len()).then(|| Bytes::from(msg.encode_to_vec()))
+    }
 }
 
 // === impl Inner ===
@@ -574,50 +586,50 @@ impl Inner {
         self.seq
     }
 
-    fn digest_add(&mut self, key: &str, hash: u64) {
-        if Kind::of_str(key) != Kind::Node {
+    /// Nodes are per-agent, so outside the digest every view shares.
+    fn digest_add(&mut self, kind: Kind, key: &str, hash: u64) {
+        if kind != Kind::Node {
             self.shared_digest.add(key, hash);
         }
     }
 
-    fn digest_remove(&mut self, key: &str, hash: u64) {
-        if Kind::of_str(key) != Kind::Node {
+    fn digest_remove(&mut self, kind: Kind, key: &str, hash: u64) {
+        if kind != Kind::Node {
             self.shared_digest.remove(key, hash);
         }
     }
 
     /// Returns whether anything changed.
-    fn upsert(&mut self, resource: &Resource, cause: Cause) -> bool {
-        let (key, hash, bytes) = encode(resource);
-        let key: Arc<str> = Arc::from(key);
+    fn upsert(&mut self, value: Encoded, cause: Cause) -> bool {
+        let (kind, key, hash) = (value.kind, value.key.clone(), value.hash);
         let mut patch = None;
         if let Some(old) = self.entries.get(&key) {
             if old.hash == hash {
                 return false;
             }
             let (old_seq, old_hash) = (old.seq, old.hash);
-            patch =
-                encode_patch(&key, &old.bytes, resource, hash, bytes.len()).map(|bytes| Patch {
-                    base_seq: old_seq,
-                    bytes,
-                });
+            patch = value.patch_from(&old.bytes, old_hash).map(|bytes| Patch {
+                base_seq: old_seq,
+                bytes,
+            });
             self.log.remove(&old_seq);
-            self.digest_remove(&key, old_hash);
+            self.digest_remove(kind, &key, old_hash);
         } else {
-            *self.counts.entry(Kind::of_str(&key)).or_default() += 1;
+            *self.counts.entry(kind).or_default() += 1;
             if let Some(t) = self.tombstones.remove(&key) {
                 self.log.remove(&t.seq);
             }
         }
         let seq = self.next_seq();
-        self.log.insert(seq, key.clone());
-        self.digest_add(&key, hash);
+        self.log.insert(seq, (kind, key.clone()));
+        self.digest_add(kind, &key, hash);
         self.entries.insert(
             key,
             Entry {
+                kind,
                 seq,
                 hash,
-                bytes,
+                bytes: value.bytes,
                 patch,
                 cause,
                 published: None,
@@ -630,14 +642,14 @@ impl Inner {
         let Some(old) = self.entries.remove(key) else {
             return false;
         };
-        let key: Arc<str> = Arc::from(key);
+        let (kind, key): (Kind, Arc<str>) = (old.kind, Arc::from(key));
         self.log.remove(&old.seq);
-        self.digest_remove(&key, old.hash);
-        if let Some(c) = self.counts.get_mut(&Kind::of_str(&key)) {
+        self.digest_remove(kind, &key, old.hash);
+        if let Some(c) = self.counts.get_mut(&kind) {
             *c = c.saturating_sub(1);
         }
         let seq = self.next_seq();
-        self.log.insert(seq, key.clone());
+        self.log.insert(seq, (kind, key.clone()));
         self.graveyard.push_back((now, seq, key.clone()));
         self.tombstones.insert(
             key,

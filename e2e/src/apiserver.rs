@@ -33,35 +33,12 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 
-/// The collections served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Collection {
-    Services,
-    EndpointSlices,
-    Nodes,
-}
+/// The collections served: one per kind meshlite reads.
+pub use meshlite_k8s::ResourceKind as Collection;
 
-impl Collection {
-    fn of(api_version: &str, kind: &str) -> Option<Self> {
-        match (api_version, kind) {
-            ("v1", "Service") => Some(Self::Services),
-            ("discovery.k8s.io/v1", "EndpointSlice") => Some(Self::EndpointSlices),
-            ("v1", "Node") => Some(Self::Nodes),
-            _ => None,
-        }
-    }
-
-    fn list_kind(self) -> (&'static str, &'static str) {
-        match self {
-            Self::Services => ("v1", "ServiceList"),
-            Self::EndpointSlices => ("discovery.k8s.io/v1", "EndpointSliceList"),
-            Self::Nodes => ("v1", "NodeList"),
-        }
-    }
-
-    fn namespaced(self) -> bool {
-        self != Self::Nodes
-    }
+/// `(apiVersion, kind)` of a collection's list.
+fn list_kind(coll: Collection) -> (&'static str, String) {
+    (coll.api_version(), format!("{}List", coll.k8s_kind()))
 }
 
 /// Counters of what the stand-in served.
@@ -420,7 +397,7 @@ impl ApiServer {
         } else {
             String::new()
         };
-        let (api_version, kind) = coll.list_kind();
+        let (api_version, kind) = list_kind(coll);
         Ok(json!({
             "apiVersion": api_version,
             "kind": kind,
@@ -515,8 +492,7 @@ impl ApiServer {
                 () = wait => {
                     if bookmarks && current >= cursor {
                         cursor = current;
-                        let (api_version, list_kind) = coll.list_kind();
-                        let kind = list_kind.trim_end_matches("List");
+                        let (api_version, kind) = (coll.api_version(), coll.k8s_kind());
                         let bm = json!({"type": "BOOKMARK", "object": {
                             "apiVersion": api_version, "kind": kind,
                             "metadata": {"resourceVersion": current.to_string()}}});
@@ -542,7 +518,7 @@ fn gone(msg: &str) -> (StatusCode, Value) {
 fn identify(obj: &Value) -> Result<(Collection, (String, String)), StandInError> {
     let api_version = obj["apiVersion"].as_str().unwrap_or("");
     let kind = obj["kind"].as_str().unwrap_or("");
-    let coll = Collection::of(api_version, kind)
+    let coll = Collection::of_k8s(api_version, kind)
         .ok_or_else(|| StandInError::Unsupported(format!("{api_version} {kind}")))?;
     let name = obj["metadata"]["name"]
         .as_str()
@@ -561,18 +537,18 @@ async fn version() -> axum::Json<Value> {
 }
 
 async fn serve_services(State(s): State<ApiServer>, Query(p): Query<Params>) -> Response<Body> {
-    serve(&s, Collection::Services, &p)
+    serve(&s, Collection::Service, &p)
 }
 
 async fn serve_nodes(State(s): State<ApiServer>, Query(p): Query<Params>) -> Response<Body> {
-    serve(&s, Collection::Nodes, &p)
+    serve(&s, Collection::Node, &p)
 }
 
 async fn serve_endpointslices(
     State(s): State<ApiServer>,
     Query(p): Query<Params>,
 ) -> Response<Body> {
-    serve(&s, Collection::EndpointSlices, &p)
+    serve(&s, Collection::EndpointSlice, &p)
 }
 
 fn serve(s: &ApiServer, coll: Collection, p: &Params) -> Response<Body> {

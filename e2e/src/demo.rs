@@ -146,7 +146,7 @@ fn pause(interactive: bool) {
 
 /// The services table, as `kubectl get svc` prints it, from the manifests.
 fn services_table(dir: &Path) -> Result<String> {
-    let m = meshlite_control_plane::manifests::load_dir(dir, &Default::default())?;
+    let m = meshlite_k8s::manifests::load_dir(dir, &Default::default())?;
     let mut rows = vec![[
         "NAME".to_string(),
         "TYPE".into(),

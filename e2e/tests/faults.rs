@@ -276,7 +276,7 @@ async fn r5_control_plane_away_for_a_while() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // And changes flow again.
-    assert!(s.api.delete(Collection::Services, "default", "web"));
+    assert!(s.api.delete(Collection::Service, "default", "web"));
     within("change after recovery", T, || {
         !rules(&s, "node1").contains("default/web:http")
     })

@@ -124,7 +124,7 @@ async fn initial_sync_then_add_modify_delete() {
             "namespace: default, labels: {team: web}}",
         ))
         .unwrap();
-    assert!(s.api.delete(Collection::Services, "default", "api"));
+    assert!(s.api.delete(Collection::Service, "default", "api"));
     assert_eventually("delete", T, || s.handler.records().len() == 4).await;
     assert_eq!(s.handler.records()[3].removed, vec!["service/default/api"]);
     assert!(

@@ -151,7 +151,7 @@ async fn service_lifecycle_by_vip_and_name() {
 
     // Delete the service: the VIP rejects, the name is NXDOMAIN, its chains are gone.
     let t2 = Instant::now();
-    assert!(s.api.delete(Collection::Services, "default", "web"));
+    assert!(s.api.delete(Collection::Service, "default", "web"));
     within("VIP rejects", T, || {
         s.curl_code("testpod", "http://198.19.7.7/") == 7
     })

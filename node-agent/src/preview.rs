@@ -28,11 +28,9 @@ pub struct Preview {
 
 fn load(dir: &Path) -> Result<(Snapshot, Vec<String>), PreviewError> {
     let manifests =
-        meshlite_control_plane::manifests::load_dir(dir, &Default::default()).map_err(|e| {
-            PreviewError {
-                dir: dir.to_path_buf(),
-                reason: e.to_string(),
-            }
+        meshlite_k8s::manifests::load_dir(dir, &Default::default()).map_err(|e| PreviewError {
+            dir: dir.to_path_buf(),
+            reason: e.to_string(),
         })?;
     Ok((
         Snapshot::from_resources(manifests.resources()),

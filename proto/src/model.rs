@@ -160,6 +160,14 @@ pub enum Resource {
     Node(Node),
 }
 
+/// The kinds of resource on the stream, each one Kubernetes kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ResourceKind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
 /// The identity of a resource on the stream: `service/<ns>/<name>`,
 /// `endpointslice/<ns>/<name>` or `node/<name>`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -334,6 +342,73 @@ impl Resource {
     }
 }
 
+// === impl ResourceKind ===
+
+impl ResourceKind {
+    pub const ALL: [Self; 3] = [Self::Service, Self::EndpointSlice, Self::Node];
+
+    /// The key prefix: `service`, `endpointslice` or `node`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Service => "service",
+            Self::EndpointSlice => "endpointslice",
+            Self::Node => "node",
+        }
+    }
+
+    /// The Kubernetes `apiVersion` of the objects of this kind.
+    pub fn api_version(self) -> &'static str {
+        match self {
+            Self::Service | Self::Node => "v1",
+            Self::EndpointSlice => "discovery.k8s.io/v1",
+        }
+    }
+
+    /// The Kubernetes `kind`.
+    pub fn k8s_kind(self) -> &'static str {
+        match self {
+            Self::Service => "Service",
+            Self::EndpointSlice => "EndpointSlice",
+            Self::Node => "Node",
+        }
+    }
+
+    /// The kind of a Kubernetes object, by its `apiVersion` and `kind`; `None` for
+    /// objects meshlite does not use.
+    pub fn of_k8s(api_version: &str, kind: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.api_version() == api_version && k.k8s_kind() == kind)
+    }
+
+    /// Whether objects of this kind live in a namespace.
+    pub fn namespaced(self) -> bool {
+        self != Self::Node
+    }
+
+    /// The key of the object `namespace/name` of this kind (`namespace` is ignored
+    /// for Nodes).
+    pub fn key(self, namespace: &str, name: &str) -> ResourceKey {
+        match self {
+            Self::Service => ResourceKey::service(namespace, name),
+            Self::EndpointSlice => ResourceKey::endpoint_slice(namespace, name),
+            Self::Node => ResourceKey::node(name),
+        }
+    }
+
+    /// The kind of a key in its string form, from its prefix.
+    pub fn of_key_str(key: &str) -> Option<Self> {
+        let prefix = key.split('/').next()?;
+        Self::ALL.into_iter().find(|k| k.as_str() == prefix)
+    }
+}
+
+impl fmt::Display for ResourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 // === impl ResourceKey ===
 
 impl ResourceKey {
@@ -357,12 +432,11 @@ impl ResourceKey {
         }
     }
 
-    /// `service`, `endpointslice` or `node`.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ResourceKind {
         match self {
-            Self::Service { .. } => "service",
-            Self::EndpointSlice { .. } => "endpointslice",
-            Self::Node { .. } => "node",
+            Self::Service { .. } => ResourceKind::Service,
+            Self::EndpointSlice { .. } => ResourceKind::EndpointSlice,
+            Self::Node { .. } => ResourceKind::Node,
         }
     }
 }
@@ -424,6 +498,22 @@ mod tests {
         ] {
             assert_eq!(k.to_string().parse::<ResourceKey>(), Ok(k));
         }
+    }
+
+    #[test]
+    fn kinds_map_to_kubernetes_and_keys() {
+        for k in ResourceKind::ALL {
+            assert_eq!(ResourceKind::of_k8s(k.api_version(), k.k8s_kind()), Some(k));
+            let key = k.key("ns", "x");
+            assert_eq!(key.kind(), k);
+            assert_eq!(ResourceKind::of_key_str(&key.to_string()), Some(k));
+        }
+        assert_eq!(ResourceKind::of_k8s("v1", "EndpointSlice"), None);
+        assert_eq!(ResourceKind::of_k8s("v1", "Pod"), None);
+        assert_eq!(
+            ResourceKind::key(ResourceKind::Node, "ns", "n1").to_string(),
+            "node/n1"
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use tokio_stream::StreamExt;
 
 use super::*;
 use crate::metrics::Metrics;
-use crate::store::{Cause, Change, Kind, Store, View, encode};
+use crate::store::{Cause, Change, Encoded, Kind, Store, View};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -46,10 +46,7 @@ fn slice(i: usize, gen_: usize) -> Resource {
 }
 
 fn up(r: Resource) -> Change {
-    Change::Upsert {
-        resource: r,
-        cause: Cause::observed_now(None),
-    }
+    Change::upsert(&r, Cause::observed_now(None))
 }
 
 fn seeded_store(n: usize) -> Arc<Store> {
@@ -334,7 +331,7 @@ async fn a_slice_changed_once_reaches_the_agent_as_a_small_patch() {
     }
     assert_eq!(server.metrics.patches_sent.get(), 3);
     let per_change = (server.metrics.update_bytes_sent.get() - full_bytes) / 3;
-    let whole = encode(&big_slice(3)).2.len() as u64;
+    let whole = Encoded::new(&big_slice(3)).bytes.len() as u64;
     assert!(
         per_change < 300 && per_change * 10 < whole,
         "{per_change} bytes per change; the slice is {whole}"

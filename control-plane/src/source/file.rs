@@ -14,10 +14,10 @@ use std::time::{Duration, SystemTime};
 
 use tracing::{info, warn};
 
-use crate::manifests::{self, Manifests};
 use crate::metrics::{EventLabels, EventType, KindLabels, Metrics};
-use crate::normalize::Options;
-use crate::store::{Cause, Kind, Store, encode};
+use crate::store::{Cause, Encoded, Kind, Store};
+use meshlite_k8s::manifests::{self, Manifests};
+use meshlite_k8s::normalize::Options;
 
 type Stamp = (SystemTime, u64);
 
@@ -134,19 +134,19 @@ impl FileSource {
                     warn!(path = %path.display(), %key, "defined in more than one manifest; the last one wins");
                 }
                 let trigger = o.trigger.or(mtime);
-                let (k, hash, _) = encode(&o.resource);
-                let cause = if self.loaded_once && !self.store.holds(&k, hash) {
-                    super::ingest(Kind::of(&key), &k, "apply", trigger).1
+                let value = Encoded::new(&o.resource);
+                let cause = if self.loaded_once && !self.store.holds(&value) {
+                    super::ingest(value.kind, &value.key, "apply", trigger).1
                 } else {
                     Cause::observed_now(trigger)
                 };
-                objects.push((o.resource.clone(), cause));
+                objects.push((value, cause));
             }
             for r in &m.rejected {
                 self.metrics
                     .invalid_objects
                     .get_or_create(&KindLabels {
-                        kind: Kind::of(r).into(),
+                        kind: r.kind().into(),
                     })
                     .inc();
                 keep.insert(r.clone());

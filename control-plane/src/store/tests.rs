@@ -33,10 +33,7 @@ fn node(name: &str) -> Resource {
 }
 
 fn up(r: Resource) -> Change {
-    Change::Upsert {
-        resource: r,
-        cause: Cause::observed_now(None),
-    }
+    Change::upsert(&r, Cause::observed_now(None))
 }
 
 fn del(k: ResourceKey) -> Change {
@@ -133,13 +130,13 @@ fn a_slice_changed_once_goes_as_a_patch_to_those_holding_its_previous_version() 
     let r = v1::Resource::decode(d.upserts[0].as_ref()).unwrap();
     let w = v1::Resource::decode(whole.upserts[0].as_ref()).unwrap();
     assert_eq!(r.hash, w.hash);
-    assert!(!s.holds(
-        "endpointslice/default/a-1",
+    assert_ne!(
+        s.hash_of("endpointslice/default/a-1"),
         match r.kind {
-            Some(v1::resource::Kind::EndpointSlicePatch(p)) => p.base_hash,
+            Some(v1::resource::Kind::EndpointSlicePatch(p)) => Some(p.base_hash),
             _ => unreachable!(),
         }
-    ));
+    );
 
     // Changed twice since: a subscriber at v1_ holds neither base; whole slice.
     let v2 = s.version();
@@ -236,8 +233,14 @@ fn sync_deletes_only_what_is_gone_and_keeps_invalid() {
     let a = s.sync(
         &[Kind::Service],
         vec![
-            (svc("a", "198.19.0.1"), Cause::observed_now(None)),
-            (svc("d", "198.19.0.4"), Cause::observed_now(None)),
+            (
+                Encoded::new(&svc("a", "198.19.0.1")),
+                Cause::observed_now(None),
+            ),
+            (
+                Encoded::new(&svc("d", "198.19.0.4")),
+                Cause::observed_now(None),
+            ),
         ],
         &keep,
     );
@@ -249,8 +252,14 @@ fn sync_deletes_only_what_is_gone_and_keeps_invalid() {
     let a = s.sync(
         &[Kind::Service],
         vec![
-            (svc("a", "198.19.0.1"), Cause::observed_now(None)),
-            (svc("d", "198.19.0.4"), Cause::observed_now(None)),
+            (
+                Encoded::new(&svc("a", "198.19.0.1")),
+                Cause::observed_now(None),
+            ),
+            (
+                Encoded::new(&svc("d", "198.19.0.4")),
+                Cause::observed_now(None),
+            ),
         ],
         &keep,
     );

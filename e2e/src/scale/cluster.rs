@@ -310,14 +310,14 @@ impl Cluster {
                 .iter()
                 .map(|sl| {
                     Op::Delete(
-                        Collection::EndpointSlices,
+                        Collection::EndpointSlice,
                         svc.namespace.clone(),
                         sl.name.clone(),
                     )
                 })
                 .collect();
             ops.push(Op::Delete(
-                Collection::Services,
+                Collection::Service,
                 svc.namespace.clone(),
                 svc.name.clone(),
             ));
@@ -535,7 +535,7 @@ mod tests {
         assert_ne!(d.key, created.key);
         assert!(matches!(
             d.ops.last(),
-            Some(Op::Delete(Collection::Services, ..))
+            Some(Op::Delete(Collection::Service, ..))
         ));
         assert!(c.replace_endpoint(&|_| true).is_none(), "all busy");
     }

@@ -38,6 +38,20 @@ pub struct Normalized<T> {
     pub warnings: Vec<String>,
 }
 
+// === impl Normalized ===
+
+impl<T> Normalized<T> {
+    /// The same warnings with the value converted (e.g. into a [`Resource`]).
+    ///
+    /// [`Resource`]: meshlite_proto::model::Resource
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Normalized<U> {
+        Normalized {
+            value: f(self.value),
+            warnings: self.warnings,
+        }
+    }
+}
+
 /// Most endpoints one slice may carry (the API server's own limit).
 pub const MAX_ENDPOINTS_PER_SLICE: usize = 1000;
 
@@ -180,7 +194,9 @@ fn meta_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) 
 
 /// The namespace of an object; manifests without one are in `default`, as kubectl
 /// would create them.
-fn meta_namespace(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> &str {
+pub fn namespace_or_default(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> &str {
     meta.namespace
         .as_deref()
         .filter(|n| !n.is_empty())
@@ -197,7 +213,7 @@ fn meta_namespace(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectM
 /// The object is unusable: no name, unknown type, an invalid primary cluster IP.
 pub fn service(svc: &core::Service, opts: &Options) -> Result<Normalized<Service>, Invalid> {
     let name = meta_name(&svc.metadata);
-    let namespace = meta_namespace(&svc.metadata);
+    let namespace = namespace_or_default(&svc.metadata);
     let mut cx = Ctx::new("Service", Some(namespace), name);
     if name.is_empty() {
         return Err(cx.invalid("metadata.name is empty"));
@@ -439,7 +455,7 @@ pub fn endpoint_slice(
     opts: &Options,
 ) -> Result<Normalized<EndpointSlice>, Invalid> {
     let name = meta_name(&s.metadata);
-    let namespace = meta_namespace(&s.metadata);
+    let namespace = namespace_or_default(&s.metadata);
     let mut cx = Ctx::new("EndpointSlice", Some(namespace), name);
     if name.is_empty() {
         return Err(cx.invalid("metadata.name is empty"));

@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use meshlite_control_plane::manifests;
+use meshlite_k8s::manifests;
 use meshlite_proto::model::{Resource, ResourceKey};
 use meshlite_proto::v1;
 use meshlite_runtime::testing::{Rng, env_or};

@@ -5,13 +5,13 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use meshlite_control_plane::manifests;
+use meshlite_k8s::manifests;
 use meshlite_proto::model::Resource;
 use meshlite_proto::v1;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    let Ok(m) = manifests::parse(Path::new("fuzz.yaml"), text) else { return };
+    let Ok(m) = manifests::parse(Path::new("fuzz.yaml"), text, &Default::default()) else { return };
     for o in &m.objects {
         let wire = v1::Resource {
             key: o.resource.key().to_string(),

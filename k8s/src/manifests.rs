@@ -10,9 +10,11 @@ use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
-use meshlite_proto::model::{Resource, ResourceKey};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use meshlite_proto::model::{Resource, ResourceKey, ResourceKind};
 
-use crate::normalize::{self, Options};
+use crate::normalize::{Normalized, Options};
+use crate::{KubeObject, key_from_meta};
 
 /// A file that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -148,66 +150,56 @@ pub fn parse(path: &Path, text: &str, opts: &Options) -> Result<Manifests, Manif
 fn object(at: &str, doc: serde_json::Value, opts: &Options, out: &mut Manifests) {
     let api_version = doc.get("apiVersion").and_then(|v| v.as_str()).unwrap_or("");
     let kind = doc.get("kind").and_then(|v| v.as_str()).unwrap_or("");
-    let key = identity(api_version, kind, &doc);
-    let result = match (api_version, kind) {
-        ("v1", "Service") => serde_json::from_value::<core::Service>(doc)
-            .map_err(|e| e.to_string())
-            .and_then(|s| {
-                normalize::service(&s, opts)
-                    .map(|n| (n.warnings, Resource::Service(n.value), None))
-                    .map_err(|e| e.to_string())
-            }),
-        ("discovery.k8s.io/v1", "EndpointSlice") => {
-            serde_json::from_value::<discovery::EndpointSlice>(doc)
-                .map_err(|e| e.to_string())
-                .and_then(|s| {
-                    let trigger = normalize::trigger_time(&s.metadata);
-                    normalize::endpoint_slice(&s, opts)
-                        .map(|n| (n.warnings, Resource::EndpointSlice(n.value), trigger))
-                        .map_err(|e| e.to_string())
-                })
-        }
-        ("v1", "Node") => serde_json::from_value::<core::Node>(doc)
-            .map_err(|e| e.to_string())
-            .and_then(|n| {
-                normalize::node(&n)
-                    .map(|n| (n.warnings, Resource::Node(n.value), None))
-                    .map_err(|e| e.to_string())
-            }),
-        ("", _) | (_, "") => Err("not a Kubernetes object (no apiVersion or kind)".to_string()),
-        _ => Err(format!(
-            "{api_version} {kind} is not used by meshlite (only v1 Service, discovery.k8s.io/v1 EndpointSlice, v1 Node); ignored"
+    let result = match ResourceKind::of_k8s(api_version, kind) {
+        Some(ResourceKind::Service) => read::<core::Service>(doc, opts),
+        Some(ResourceKind::EndpointSlice) => read::<discovery::EndpointSlice>(doc, opts),
+        Some(ResourceKind::Node) => read::<core::Node>(doc, opts),
+        None if api_version.is_empty() || kind.is_empty() => Err((
+            "not a Kubernetes object (no apiVersion or kind)".to_string(),
+            None,
+        )),
+        None => Err((
+            format!(
+                "{api_version} {kind} is not used by meshlite (only v1 Service, discovery.k8s.io/v1 EndpointSlice, v1 Node); ignored"
+            ),
+            None,
         )),
     };
     match result {
-        Ok((warnings, resource, trigger)) => {
+        Ok((normalized, trigger)) => {
+            let resource = normalized.value;
             let key = resource.key();
-            out.warnings
-                .extend(warnings.into_iter().map(|w| format!("{at}: {key}: {w}")));
+            out.warnings.extend(
+                normalized
+                    .warnings
+                    .into_iter()
+                    .map(|w| format!("{at}: {key}: {w}")),
+            );
             out.objects.push(Object { resource, trigger });
         }
-        Err(e) => {
+        Err((e, key)) => {
             out.warnings.push(format!("{at}: {e}"));
             out.rejected.extend(key);
         }
     }
 }
 
-/// The stream key an object would have, from its kind and metadata alone.
-fn identity(api_version: &str, kind: &str, doc: &serde_json::Value) -> Option<ResourceKey> {
-    let meta = doc.get("metadata")?;
-    let name = meta.get("name")?.as_str().filter(|n| !n.is_empty())?;
-    let ns = meta
-        .get("namespace")
-        .and_then(|n| n.as_str())
-        .filter(|n| !n.is_empty())
-        .unwrap_or("default");
-    match (api_version, kind) {
-        ("v1", "Service") => Some(ResourceKey::service(ns, name)),
-        ("discovery.k8s.io/v1", "EndpointSlice") => Some(ResourceKey::endpoint_slice(ns, name)),
-        ("v1", "Node") => Some(ResourceKey::node(name)),
-        _ => None,
-    }
+/// An object of a known kind: normalized with its trigger time, or why not (with
+/// its key when it has one, so its last good state is kept).
+type Read = Result<(Normalized<Resource>, Option<SystemTime>), (String, Option<ResourceKey>)>;
+
+fn read<K: KubeObject>(doc: serde_json::Value, opts: &Options) -> Read {
+    // The key is read from the metadata alone: an object that does not even
+    // deserialize still names what to keep.
+    let key =
+        serde_json::from_value::<ObjectMeta>(doc.get("metadata").cloned().unwrap_or_default())
+            .ok()
+            .and_then(|m| key_from_meta(K::RESOURCE_KIND, &m));
+    let obj: K = serde_json::from_value(doc).map_err(|e| (e.to_string(), key.clone()))?;
+    let trigger = obj.trigger_time();
+    obj.normalize(opts)
+        .map(|n| (n, trigger))
+        .map_err(|e| (e.to_string(), key))
 }
 
 #[cfg(test)]

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use axum::Router;
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::server::Agents;
 use crate::server::agents::AgentRow;
@@ -42,43 +41,29 @@ pub fn router(agents: Agents, store: Arc<Store>) -> Router {
 /// Failures of the status command.
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
-    #[error("{addr}: {source}")]
-    Io {
+    #[error(transparent)]
+    Admin(#[from] meshlite_runtime::admin::client::ClientError),
+    #[error("{addr}/agents: not an agents report: {source}")]
+    Json {
         addr: String,
         #[source]
-        source: std::io::Error,
+        source: serde_json::Error,
     },
-    #[error("{addr}: unexpected response: {reason}")]
-    Response { addr: String, reason: String },
 }
 
-/// Fetches `/agents` from an admin address (plain HTTP/1.0, no client library needed).
+/// How long `status` waits for the whole answer.
+pub const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Fetches `/agents` from an admin address.
 ///
 /// # Errors
-/// Connection failures or a response that is not the expected JSON.
+/// Connection failures, a timeout, or a response that is not the expected JSON.
 pub async fn fetch(addr: &str) -> Result<AgentsReport, StatusError> {
-    let io = |source| StatusError::Io {
+    let body = meshlite_runtime::admin::client::get(addr, "/agents", STATUS_TIMEOUT).await?;
+    serde_json::from_slice(&body).map_err(|source| StatusError::Json {
         addr: addr.to_string(),
         source,
-    };
-    let mut s = tokio::net::TcpStream::connect(addr).await.map_err(io)?;
-    s.write_all(format!("GET /agents HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await
-        .map_err(io)?;
-    let mut body = Vec::new();
-    s.read_to_end(&mut body).await.map_err(io)?;
-    let text = String::from_utf8_lossy(&body);
-    let bad = |reason: String| StatusError::Response {
-        addr: addr.to_string(),
-        reason,
-    };
-    let (head, json) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| bad("no HTTP header".into()))?;
-    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-        return Err(bad(head.lines().next().unwrap_or("").to_string()));
-    }
-    serde_json::from_str(json).map_err(|e| bad(e.to_string()))
+    })
 }
 
 /// Renders the report as an aligned table.

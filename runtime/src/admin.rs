@@ -14,6 +14,8 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tracing::info;
 
+pub mod client;
+
 /// Bind or address parsing failures.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {

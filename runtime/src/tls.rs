@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 
@@ -63,7 +64,7 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
 /// Reads every certificate in a PEM file.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read(path)?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError::Invalid {
             path: path.to_path_buf(),
@@ -80,14 +81,15 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 /// Reads the first private key in a PEM file.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let pem = read(path)?;
-    rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|e| TlsError::Invalid {
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
+        pem::Error::NoItemsFound => TlsError::NoKey {
+            path: path.to_path_buf(),
+        },
+        e => TlsError::Invalid {
             path: path.to_path_buf(),
             reason: e.to_string(),
-        })?
-        .ok_or_else(|| TlsError::NoKey {
-            path: path.to_path_buf(),
-        })
+        },
+    })
 }
 
 impl ServerTls {
@@ -267,5 +269,37 @@ impl CertExpiry {
                 })
                 .set(d.as_secs_f64());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TestPki;
+
+    #[test]
+    fn pem_files_load_or_say_what_is_wrong() {
+        let pki = TestPki::new("pem-test");
+        let (cert, key) = pki.leaf("x", &["x"], true);
+        assert_eq!(load_certs(&cert).unwrap().len(), 1);
+        assert!(load_key(&key).is_ok());
+        // A certificate where a key belongs, and the other way round.
+        assert!(matches!(load_key(&cert), Err(TlsError::NoKey { .. })));
+        assert!(matches!(
+            load_certs(&key),
+            Err(TlsError::NoCertificate { .. })
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let broken = dir.path().join("broken.pem");
+        std::fs::write(
+            &broken,
+            "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        assert!(matches!(load_certs(&broken), Err(TlsError::Invalid { .. })));
+        assert!(matches!(
+            load_certs(&dir.path().join("absent.pem")),
+            Err(TlsError::Read { .. })
+        ));
     }
 }

@@ -98,6 +98,7 @@ fn main() {
         prefix: "KUBE".into(),
         families: vec![IpFamily::V4],
         cluster_cidrs: vec!["198.18.0.0/16".parse().unwrap()],
+        detect_local: Default::default(),
         masquerade_all: false,
         masquerade_bit: 14,
         node_ips: vec![],
@@ -201,7 +202,7 @@ fn main() {
                         .unwrap();
                     fulls.push(t.elapsed());
                     let t = Instant::now();
-                    iptables::restore(IpFamily::V4, &text).await.unwrap();
+                    iptables::restore(IpFamily::V4, &text, false).await.unwrap();
                     bare_full.push(t.elapsed());
                 }
                 for _ in 0..runs {
@@ -217,7 +218,7 @@ fn main() {
                         .unwrap();
                     partials.push(t.elapsed());
                     let t = Instant::now();
-                    iptables::restore(IpFamily::V4, &partial).await.unwrap();
+                    iptables::restore(IpFamily::V4, &partial, false).await.unwrap();
                     bare_partial.push(t.elapsed());
                 }
                 (first, fulls, bare_full, partials, bare_partial)

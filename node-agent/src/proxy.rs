@@ -94,6 +94,9 @@ pub struct ProxyView {
     pub node_zone: Option<String>,
     /// The node's addresses of this family, from its Node object.
     pub node_ips: Vec<IpAddr>,
+    /// The node's pod CIDRs of this family (`spec.podCIDRs`), for
+    /// `--detect-local-mode NodeCIDR`.
+    pub node_pod_cidrs: Vec<IpNet>,
     pub ports: BTreeMap<ServicePortName, ServicePortView>,
 }
 
@@ -229,11 +232,21 @@ impl ProxyView {
                     .collect()
             })
             .unwrap_or_default();
+        let node_pod_cidrs = node
+            .map(|n| {
+                n.pod_cidrs
+                    .iter()
+                    .filter(|c| family.matches_net(c))
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut view = Self {
             family,
             node_name: node_name.to_string(),
             node_zone,
             node_ips,
+            node_pod_cidrs,
             ports: BTreeMap::new(),
         };
         for service in snapshot.services() {

@@ -172,6 +172,7 @@ impl Handler for RecordingHandler {
         });
         Ok(Applied {
             rules_changed: (changes.upserted.len() + changes.removed.len()) as u64,
+            ..Applied::default()
         })
     }
 }

@@ -17,6 +17,7 @@ fn cfg() -> SyncConfig {
         sync_period: Duration::from_secs(30),
         min_sync_period: Duration::from_secs(1),
         canary_period: Duration::from_secs(5),
+        needs_pod_cidrs: false,
     }
 }
 

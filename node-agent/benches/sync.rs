@@ -202,7 +202,7 @@ fn main() {
                         .unwrap();
                     fulls.push(t.elapsed());
                     let t = Instant::now();
-                    iptables::restore(IpFamily::V4, &text, false).await.unwrap();
+                    iptables::restore(IpFamily::V4, &text).await.unwrap();
                     bare_full.push(t.elapsed());
                 }
                 for _ in 0..runs {
@@ -218,7 +218,7 @@ fn main() {
                         .unwrap();
                     partials.push(t.elapsed());
                     let t = Instant::now();
-                    iptables::restore(IpFamily::V4, &partial, false).await.unwrap();
+                    iptables::restore(IpFamily::V4, &partial).await.unwrap();
                     bare_partial.push(t.elapsed());
                 }
                 (first, fulls, bare_full, partials, bare_partial)

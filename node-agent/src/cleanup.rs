@@ -273,7 +273,7 @@ async fn clean_iptables(family: IpFamily, prefix: &str) -> Result<String, String
     let Some(plan) = plan_iptables(&save, prefix) else {
         return Ok("nothing to delete".into());
     };
-    iptables::restore(family, &plan.text, false)
+    iptables::restore(family, &plan.text)
         .await
         .map_err(|e| e.to_string())?;
     Ok(format!(

@@ -300,7 +300,7 @@ impl IptablesBackend {
             bytes = planned.text.len(),
             rules = planned.written
         );
-        let first = restore(family, &planned.text, false)
+        let first = restore(family, &planned.text)
             .instrument(restore_span)
             .await;
         if let Err(e) = first {
@@ -308,8 +308,19 @@ impl IptablesBackend {
             // rules, and program everyone else.
             let refused = match &e {
                 Error::Failed { .. } => {
-                    let candidates: Vec<ServicePortName> =
+                    // The services this sync writes, and those it removes (their
+                    // chains' deletion may be what the kernel refuses).
+                    let mut candidates: Vec<ServicePortName> =
                         planned.changed.iter().cloned().collect();
+                    if let Some(prev) = previous {
+                        candidates.extend(
+                            prev.rules
+                                .services
+                                .keys()
+                                .filter(|k| !rs.services.contains_key(*k))
+                                .cloned(),
+                        );
+                    }
                     refused_services(family, &rs, previous.map(|p| &p.rules), candidates, &input)
                         .instrument(tracing::info_span!("find-refused", %family))
                         .await
@@ -335,7 +346,7 @@ impl IptablesBackend {
             }
             rs = rs.with_services_from(&keep, previous.map(|p| &p.rules));
             planned = input(&rs);
-            if let Err(e) = restore(family, &planned.text, false).await {
+            if let Err(e) = restore(family, &planned.text).await {
                 state.applied = None;
                 state.jumps_ensured = false;
                 return Err(fail("restore", e));
@@ -454,12 +465,19 @@ fn restore_input(
     }
 }
 
-/// The service ports among `candidates` whose new rules `iptables-restore
-/// --test` refuses, with what it said; empty when the input fails without them
-/// too (then the failure is not theirs). Rules of different services do not refer
-/// to each other, so a set of services passes exactly when each of them does:
-/// the set is halved until each refused service is alone, which takes about
-/// 2 log2(n) test runs per refused service.
+/// The service ports among `candidates` whose new rules the kernel refuses, with
+/// what `iptables-restore` said; empty when the kernel refuses the input without
+/// any of them too (then the failure is not theirs).
+///
+/// This bisects with real restores, not `--test`: the nft variant's `--test`
+/// neither sends the batch to the kernel nor checks jump targets, so it passes
+/// inputs the kernel refuses (a busy chain, an undeclared one). Every input tried
+/// is a consistent ruleset (each service either all old or all new), and a
+/// refused input changes nothing, so the kernel only ever moves between such
+/// rulesets. Services whose new rules were accepted keep them; each set that
+/// fails is halved until the refused services are alone. Rules of different
+/// services do not refer to each other, so about 2 log2(n) restores find each
+/// refused service.
 async fn refused_services(
     family: IpFamily,
     rs: &RuleSet,
@@ -468,17 +486,15 @@ async fn refused_services(
     input: &impl Fn(&RuleSet) -> Planned,
 ) -> BTreeMap<ServicePortName, String> {
     let all: BTreeSet<ServicePortName> = candidates.iter().cloned().collect();
-    // Only `subset` gets its new rules; the other candidates keep their old ones.
-    let test = |subset: &[ServicePortName]| {
-        let mut keep = all.clone();
-        for s in subset {
-            keep.remove(s);
-        }
+    // Programs the new rules of `new` only; the other candidates keep their old ones.
+    let apply = |new: &BTreeSet<ServicePortName>| {
+        let keep: BTreeSet<ServicePortName> = all.difference(new).cloned().collect();
         let text = input(&rs.with_services_from(&keep, previous)).text;
-        async move { restore(family, &text, true).await }
+        async move { restore(family, &text).await }
     };
     let mut refused = BTreeMap::new();
-    if test(&[]).await.is_err() {
+    let mut accepted: BTreeSet<ServicePortName> = BTreeSet::new();
+    if apply(&accepted).await.is_err() {
         return refused;
     }
     let mut stack = vec![candidates];
@@ -488,8 +504,10 @@ async fn refused_services(
             continue;
         }
         runs += 1;
-        match test(&set).await {
-            Ok(()) => {}
+        let mut attempt = accepted.clone();
+        attempt.extend(set.iter().cloned());
+        match apply(&attempt).await {
+            Ok(()) => accepted = attempt,
             Err(e) if set.len() == 1 => {
                 refused.insert(set[0].clone(), e.to_string());
             }
@@ -617,16 +635,10 @@ pub(crate) fn tool(family: IpFamily, what: &str) -> String {
     }
 }
 
-/// Runs `iptables-restore --noflush --counters -w` with `text` on stdin; with
-/// `test`, only checks it (`--test`).
-pub async fn restore(family: IpFamily, text: &str, test: bool) -> Result<()> {
+/// Runs `iptables-restore --noflush --counters -w` with `text` on stdin.
+pub async fn restore(family: IpFamily, text: &str) -> Result<()> {
     let command = tool(family, "-restore");
-    let args: &[&str] = if test {
-        &["--noflush", "--counters", "-w", "--test"]
-    } else {
-        &["--noflush", "--counters", "-w"]
-    };
-    let out = crate::exec::with_stdin(&command, args, text)
+    let out = crate::exec::with_stdin(&command, &["--noflush", "--counters", "-w"], text)
         .await
         .map_err(|source| Error::Spawn {
             command: command.clone(),

@@ -506,7 +506,7 @@ impl IpvsBackend {
             if !self.jumps_ensured {
                 ensure_jumps(&names, f.family).await?;
             }
-            crate::iptables::restore(f.family, &f.rules, false)
+            crate::iptables::restore(f.family, &f.rules)
                 .await
                 .map_err(|e| Error::Other(e.to_string()))?;
             nat_rules += f.nat_rule_count;

@@ -114,6 +114,8 @@ pub struct RecordingBackend {
     pub fail: Arc<Mutex<usize>>,
     /// What `check` answers.
     pub healthy: Arc<Mutex<bool>>,
+    /// What every apply reports as rejected.
+    pub rejected: Arc<Mutex<Vec<Rejected>>>,
 }
 
 // === impl RecordingBackend ===
@@ -134,6 +136,11 @@ impl RecordingBackend {
     /// Makes the next `n` applies fail.
     pub fn fail_next(&self, n: usize) {
         *lock(&self.fail) = n;
+    }
+
+    /// Makes every apply report these service ports as rejected.
+    pub fn reject(&self, rejected: Vec<Rejected>) {
+        *lock(&self.rejected) = rejected;
     }
 
     /// Sets what `check` answers (false simulates an external flush).
@@ -172,7 +179,7 @@ impl Backend for RecordingBackend {
             filter_rules: 0,
             nat_rules: rules,
             conntrack_deleted: 0,
-            rejected: Vec::new(),
+            rejected: lock(&self.rejected).clone(),
         })
     }
 

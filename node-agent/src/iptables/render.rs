@@ -236,6 +236,19 @@ impl RuleSet {
     ///
     /// Every rule that uses an undeclared chain, with its service.
     pub fn check(&self) -> Result<(), InvariantError> {
+        self.check_services(|_, _| true)
+    }
+
+    /// [`RuleSet::check`] for the fixed parts and the services `which` selects (a
+    /// sync skips those whose rules it already checked and applied).
+    ///
+    /// # Errors
+    ///
+    /// Every rule that uses an undeclared chain, with its service.
+    pub fn check_services(
+        &self,
+        mut which: impl FnMut(&ServicePortName, &ServiceRules) -> bool,
+    ) -> Result<(), InvariantError> {
         let filter_declared: BTreeSet<&str> = declared_in(&self.fixed.filter_chains);
         let top_nat: BTreeSet<&str> = self.nat_chains.iter().map(String::as_str).collect();
         let mut bad = Vec::new();
@@ -257,9 +270,8 @@ impl RuleSet {
         let fixed_nat = |c: &str| top_nat.contains(c);
         report(None, "nat", &self.fixed.nat_head, &fixed_nat);
         report(None, "nat", &self.fixed.nat_tail, &fixed_nat);
-        for (spn, s) in &self.services {
-            let own: BTreeSet<&str> = s.chains.iter().map(String::as_str).collect();
-            let nat_ok = |c: &str| top_nat.contains(c) || own.contains(c);
+        for (spn, s) in self.services.iter().filter(|(k, s)| which(k, s)) {
+            let nat_ok = |c: &str| top_nat.contains(c) || s.chains.iter().any(|o| o == c);
             let t = &s.top;
             for rules in [
                 &t.filter_nodeports,

@@ -312,7 +312,7 @@ pub struct Config {
     pub ipvs_udp_timeout: Duration,
     pub chain_prefix: String,
     pub cluster_cidrs: Vec<IpNet>,
-    #[serde(serialize_with = "serialize_display")]
+    #[serde(serialize_with = "serialize_mode_name")]
     pub detect_local_mode: DetectLocalModeName,
     pub pod_bridge_interface: Option<String>,
     pub pod_interface_name_prefix: Option<String>,
@@ -336,7 +336,7 @@ pub struct Config {
     families: Vec<IpFamily>,
 }
 
-fn serialize_display<S: serde::Serializer>(
+fn serialize_mode_name<S: serde::Serializer>(
     v: &DetectLocalModeName,
     s: S,
 ) -> Result<S::Ok, S::Error> {

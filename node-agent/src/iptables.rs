@@ -252,8 +252,8 @@ impl IptablesBackend {
         let mut rejected: Vec<Rejected> = Vec::new();
         // The invariant holds by construction (and is asserted in debug builds); in
         // case it ever breaks, the services that break it keep their last rules
-        // rather than make the kernel refuse everyone's.
-        // Services whose rules are what was last applied were checked then.
+        // rather than make the kernel refuse everyone's. Services whose rules are
+        // what was last applied were checked then.
         let checked = |k: &ServicePortName, s: &ServiceRules| {
             previous.is_some_and(|p| p.services.get(k) == Some(&hash_of(s)))
         };
@@ -340,7 +340,7 @@ impl IptablesBackend {
             }
             let keep: BTreeSet<ServicePortName> = refused.keys().cloned().collect();
             for (service, message) in refused {
-                warn!(%family, service = %service, error = %message, "the kernel refuses this service's rules; it keeps its last good rules");
+                debug!(%family, service = %service, error = %message, "the kernel refuses this service's rules");
                 rejected.push(Rejected {
                     family,
                     service,
@@ -357,7 +357,18 @@ impl IptablesBackend {
             }
         }
 
-        let udp = conntrack::udp_ports(view);
+        let mut udp = conntrack::udp_ports(view);
+        // A rejected service's old rules are still in effect: so are its flows.
+        for r in &rejected {
+            match state.applied.as_ref().and_then(|a| a.udp.get(&r.service)) {
+                Some(old) => {
+                    udp.insert(r.service.clone(), old.clone());
+                }
+                None => {
+                    udp.remove(&r.service);
+                }
+            }
+        }
         let mut deleted = 0;
         if cfg.conntrack_cleanup {
             let previous = state.applied.as_ref().map(|a| &a.udp);

@@ -91,7 +91,10 @@ impl Handler for ZoneUpdater {
         // Zone building is pure and cannot fail: every resource reaching here was
         // validated when it was decoded.
         let rules_changed = self.apply_now(snapshot, changes);
-        Ok(Applied { rules_changed })
+        Ok(Applied {
+            rules_changed,
+            ..Applied::default()
+        })
     }
 }
 

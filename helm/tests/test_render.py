@@ -148,11 +148,37 @@ def test_object_names_namespaces_and_labels(case):
         assert md["labels"]["app.kubernetes.io/part-of"] == "meshlite", key
 
 
-def test_missing_required_value_fails_with_a_clear_message():
-    proc = chart.helm(*chart.template_args(None), check=False)
-    assert proc.returncode != 0
-    assert "nodeAgent.clusterCIDR is required" in proc.stderr, proc.stderr
-    assert "10.244.0.0/16" in proc.stderr, "the message shows an example"
+def test_without_cluster_cidr_local_traffic_is_detected_by_node_cidr():
+    (ds,) = [o for o in chart.documents(chart.render(None)) if o["kind"] == "DaemonSet" and "node-agent" in o["metadata"]["name"]]
+    args = chart.arg_map(chart.pod_spec(ds)["containers"][0])
+    assert args["detect-local-mode"] == "NodeCIDR"
+    assert "cluster-cidr" not in args
+
+
+def test_detect_local_modes_need_their_value_with_a_clear_message():
+    for sets, message in [
+        (["nodeAgent.detectLocalMode=ClusterCIDR"], "nodeAgent.clusterCIDR is required"),
+        (["nodeAgent.detectLocalMode=BridgeInterface"], "nodeAgent.podBridgeInterface is required"),
+        (["nodeAgent.detectLocalMode=InterfaceNamePrefix"], "nodeAgent.podInterfaceNamePrefix is required"),
+    ]:
+        extra = [a for s in sets for a in ("--set", s)]
+        proc = chart.helm(*chart.template_args(None, *extra), check=False)
+        assert proc.returncode != 0, sets
+        assert message in proc.stderr, proc.stderr
+        assert "e.g." in proc.stderr, "the message shows an example"
+    proc = chart.helm(
+        *chart.template_args(
+            None,
+            "--set",
+            "nodeAgent.detectLocalMode=InterfaceNamePrefix",
+            "--set",
+            "nodeAgent.podInterfaceNamePrefix=eni",
+        )
+    )
+    (ds,) = [o for o in chart.documents(proc.stdout) if o["kind"] == "DaemonSet" and "node-agent" in o["metadata"]["name"]]
+    args = chart.arg_map(chart.pod_spec(ds)["containers"][0])
+    assert args["detect-local-mode"] == "InterfaceNamePrefix"
+    assert args["pod-interface-name-prefix"] == "eni"
 
 
 def test_chart_refuses_kubernetes_older_than_its_minimum():

@@ -135,7 +135,8 @@ def test_node_agent_daemonset(case):
     assert mounts["/lib/modules"]["readOnly"] is True
     args = chart.arg_map(c)
     assert args["mode"] == values.get("mode", "iptables")
-    assert args["cluster-cidr"] == ",".join(values["clusterCIDR"])
+    assert args.get("cluster-cidr") == (",".join(values["clusterCIDR"]) if values.get("clusterCIDR") else None)
+    assert args["detect-local-mode"] == (values.get("detectLocalMode") or ("ClusterCIDR" if values.get("clusterCIDR") else "NodeCIDR"))
     assert args["nodeport-addresses"] == ",".join(values.get("nodePortAddresses", ["0.0.0.0/0", "::/0"]))
     assert args["healthz-bind-address"] == "0.0.0.0:10256"
     assert args["metrics-bind-address"] == "127.0.0.1:10249"

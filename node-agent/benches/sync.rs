@@ -99,6 +99,7 @@ fn main() {
         prefix: "KUBE".into(),
         families: vec![IpFamily::V4],
         cluster_cidrs: vec!["198.18.0.0/16".parse().unwrap()],
+        detect_local: Default::default(),
         masquerade_all: false,
         masquerade_bit: 14,
         node_ips: vec![],
@@ -128,6 +129,13 @@ fn main() {
         rs = Some(r);
     }
     let rs = rs.unwrap();
+    // The invariant check the backend runs before every restore.
+    let mut t_check = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        rs.check().expect("renderer invariant");
+        t_check.push(t.elapsed());
+    }
     let view_changed = ProxyView::build(&changed_snap, "node1", IpFamily::V4);
     let rs_changed = render(&view_changed, &backend_for_cfg.render_config(&view_changed));
     let changed: BTreeSet<ServicePortName> = [ServicePortName::new(
@@ -164,9 +172,10 @@ fn main() {
         partial.len() as f64 / 1024.0
     );
     println!(
-        "  (1) view build: {}   render (ruleset + text): {}",
+        "  (1) view build: {}   render (ruleset + text): {}   invariant check: {}",
         ms(median(t_view)),
-        ms(median(t_render))
+        ms(median(t_render)),
+        ms(median(t_check))
     );
 
     if let Err(e) = netns::require_root_and_tools(&["ip", "iptables-restore", "iptables-save"]) {

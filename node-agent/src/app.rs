@@ -108,6 +108,7 @@ pub async fn run(
             sync_period: cfg.sync_period,
             min_sync_period: cfg.min_sync_period,
             canary_period: cfg.canary_period,
+            needs_pod_cidrs: cfg.detect_local().needs_node_cidrs(),
         },
         backend,
         health.clone(),

@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
-use crate::proxy::ProxyView;
+use crate::proxy::{IpFamily, ProxyView, ServicePortName};
 
 /// What a sync must achieve.
 #[derive(Debug, Clone, Copy)]
@@ -21,7 +21,7 @@ pub struct Desired<'a> {
 }
 
 /// What a successful sync did, for metrics and the ACK.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SyncReport {
     /// The backend rewrote everything (it may upgrade a partial request).
     pub full: bool,
@@ -33,6 +33,41 @@ pub struct SyncReport {
     pub nat_rules: u64,
     /// Stale conntrack entries deleted (UDP).
     pub conntrack_deleted: u64,
+    /// Service ports whose new rules were not programmed (the others were): they
+    /// keep their last good rules and are tried again on the next sync.
+    pub rejected: Vec<Rejected>,
+}
+
+/// A service port whose new rules a sync could not program.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub family: IpFamily,
+    pub service: ServicePortName,
+    pub reason: RejectReason,
+    /// What refused them, for the NACK and the log.
+    pub message: String,
+}
+
+/// Why a service port's rules were rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RejectReason {
+    /// `iptables-restore` refused them.
+    Kernel,
+    /// They broke the renderer's invariant (a jump to an undeclared chain) and were
+    /// never sent to the kernel.
+    Invariant,
+}
+
+// === impl RejectReason ===
+
+impl RejectReason {
+    /// For metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kernel => "kernel",
+            Self::Invariant => "invariant",
+        }
+    }
 }
 
 /// A failed sync. The kernel keeps what it had (restore is atomic per table).
@@ -79,6 +114,8 @@ pub struct RecordingBackend {
     pub fail: Arc<Mutex<usize>>,
     /// What `check` answers.
     pub healthy: Arc<Mutex<bool>>,
+    /// What every apply reports as rejected.
+    pub rejected: Arc<Mutex<Vec<Rejected>>>,
 }
 
 // === impl RecordingBackend ===
@@ -99,6 +136,11 @@ impl RecordingBackend {
     /// Makes the next `n` applies fail.
     pub fn fail_next(&self, n: usize) {
         *lock(&self.fail) = n;
+    }
+
+    /// Makes every apply report these service ports as rejected.
+    pub fn reject(&self, rejected: Vec<Rejected>) {
+        *lock(&self.rejected) = rejected;
     }
 
     /// Sets what `check` answers (false simulates an external flush).
@@ -137,6 +179,7 @@ impl Backend for RecordingBackend {
             filter_rules: 0,
             nat_rules: rules,
             conntrack_deleted: 0,
+            rejected: lock(&self.rejected).clone(),
         })
     }
 

@@ -16,6 +16,7 @@ use serde::Serialize;
 use crate::iptables::{IptablesConfig, chains};
 use crate::ipvs::netlink::Timeouts;
 use crate::ipvs::{IpvsConfig, Scheduler};
+use crate::local::{DetectLocalMode, DetectLocalModeName};
 use crate::proxy::IpFamily;
 
 /// Invalid configuration.
@@ -172,6 +173,23 @@ pub struct RuleArgs {
     /// Pod CIDRs (one per family): off-cluster traffic to ClusterIPs is masqueraded.
     #[arg(long, env = "MESHLITE_CLUSTER_CIDR", value_delimiter = ',')]
     pub cluster_cidr: Vec<IpNet>,
+    /// How traffic from local pods is recognised (kube-proxy's --detect-local-mode):
+    /// ClusterCIDR (--cluster-cidr), NodeCIDR (the Node's spec.podCIDRs),
+    /// BridgeInterface (--pod-bridge-interface), InterfaceNamePrefix
+    /// (--pod-interface-name-prefix).
+    #[arg(
+        long,
+        env = "MESHLITE_DETECT_LOCAL_MODE",
+        value_enum,
+        default_value = "ClusterCIDR"
+    )]
+    pub detect_local_mode: DetectLocalModeName,
+    /// The bridge pods are attached to, for --detect-local-mode BridgeInterface.
+    #[arg(long, env = "MESHLITE_POD_BRIDGE_INTERFACE")]
+    pub pod_bridge_interface: Option<String>,
+    /// The name prefix of pod interfaces, for --detect-local-mode InterfaceNamePrefix.
+    #[arg(long, env = "MESHLITE_POD_INTERFACE_NAME_PREFIX")]
+    pub pod_interface_name_prefix: Option<String>,
     /// This node's IPs (default: its Node object's addresses).
     #[arg(long, env = "MESHLITE_NODE_IP", value_delimiter = ',')]
     pub node_ip: Vec<IpAddr>,
@@ -294,6 +312,10 @@ pub struct Config {
     pub ipvs_udp_timeout: Duration,
     pub chain_prefix: String,
     pub cluster_cidrs: Vec<IpNet>,
+    #[serde(serialize_with = "serialize_mode_name")]
+    pub detect_local_mode: DetectLocalModeName,
+    pub pod_bridge_interface: Option<String>,
+    pub pod_interface_name_prefix: Option<String>,
     pub node_ips: Vec<IpAddr>,
     pub masquerade_all: bool,
     pub masquerade_bit: u8,
@@ -312,6 +334,16 @@ pub struct Config {
     pub log_json: bool,
     #[serde(skip)]
     families: Vec<IpFamily>,
+}
+
+fn serialize_mode_name<S: serde::Serializer>(
+    v: &DetectLocalModeName,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match v.to_possible_value() {
+        Some(p) => s.serialize_str(p.get_name()),
+        None => s.serialize_str(&format!("{v:?}")),
+    }
 }
 
 mod humantime_serde_shim {
@@ -351,6 +383,7 @@ impl RuleArgs {
                 reason: "must be 0..=31".into(),
             });
         }
+        self.detect_local()?;
         for fam in [IpFamily::V4, IpFamily::V6] {
             let n = self
                 .cluster_cidr
@@ -368,12 +401,27 @@ impl RuleArgs {
         Ok(())
     }
 
-    /// The iptables backend configuration these flags describe.
+    /// `--detect-local-mode` with the interface flag it needs.
+    pub fn detect_local(&self) -> Result<DetectLocalMode, ConfigError> {
+        DetectLocalMode::try_new(
+            self.detect_local_mode,
+            self.pod_bridge_interface.as_deref(),
+            self.pod_interface_name_prefix.as_deref(),
+        )
+        .map_err(|e| ConfigError::Invalid {
+            flag: "detect-local-mode",
+            value: format!("{:?}", self.detect_local_mode),
+            reason: e.to_string(),
+        })
+    }
+
+    /// The iptables backend configuration these flags describe (validated first).
     pub fn iptables(&self, families: Vec<IpFamily>, conntrack_cleanup: bool) -> IptablesConfig {
         IptablesConfig {
             prefix: self.chain_prefix.clone(),
             families,
             cluster_cidrs: self.cluster_cidr.iter().map(|c| c.trunc()).collect(),
+            detect_local: self.detect_local().unwrap_or_default(),
             masquerade_all: self.masquerade_all,
             masquerade_bit: self.masquerade_bit,
             node_ips: self.node_ip.clone(),
@@ -459,6 +507,7 @@ impl IpvsArgs {
             scheduler: self.scheduler()?,
             interface: self.ipvs_interface.clone(),
             cluster_cidrs: rules.cluster_cidr.iter().map(|c| c.trunc()).collect(),
+            detect_local: rules.detect_local()?,
             masquerade_all: rules.masquerade_all,
             masquerade_bit: rules.masquerade_bit,
             random_fully: rules.random_fully,
@@ -582,6 +631,9 @@ impl RunArgs {
             ipvs_udp_timeout: self.ipvs.ipvs_udp_timeout,
             chain_prefix: self.rules.chain_prefix.clone(),
             cluster_cidrs: self.rules.cluster_cidr.clone(),
+            detect_local_mode: self.rules.detect_local_mode,
+            pod_bridge_interface: self.rules.pod_bridge_interface.clone(),
+            pod_interface_name_prefix: self.rules.pod_interface_name_prefix.clone(),
             node_ips: self.rules.node_ip.clone(),
             masquerade_all: self.rules.masquerade_all,
             masquerade_bit: self.rules.masquerade_bit,
@@ -610,6 +662,8 @@ impl Config {
     /// The IPVS backend configuration.
     pub fn ipvs(&self) -> IpvsConfig {
         let rules = self.rule_args();
+        // Validated in `RunArgs::validate`.
+        let detect_local = rules.detect_local().unwrap_or_default();
         IpvsConfig {
             prefix: rules.chain_prefix,
             families: self.families.clone(),
@@ -617,6 +671,7 @@ impl Config {
             scheduler: self.ipvs_scheduler.parse().unwrap_or(Scheduler::Rr),
             interface: self.ipvs_interface.clone(),
             cluster_cidrs: rules.cluster_cidr.iter().map(|c| c.trunc()).collect(),
+            detect_local,
             masquerade_all: rules.masquerade_all,
             masquerade_bit: rules.masquerade_bit,
             random_fully: rules.random_fully,
@@ -638,6 +693,9 @@ impl Config {
         RuleArgs {
             chain_prefix: self.chain_prefix.clone(),
             cluster_cidr: self.cluster_cidrs.clone(),
+            detect_local_mode: self.detect_local_mode,
+            pod_bridge_interface: self.pod_bridge_interface.clone(),
+            pod_interface_name_prefix: self.pod_interface_name_prefix.clone(),
             node_ip: self.node_ips.clone(),
             masquerade_all: self.masquerade_all,
             masquerade_bit: self.masquerade_bit,
@@ -645,6 +703,11 @@ impl Config {
             random_fully: self.random_fully,
             nodeport_addresses: self.nodeport_addresses.clone(),
         }
+    }
+
+    /// `--detect-local-mode` (validated in `RunArgs::validate`).
+    pub fn detect_local(&self) -> DetectLocalMode {
+        self.rule_args().detect_local().unwrap_or_default()
     }
 
     /// The iptables backend configuration.

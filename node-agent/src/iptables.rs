@@ -17,7 +17,8 @@ use ipnet::IpNet;
 use tokio::process::Command;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::backend::{Backend, BackendError, Desired, SyncReport};
+use crate::backend::{Backend, BackendError, Desired, RejectReason, Rejected, SyncReport};
+use crate::local::DetectLocalMode;
 use crate::proxy::{IpFamily, ProxyView, ServicePortName};
 
 pub mod chains;
@@ -58,6 +59,8 @@ pub struct IptablesConfig {
     pub families: Vec<IpFamily>,
     /// At most one per family.
     pub cluster_cidrs: Vec<IpNet>,
+    /// `--detect-local-mode`.
+    pub detect_local: DetectLocalMode,
     pub masquerade_all: bool,
     /// Bit of the packet mark used for masquerading (14 -> 0x4000).
     pub masquerade_bit: u8,
@@ -79,6 +82,8 @@ struct Applied {
     /// Hash of each service port's rules.
     services: HashMap<ServicePortName, u64>,
     active_chains: BTreeSet<String>,
+    /// What is in the kernel, so rejected services can keep their rules.
+    rules: RuleSet,
     /// What conntrack cleanup needs to know about each UDP service port.
     udp: BTreeMap<ServicePortName, conntrack::UdpPort>,
 }
@@ -226,7 +231,7 @@ impl IptablesBackend {
     ) -> Result<SyncReport, BackendError> {
         let family = state.family;
         let names = ChainNames::new(&cfg.prefix);
-        let rs = tracing::info_span!("render", %family, service_ports = view.ports.len())
+        let rendered = tracing::info_span!("render", %family, service_ports = view.ports.len())
             .in_scope(|| render(view, &render_config(cfg, view)));
         let full = want_full || state.applied.is_none();
 
@@ -243,68 +248,127 @@ impl IptablesBackend {
             state.jumps_ensured = true;
         }
 
-        let hashes: HashMap<ServicePortName, u64> = rs
-            .services
-            .iter()
-            .map(|(k, v)| (k.clone(), hash_of(v)))
-            .collect();
-        let active: BTreeSet<String> = rs
-            .active_nat_chains()
-            .into_iter()
-            .map(String::from)
-            .collect();
-
-        let (text, written) = if full {
-            // Stale chains can only be known from the kernel on a full sync (a
-            // restarted agent does not know what its predecessor wrote).
-            let existing = save_chains(family, "nat")
-                .await
-                .map_err(|e| fail("save", e))?;
-            let stale: Vec<String> = existing
-                .into_iter()
-                .filter(|c| names.is_service_chain(c) && !active.contains(c))
-                .collect();
-            (
-                rs.full_text(&stale),
-                rs.filter_rule_count + rs.nat_rule_count,
-            )
-        } else {
-            let prev = state.applied.as_ref();
-            let changed: BTreeSet<ServicePortName> = hashes
-                .iter()
-                .filter(|(k, h)| prev.and_then(|p| p.services.get(*k)) != Some(*h))
-                .map(|(k, _)| k.clone())
-                .collect();
-            let stale: Vec<String> = prev
-                .map(|p| p.active_chains.difference(&active).cloned().collect())
-                .unwrap_or_default();
-            let top = rs.filter_rule_count + rs.nat_rule_count
-                - rs.services.values().map(|s| s.rule_count).sum::<usize>();
-            let written = top
-                + changed
-                    .iter()
-                    .filter_map(|k| rs.services.get(k))
-                    .map(|s| s.rule_count)
-                    .sum::<usize>();
-            debug!(%family, changed = changed.len(), stale = stale.len(), "partial sync");
-            (rs.partial_text(&changed, &stale), written)
+        let previous = state.applied.as_ref();
+        let mut rejected: Vec<Rejected> = Vec::new();
+        // The invariant holds by construction (and is asserted in debug builds); in
+        // case it ever breaks, the services that break it keep their last rules
+        // rather than make the kernel refuse everyone's. Services whose rules are
+        // what was last applied were checked then.
+        let checked = |k: &ServicePortName, s: &ServiceRules| {
+            previous.is_some_and(|p| p.services.get(k) == Some(&hash_of(s)))
+        };
+        let mut rs = match rendered.check_services(|k, s| !checked(k, s)) {
+            Ok(()) => rendered,
+            Err(e) => {
+                let mut keep = BTreeSet::new();
+                for u in &e.0 {
+                    let Some(service) = &u.service else {
+                        return Err(BackendError {
+                            backend: "iptables",
+                            stage: "render",
+                            message: e.to_string(),
+                        });
+                    };
+                    if keep.insert(service.clone()) {
+                        rejected.push(Rejected {
+                            family,
+                            service: service.clone(),
+                            reason: RejectReason::Invariant,
+                            message: format!("{} chain {} is not declared", u.table, u.chain),
+                        });
+                    }
+                }
+                rendered.with_services_from(&keep, previous.map(|p| &p.rules))
+            }
         };
 
+        // Stale chains can only be known from the kernel on a full sync (a
+        // restarted agent does not know what its predecessor wrote).
+        let existing = if full {
+            Some(
+                save_chains(family, "nat")
+                    .await
+                    .map_err(|e| fail("save", e))?,
+            )
+        } else {
+            None
+        };
+        let input = |rs: &RuleSet| restore_input(rs, previous, existing.as_deref(), &names);
+
+        let mut planned = input(&rs);
+        debug!(%family, full, changed = planned.changed.len(), stale = planned.stale, "sync");
         let restore_span = tracing::info_span!(
             "iptables-restore",
             %family,
             full,
-            bytes = text.len(),
-            rules = written
+            bytes = planned.text.len(),
+            rules = planned.written
         );
-        if let Err(e) = restore(family, &text).instrument(restore_span).await {
-            // The kernel kept its previous rules; make sure the next sync rewrites all.
-            state.applied = None;
-            state.jumps_ensured = false;
-            return Err(fail("restore", e));
+        let first = restore(family, &planned.text)
+            .instrument(restore_span)
+            .await;
+        if let Err(e) = first {
+            // Find the services whose rules the kernel refuses, keep their last good
+            // rules, and program everyone else.
+            let refused = match &e {
+                Error::Failed { .. } => {
+                    // The services this sync writes, and those it removes (their
+                    // chains' deletion may be what the kernel refuses).
+                    let mut candidates: Vec<ServicePortName> =
+                        planned.changed.iter().cloned().collect();
+                    if let Some(prev) = previous {
+                        candidates.extend(
+                            prev.rules
+                                .services
+                                .keys()
+                                .filter(|k| !rs.services.contains_key(*k))
+                                .cloned(),
+                        );
+                    }
+                    refused_services(family, &rs, previous.map(|p| &p.rules), candidates, &input)
+                        .instrument(tracing::info_span!("find-refused", %family))
+                        .await
+                }
+                _ => BTreeMap::new(),
+            };
+            if refused.is_empty() {
+                // Not one service's fault: the kernel kept its previous rules; make
+                // sure the next sync rewrites all.
+                state.applied = None;
+                state.jumps_ensured = false;
+                return Err(fail("restore", e));
+            }
+            let keep: BTreeSet<ServicePortName> = refused.keys().cloned().collect();
+            for (service, message) in refused {
+                debug!(%family, service = %service, error = %message, "the kernel refuses this service's rules");
+                rejected.push(Rejected {
+                    family,
+                    service,
+                    reason: RejectReason::Kernel,
+                    message,
+                });
+            }
+            rs = rs.with_services_from(&keep, previous.map(|p| &p.rules));
+            planned = input(&rs);
+            if let Err(e) = restore(family, &planned.text).await {
+                state.applied = None;
+                state.jumps_ensured = false;
+                return Err(fail("restore", e));
+            }
         }
 
-        let udp = conntrack::udp_ports(view);
+        let mut udp = conntrack::udp_ports(view);
+        // A rejected service's old rules are still in effect: so are its flows.
+        for r in &rejected {
+            match state.applied.as_ref().and_then(|a| a.udp.get(&r.service)) {
+                Some(old) => {
+                    udp.insert(r.service.clone(), old.clone());
+                }
+                None => {
+                    udp.remove(&r.service);
+                }
+            }
+        }
         let mut deleted = 0;
         if cfg.conntrack_cleanup {
             let previous = state.applied.as_ref().map(|a| &a.udp);
@@ -323,19 +387,155 @@ impl IptablesBackend {
                 .await;
             }
         }
-        state.applied = Some(Applied {
-            services: hashes,
-            active_chains: active,
-            udp,
-        });
-        Ok(SyncReport {
+        let report = SyncReport {
             full,
-            rules_written: written as u64,
+            rules_written: planned.written as u64,
             filter_rules: rs.filter_rule_count as u64,
             nat_rules: rs.nat_rule_count as u64,
             conntrack_deleted: deleted,
-        })
+            rejected,
+        };
+        state.applied = Some(Applied {
+            services: planned.hashes,
+            active_chains: planned.active,
+            udp,
+            rules: rs,
+        });
+        Ok(report)
     }
+}
+
+/// One restore input and what it leaves in the kernel.
+struct Planned {
+    text: String,
+    /// Rules it writes.
+    written: usize,
+    /// The service ports whose chains it writes.
+    changed: BTreeSet<ServicePortName>,
+    stale: usize,
+    hashes: HashMap<ServicePortName, u64>,
+    active: BTreeSet<String>,
+}
+
+/// The restore input that takes the kernel from `previous` to `rs`: everything on
+/// a full sync (`existing` holds the kernel's nat chains, to delete stale ones),
+/// else the top-level chains and the changed services' chains.
+fn restore_input(
+    rs: &RuleSet,
+    previous: Option<&Applied>,
+    existing: Option<&[String]>,
+    names: &ChainNames,
+) -> Planned {
+    let hashes: HashMap<ServicePortName, u64> = rs
+        .services
+        .iter()
+        .map(|(k, v)| (k.clone(), hash_of(v)))
+        .collect();
+    let active: BTreeSet<String> = rs
+        .active_nat_chains()
+        .into_iter()
+        .map(String::from)
+        .collect();
+    match (existing, previous) {
+        (existing, None) | (existing @ Some(_), Some(_)) => {
+            let stale: Vec<String> = existing
+                .unwrap_or_default()
+                .iter()
+                .filter(|c| names.is_service_chain(c) && !active.contains(c.as_str()))
+                .cloned()
+                .collect();
+            Planned {
+                text: rs.full_text(&stale),
+                written: rs.filter_rule_count + rs.nat_rule_count,
+                changed: rs.services.keys().cloned().collect(),
+                stale: stale.len(),
+                hashes,
+                active,
+            }
+        }
+        (None, Some(prev)) => {
+            let changed: BTreeSet<ServicePortName> = hashes
+                .iter()
+                .filter(|(k, h)| prev.services.get(*k) != Some(*h))
+                .map(|(k, _)| k.clone())
+                .collect();
+            let stale: Vec<String> = prev.active_chains.difference(&active).cloned().collect();
+            let top = rs.filter_rule_count + rs.nat_rule_count
+                - rs.services.values().map(|s| s.rule_count).sum::<usize>();
+            let written = top
+                + changed
+                    .iter()
+                    .filter_map(|k| rs.services.get(k))
+                    .map(|s| s.rule_count)
+                    .sum::<usize>();
+            Planned {
+                text: rs.partial_text(&changed, &stale),
+                written,
+                changed,
+                stale: stale.len(),
+                hashes,
+                active,
+            }
+        }
+    }
+}
+
+/// The service ports among `candidates` whose new rules the kernel refuses, with
+/// what `iptables-restore` said; empty when the kernel refuses the input without
+/// any of them too (then the failure is not theirs).
+///
+/// This bisects with real restores, not `--test`: the nft variant's `--test`
+/// neither sends the batch to the kernel nor checks jump targets, so it passes
+/// inputs the kernel refuses (a busy chain, an undeclared one). Every input tried
+/// is a consistent ruleset (each service either all old or all new), and a
+/// refused input changes nothing, so the kernel only ever moves between such
+/// rulesets. Services whose new rules were accepted keep them; each set that
+/// fails is halved until the refused services are alone. Rules of different
+/// services do not refer to each other, so about 2 log2(n) restores find each
+/// refused service.
+async fn refused_services(
+    family: IpFamily,
+    rs: &RuleSet,
+    previous: Option<&RuleSet>,
+    candidates: Vec<ServicePortName>,
+    input: &impl Fn(&RuleSet) -> Planned,
+) -> BTreeMap<ServicePortName, String> {
+    let all: BTreeSet<ServicePortName> = candidates.iter().cloned().collect();
+    // Programs the new rules of `new` only; the other candidates keep their old ones.
+    let apply = |new: &BTreeSet<ServicePortName>| {
+        let keep: BTreeSet<ServicePortName> = all.difference(new).cloned().collect();
+        let text = input(&rs.with_services_from(&keep, previous)).text;
+        async move { restore(family, &text).await }
+    };
+    let mut refused = BTreeMap::new();
+    let mut accepted: BTreeSet<ServicePortName> = BTreeSet::new();
+    if apply(&accepted).await.is_err() {
+        return refused;
+    }
+    let mut stack = vec![candidates];
+    let mut runs = 1;
+    while let Some(set) = stack.pop() {
+        if set.is_empty() {
+            continue;
+        }
+        runs += 1;
+        let mut attempt = accepted.clone();
+        attempt.extend(set.iter().cloned());
+        match apply(&attempt).await {
+            Ok(()) => accepted = attempt,
+            Err(e) if set.len() == 1 => {
+                refused.insert(set[0].clone(), e.to_string());
+            }
+            Err(_) => {
+                let mut set = set;
+                let second = set.split_off(set.len() / 2);
+                stack.push(second);
+                stack.push(set);
+            }
+        }
+    }
+    debug!(%family, runs, refused = refused.len(), "bisected the refused restore");
+    refused
 }
 
 impl Backend for IptablesBackend {
@@ -354,6 +554,7 @@ impl Backend for IptablesBackend {
             total.filter_rules += r.filter_rules;
             total.nat_rules += r.nat_rules;
             total.conntrack_deleted += r.conntrack_deleted;
+            total.rejected.extend(r.rejected);
         }
         Ok(total)
     }
@@ -394,11 +595,13 @@ fn render_config(cfg: &IptablesConfig, view: &ProxyView) -> RenderConfig {
         .copied();
     RenderConfig {
         chains: ChainNames::new(&cfg.prefix),
-        cluster_cidr: cfg
-            .cluster_cidrs
-            .iter()
-            .find(|n| family.matches_net(n))
-            .copied(),
+        local: cfg.detect_local.detector(
+            cfg.cluster_cidrs
+                .iter()
+                .find(|n| family.matches_net(n))
+                .copied(),
+            view.node_pod_cidrs.first().copied(),
+        ),
         masquerade_all: cfg.masquerade_all,
         masquerade_mark: 1u32 << cfg.masquerade_bit.min(31),
         node_ip,

@@ -111,6 +111,8 @@ pub struct IpvsConfig {
     pub interface: String,
     /// At most one per family.
     pub cluster_cidrs: Vec<IpNet>,
+    /// `--detect-local-mode`.
+    pub detect_local: crate::local::DetectLocalMode,
     pub masquerade_all: bool,
     pub masquerade_bit: u8,
     pub random_fully: bool,
@@ -238,11 +240,13 @@ impl IpvsConfig {
         PlanConfig {
             prefix: self.prefix.clone(),
             scheduler: self.scheduler,
-            cluster_cidr: self
-                .cluster_cidrs
-                .iter()
-                .find(|n| family.matches_net(n))
-                .map(|n| n.trunc()),
+            local: self.detect_local.detector(
+                self.cluster_cidrs
+                    .iter()
+                    .find(|n| family.matches_net(n))
+                    .copied(),
+                view.node_pod_cidrs.first().copied(),
+            ),
             masquerade_all: self.masquerade_all,
             masquerade_mark: 1u32 << self.masquerade_bit.min(31),
             random_fully: self.random_fully,
@@ -554,6 +558,7 @@ impl IpvsBackend {
             filter_rules: filter_rules as u64,
             nat_rules: nat_rules as u64,
             conntrack_deleted,
+            rejected: Vec::new(),
         })
     }
 

@@ -14,6 +14,7 @@ pub mod exec;
 pub mod health;
 pub mod iptables;
 pub mod ipvs;
+pub mod local;
 pub mod metrics;
 pub mod preview;
 pub mod proxy;

@@ -48,6 +48,13 @@ pub struct ProxyMetrics {
     sync_errors: Family<Stage, Counter>,
     conntrack_deleted: Counter,
     canary_failures: Counter,
+    rejected_now: Gauge,
+    rejections: Family<Reason, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
 }
 
 /// kube-proxy's sync duration buckets: 1 ms doubling, 15 buckets.
@@ -74,6 +81,8 @@ impl ProxyMetrics {
             sync_errors: Family::default(),
             conntrack_deleted: Counter::default(),
             canary_failures: Counter::default(),
+            rejected_now: Gauge::default(),
+            rejections: Family::default(),
         };
         let kp = registry.sub_registry_with_prefix("kubeproxy");
         kp.register(
@@ -147,6 +156,16 @@ impl ProxyMetrics {
             "Times the canary found the rules flushed externally",
             m.canary_failures.clone(),
         );
+        own.register(
+            "rejected_service_ports",
+            "Service ports (per IP family) whose new rules the last sync could not program; they keep their last good rules",
+            m.rejected_now.clone(),
+        );
+        own.register(
+            "service_port_rejections",
+            "Times a sync could not program a service port's rules, by reason (kernel: iptables-restore refused them; invariant: a jump to an undeclared chain)",
+            m.rejections.clone(),
+        );
         m
     }
 
@@ -175,6 +194,15 @@ impl ProxyMetrics {
             .get_or_create(&Table { table: "all" })
             .set(i64::try_from(report.rules_written).unwrap_or(i64::MAX));
         self.conntrack_deleted.inc_by(report.conntrack_deleted);
+        self.rejected_now
+            .set(i64::try_from(report.rejected.len()).unwrap_or(i64::MAX));
+        for r in &report.rejected {
+            self.rejections
+                .get_or_create(&Reason {
+                    reason: r.reason.as_str(),
+                })
+                .inc();
+        }
     }
 
     pub fn failed(&self, stage: &'static str) {

@@ -67,8 +67,14 @@ pub fn render_dir(
 ) -> Result<Preview, PreviewError> {
     let (snapshot, warnings) = load(dir)?;
     let view = ProxyView::build(&snapshot, node_name, family);
+    let rs = render(&view, &render_config(cfg, &view));
+    // Whatever the build, never print an input `iptables-restore` would refuse.
+    rs.check().map_err(|e| PreviewError {
+        dir: dir.to_path_buf(),
+        reason: format!("{family}: {e}"),
+    })?;
     Ok(Preview {
-        text: render(&view, &render_config(cfg, &view)).full_text(&[]),
+        text: rs.full_text(&[]),
         warnings,
     })
 }

@@ -53,7 +53,8 @@ pub struct ServicePortInfo {
     pub load_balancer_source_ranges: Vec<IpNet>,
     /// `Some(seconds)` for sessionAffinity ClientIP.
     pub session_affinity_timeout: Option<u32>,
-    /// externalTrafficPolicy Local (only for NodePort/LoadBalancer services).
+    /// externalTrafficPolicy Local (only for externally accessible services:
+    /// NodePort, LoadBalancer, or ClusterIP with external IPs).
     pub external_policy_local: bool,
     pub internal_policy_local: bool,
     pub health_check_node_port: Option<u16>,
@@ -93,6 +94,9 @@ pub struct ProxyView {
     pub node_zone: Option<String>,
     /// The node's addresses of this family, from its Node object.
     pub node_ips: Vec<IpAddr>,
+    /// The node's pod CIDRs of this family (`spec.podCIDRs`), for
+    /// `--detect-local-mode NodeCIDR`.
+    pub node_pod_cidrs: Vec<IpNet>,
     pub ports: BTreeMap<ServicePortName, ServicePortView>,
 }
 
@@ -169,9 +173,14 @@ impl ServicePortInfo {
             || !self.external_ips.is_empty()
     }
 
-    /// Some traffic to this port uses the cluster-wide endpoints.
+    /// Some traffic to this port uses the cluster-wide endpoints: internal traffic
+    /// with the Cluster policy, and any external traffic, because even with
+    /// externalTrafficPolicy Local, pods and the node itself reach an external
+    /// address through the cluster-wide endpoints (kube-proxy's
+    /// `UsesClusterEndpoints`; the "pod traffic" and "route LOCAL traffic" rules of
+    /// the `EXT` chain jump to the cluster chain).
     pub fn uses_cluster_endpoints(&self) -> bool {
-        !self.internal_policy_local || (self.externally_accessible() && !self.external_policy_local)
+        !self.internal_policy_local || self.externally_accessible()
     }
 
     /// Some traffic to this port uses only this node's endpoints.
@@ -224,11 +233,21 @@ impl ProxyView {
                     .collect()
             })
             .unwrap_or_default();
+        let node_pod_cidrs = node
+            .map(|n| {
+                n.pod_cidrs
+                    .iter()
+                    .filter(|c| family.matches_net(c))
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut view = Self {
             family,
             node_name: node_name.to_string(),
             node_zone,
             node_ips,
+            node_pod_cidrs,
             ports: BTreeMap::new(),
         };
         for service in snapshot.services() {
@@ -312,12 +331,15 @@ impl PortBase {
         } else {
             Vec::new()
         };
-        // The API allows externalTrafficPolicy only on NodePort and LoadBalancer.
-        let external_policy_local = service.external_traffic_policy == TrafficPolicy::Local
-            && matches!(
-                service.kind,
-                ServiceType::NodePort | ServiceType::LoadBalancer
-            );
+        // The API allows externalTrafficPolicy on externally accessible services:
+        // NodePort, LoadBalancer, and ClusterIP with external IPs.
+        let externally_accessible = match service.kind {
+            ServiceType::NodePort | ServiceType::LoadBalancer => true,
+            ServiceType::ClusterIp => !service.external_ips.is_empty(),
+            _ => false,
+        };
+        let external_policy_local =
+            service.external_traffic_policy == TrafficPolicy::Local && externally_accessible;
         let health_check_node_port =
             if external_policy_local && service.kind == ServiceType::LoadBalancer {
                 service.health_check_node_port
@@ -366,7 +388,14 @@ impl PortBase {
 
 /// Endpoints of a service per (slice port name, protocol), as kube-proxy's
 /// EndpointSliceCache merges them: slices of the right family, the first address of
-/// each endpoint, deduplicated by `ip:port` (a local copy wins), sorted by `ip:port`.
+/// each endpoint, deduplicated by `ip:port`, sorted by `ip:port`.
+///
+/// The same `ip:port` in two slices happens when a pod IP is reused while the old
+/// pod still terminates (or while an endpoint moves between slices). As kube-proxy
+/// 1.36 does, a non-terminating copy replaces any earlier copy and a terminating one
+/// never replaces an earlier copy, so the running pod wins whatever the slice order.
+/// (Two non-terminating copies: the last by slice name; kube-proxy leaves it
+/// undefined.)
 /// The port number is the slice's, so a named `targetPort` resolves per slice.
 fn endpoints_by_port(
     snapshot: &Snapshot,
@@ -405,7 +434,7 @@ fn endpoints_by_port(
                     node_hints: ep.node_hints.clone(),
                 };
                 let key = info.to_string();
-                if is_local || !set.contains_key(&key) {
+                if !info.terminating || !set.contains_key(&key) {
                     set.insert(key, info);
                 }
             }

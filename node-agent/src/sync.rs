@@ -33,6 +33,10 @@ pub struct SyncConfig {
     pub sync_period: Duration,
     pub min_sync_period: Duration,
     pub canary_period: Duration,
+    /// Rules need the Node's pod CIDRs (`--detect-local-mode NodeCIDR`): nothing is
+    /// programmed before the Node has them, as kube-proxy waits for them at start;
+    /// afterwards the last pod CIDRs seen are kept if the Node loses them.
+    pub needs_pod_cidrs: bool,
 }
 
 /// Drives a backend. Shared by the handler and the background resync task.
@@ -100,13 +104,37 @@ impl<B: Backend> Proxier<B> {
         self.health.queued();
         let (services, slices) = count_changes(changes);
         self.metrics.queued(services, slices);
-        let views: Vec<ProxyView> = self
+        let mut views: Vec<ProxyView> = self
             .cfg
             .families
             .iter()
             .map(|f| ProxyView::build(snapshot, &self.cfg.node_name, *f))
             .collect();
         let mut st = self.state.lock().await;
+        if self.cfg.needs_pod_cidrs && views.iter().all(|v| v.node_pod_cidrs.is_empty()) {
+            let last = st
+                .views
+                .as_ref()
+                .filter(|old| old.iter().any(|v| !v.node_pod_cidrs.is_empty()));
+            let Some(last) = last else {
+                let e = BackendError {
+                    backend: "sync",
+                    stage: "pod-cidrs",
+                    message: format!(
+                        "--detect-local-mode NodeCIDR: waiting for Node {} to have spec.podCIDRs; nothing is programmed until then",
+                        self.cfg.node_name
+                    ),
+                };
+                self.metrics.failed(e.stage);
+                warn!(error = %e, "not syncing");
+                return Err(e);
+            };
+            for v in &mut views {
+                if let Some(old) = last.iter().find(|o| o.family == v.family) {
+                    v.node_pod_cidrs = old.node_pod_cidrs.clone();
+                }
+            }
+        }
         if let Some(last) = st.last_sync {
             let wait = self.cfg.min_sync_period.saturating_sub(last.elapsed());
             if !wait.is_zero() {
@@ -141,6 +169,9 @@ impl<B: Backend> Proxier<B> {
             Ok(report) => {
                 let took = started.elapsed();
                 self.metrics.synced(&report, took);
+                for r in &report.rejected {
+                    warn!(family = %r.family, service = %r.service, reason = r.reason.as_str(), error = %r.message, "service rules rejected; it keeps its last good rules");
+                }
                 if report.full {
                     st.last_full = Some(now);
                     st.force_full = false;
@@ -291,8 +322,25 @@ impl<B: Backend> Handler for NodeHandler<B> {
             info!(version = info.version, "first snapshot applied; ready");
             ready.release();
         }
+        // The NACK names each rejected Service once, with its ports' reasons.
+        let mut rejected: std::collections::BTreeMap<ResourceKey, Vec<String>> =
+            std::collections::BTreeMap::new();
+        for r in &report.rejected {
+            let key = ResourceKey::Service {
+                namespace: r.service.service.namespace.clone(),
+                name: r.service.service.name.clone(),
+            };
+            rejected
+                .entry(key)
+                .or_default()
+                .push(format!("{} {}: {}", r.family, r.service, r.message));
+        }
         Ok(Applied {
             rules_changed: report.rules_written,
+            rejected: rejected
+                .into_iter()
+                .map(|(k, reasons)| format!("{k}: {}", reasons.join("; ")))
+                .collect(),
         })
     }
 }

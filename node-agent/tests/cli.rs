@@ -178,3 +178,88 @@ fn invalid_config_exits_64() {
         );
     }
 }
+
+#[test]
+fn render_takes_every_detect_local_mode_in_both_backends() {
+    let seed = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/seed");
+    let render = |extra: &[&str]| {
+        let mut args = vec!["render", "--manifests", seed, "--node-name", "node1"];
+        args.extend_from_slice(extra);
+        bin().args(&args).output().unwrap()
+    };
+    for (mode, want) in [
+        (
+            &[
+                "--detect-local-mode",
+                "InterfaceNamePrefix",
+                "--pod-interface-name-prefix",
+                "eni",
+            ][..],
+            "! -i eni+ -j KUBE-MARK-MASQ",
+        ),
+        (
+            &[
+                "--detect-local-mode",
+                "BridgeInterface",
+                "--pod-bridge-interface",
+                "cbr0",
+            ][..],
+            "! -i cbr0 -j KUBE-MARK-MASQ",
+        ),
+        (
+            &[
+                "--detect-local-mode",
+                "ClusterCIDR",
+                "--cluster-cidr",
+                "198.18.0.0/16",
+            ][..],
+            "! -s 198.18.0.0/16 -j KUBE-MARK-MASQ",
+        ),
+    ] {
+        for backend in [&[][..], &["--mode", "ipvs"][..]] {
+            let out = render(&[mode, backend].concat());
+            assert!(
+                out.status.success(),
+                "{mode:?} {backend:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let text = String::from_utf8(out.stdout).unwrap();
+            assert!(text.contains(want), "{mode:?} {backend:?}: {text}");
+        }
+    }
+    // A mode without the value it needs is a configuration error (64).
+    let out = render(&["--detect-local-mode", "InterfaceNamePrefix"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--pod-interface-name-prefix"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // NodeCIDR: the seed's node1 has spec.podCIDRs 198.18.1.0/24, node2 another.
+    for node in ["node1", "node2"] {
+        let out = bin()
+            .args([
+                "render",
+                "--manifests",
+                seed,
+                "--node-name",
+                node,
+                "--detect-local-mode",
+                "NodeCIDR",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let want = if node == "node1" {
+            "! -s 198.18.1.0/24 -j KUBE-MARK-MASQ"
+        } else {
+            "! -s 198.18.2.0/24 -j KUBE-MARK-MASQ"
+        };
+        assert!(text.contains(want), "{node}: {text}");
+    }
+}

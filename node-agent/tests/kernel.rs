@@ -15,10 +15,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use meshlite_node_agent::backend::{RejectReason, SyncReport};
 use meshlite_node_agent::health::{HealthCheckServers, ProxyHealth};
+use meshlite_node_agent::iptables::ChainNames;
 use meshlite_node_agent::iptables::{IptablesBackend, IptablesConfig};
+use meshlite_node_agent::local::DetectLocalMode;
 use meshlite_node_agent::metrics::ProxyMetrics;
-use meshlite_node_agent::proxy::IpFamily;
+use meshlite_node_agent::proxy::{IpFamily, ServicePortName};
 use meshlite_node_agent::sync::{Proxier, SyncConfig};
 use meshlite_proto::model::{
     AddressFamily, Endpoint, EndpointPort, EndpointSlice, Node, Protocol, Resource, Service,
@@ -36,14 +39,21 @@ const T: Duration = Duration::from_secs(2);
 struct Agent {
     proxier: Arc<Proxier<IptablesBackend>>,
     stop: Option<oneshot::Sender<()>>,
+    registry: Registry,
 }
 
 impl Agent {
     fn start(lab: &Lab) -> Self {
-        let cfg = IptablesConfig {
+        Self::start_with(lab, |_| {})
+    }
+
+    /// Starts the agent with `tweak` applied to the iptables configuration.
+    fn start_with(lab: &Lab, tweak: impl FnOnce(&mut IptablesConfig)) -> Self {
+        let mut cfg = IptablesConfig {
             prefix: "KUBE".into(),
             families: vec![IpFamily::V4],
             cluster_cidrs: vec![CLUSTER_CIDR.parse().unwrap()],
+            detect_local: Default::default(),
             masquerade_all: false,
             masquerade_bit: 14,
             node_ips: vec![NODE_IP.parse().unwrap()],
@@ -52,6 +62,8 @@ impl Agent {
             conntrack_cleanup: true,
             nodeport_addresses: vec![],
         };
+        tweak(&mut cfg);
+        let mut registry = Registry::default();
         let health = ProxyHealth::new(Duration::from_secs(60));
         let proxier = Proxier::new(
             SyncConfig {
@@ -60,10 +72,11 @@ impl Agent {
                 sync_period: Duration::from_secs(30),
                 min_sync_period: Duration::from_millis(50),
                 canary_period: Duration::from_millis(300),
+                needs_pod_cidrs: false,
             },
             IptablesBackend::new(cfg),
             health.clone(),
-            Arc::new(ProxyMetrics::register(&mut Registry::default())),
+            Arc::new(ProxyMetrics::register(&mut registry)),
             Some(HealthCheckServers::new("0.0.0.0".parse().unwrap(), health)),
         );
         let (stop, stopped) = oneshot::channel::<()>();
@@ -74,10 +87,11 @@ impl Agent {
         Self {
             proxier,
             stop: Some(stop),
+            registry,
         }
     }
 
-    async fn apply(&self, lab: &Lab, resources: Vec<Resource>) {
+    async fn apply(&self, lab: &Lab, resources: Vec<Resource>) -> SyncReport {
         let p = self.proxier.clone();
         lab.node_rt
             .run(async move {
@@ -85,7 +99,13 @@ impl Agent {
                     .await
             })
             .await
-            .expect("sync");
+            .expect("sync")
+    }
+
+    fn metrics(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).unwrap();
+        out
     }
 }
 
@@ -597,4 +617,240 @@ async fn cleanup_removes_our_rules_and_keeps_the_rest() {
 
     let out = lab.node.exec(&[bin, "cleanup"]).unwrap();
     assert!(out.contains("ipv4 iptables: nothing to delete"), "{out}");
+}
+
+/// Requests from `from` until every pod in `want` served one (at most 200).
+async fn served_by(lab: &Lab, from: Option<usize>, to: SocketAddr) -> BTreeMap<String, String> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..60 {
+        let o = match from {
+            Some(i) => from_pod(lab, i, to).await,
+            None => lab.node_rt.run(get(to, "/", T)).await,
+        };
+        let (pod, peer) = o.served().unwrap_or_else(|| panic!("{to}: {o:?}"));
+        seen.insert(pod, peer);
+    }
+    seen
+}
+
+#[tokio::test]
+async fn both_traffic_policies_local_from_a_pod_the_node_and_outside() {
+    let lab = Lab::new(3).await.unwrap();
+    let agent = Agent::start(&lab);
+    let mut svc = node_port("both", "198.19.0.30", 30090);
+    svc.internal_traffic_policy = TrafficPolicy::Local;
+    svc.external_traffic_policy = TrafficPolicy::Local;
+    // pod1 is this node's endpoint, pod2 another node's; pod3 is a client pod.
+    let report = agent
+        .apply(
+            &lab,
+            vec![
+                Resource::Service(svc),
+                slice("both", vec![ep(&lab, 0, NODE), ep(&lab, 1, "node2")]),
+                node_object(),
+            ],
+        )
+        .await;
+    assert!(report.rejected.is_empty(), "{report:?}");
+    // From outside: only the local endpoint, and the client's address is kept.
+    for _ in 0..20 {
+        let o = from_client(&lab, addr(NODE_IP, 30090), T).await;
+        assert_eq!(o.served(), Some(("pod1".into(), CLIENT_IP.into())), "{o:?}");
+    }
+    // From a pod to the NodePort: no traffic policy applies (the EXT chain's pod
+    // short circuit to the cluster chain), so both endpoints serve.
+    let seen = served_by(&lab, Some(2), addr(NODE_IP, 30090)).await;
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        ["pod1", "pod2"],
+        "{seen:?}"
+    );
+    // From the node itself: masqueraded and routed through the cluster chain.
+    let seen = served_by(&lab, None, addr(NODE_IP, 30090)).await;
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        ["pod1", "pod2"],
+        "{seen:?}"
+    );
+    // The cluster IP keeps internalTrafficPolicy Local: this node's endpoint only.
+    let seen = served_by(&lab, Some(2), addr("198.19.0.30", 80)).await;
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["pod1"], "{seen:?}");
+}
+
+/// How the kernel is made to refuse one service's rules: an operator's rule
+/// outside our chains (here `nat OUTPUT -j KUBE-SVC-…`) jumps to that service's
+/// chain. When the service is deleted, its chain must go, and the kernel refuses
+/// to delete a chain something still jumps to (`CHAIN_DEL failed (Device or
+/// resource busy)`), which fails the whole `iptables-restore`. It is a real
+/// refusal by the real kernel of one service's new rules; nothing is faked.
+#[tokio::test]
+async fn a_service_the_kernel_refuses_keeps_its_rules_while_others_update() {
+    let lab = Lab::new(3).await.unwrap();
+    let agent = Agent::start(&lab);
+    let a = || Resource::Service(service("a", "198.19.0.31"));
+    let b = || Resource::Service(service("b", "198.19.0.32"));
+    let c = || Resource::Service(service("c", "198.19.0.33"));
+    let report = agent
+        .apply(
+            &lab,
+            vec![
+                a(),
+                slice("a", vec![ep(&lab, 0, NODE)]),
+                b(),
+                slice("b", vec![ep(&lab, 1, NODE)]),
+            ],
+        )
+        .await;
+    assert!(report.rejected.is_empty(), "{report:?}");
+    let b_chain =
+        ChainNames::new("KUBE").svc(&ServicePortName::new("default", "b", "http", Protocol::Tcp));
+    lab.node_iptables(&[
+        "-t",
+        "nat",
+        "-I",
+        "OUTPUT",
+        "-d",
+        "198.19.9.9",
+        "-j",
+        &b_chain,
+    ])
+    .unwrap();
+
+    // b is deleted (refused), a moves to pod3, c appears: a and c are programmed.
+    let update = |a_pod: usize| {
+        vec![
+            a(),
+            slice("a", vec![ep(&lab, a_pod, NODE)]),
+            c(),
+            slice("c", vec![ep(&lab, 0, NODE)]),
+        ]
+    };
+    let report = agent.apply(&lab, update(2)).await;
+    let rejected: Vec<(String, RejectReason)> = report
+        .rejected
+        .iter()
+        .map(|r| (r.service.to_string(), r.reason))
+        .collect();
+    assert_eq!(
+        rejected,
+        [("default/b:http".to_string(), RejectReason::Kernel)],
+        "{report:?}"
+    );
+    assert!(report.rejected[0].message.contains("busy"), "{report:?}");
+    let who = |o: Outcome| o.served().map(|s| s.0);
+    assert_eq!(
+        who(from_client(&lab, addr("198.19.0.31", 80), T).await),
+        Some("pod3".into())
+    );
+    assert_eq!(
+        who(from_client(&lab, addr("198.19.0.33", 80), T).await),
+        Some("pod1".into())
+    );
+    // b keeps its last good rules.
+    assert_eq!(
+        who(from_client(&lab, addr("198.19.0.32", 80), T).await),
+        Some("pod2".into())
+    );
+
+    // Later changes of other services still go through while b is refused.
+    let report = agent.apply(&lab, update(0)).await;
+    assert_eq!(report.rejected.len(), 1, "{report:?}");
+    assert_eq!(
+        who(from_client(&lab, addr("198.19.0.31", 80), T).await),
+        Some("pod1".into())
+    );
+    let metrics = agent.metrics();
+    assert!(
+        metrics.contains("meshlite_node_agent_service_port_rejections_total{reason=\"kernel\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("meshlite_node_agent_rejected_service_ports 1"),
+        "{metrics}"
+    );
+
+    // Once the operator's rule is gone, b's deletion goes through.
+    lab.node_iptables(&[
+        "-t",
+        "nat",
+        "-D",
+        "OUTPUT",
+        "-d",
+        "198.19.9.9",
+        "-j",
+        &b_chain,
+    ])
+    .unwrap();
+    let report = agent.apply(&lab, update(2)).await;
+    assert!(report.rejected.is_empty(), "{report:?}");
+    let nat = lab.node_iptables(&["-t", "nat", "-S"]).unwrap();
+    assert!(!nat.contains(&b_chain), "{nat}");
+    assert!(
+        agent
+            .metrics()
+            .contains("meshlite_node_agent_rejected_service_ports 0")
+    );
+}
+
+/// `--detect-local-mode InterfaceNamePrefix` and `NodeCIDR`: whether a pod's
+/// request to a cluster IP is masqueraded shows which traffic counts as local.
+#[tokio::test]
+async fn detect_local_mode_by_interface_prefix_and_node_cidr() {
+    let lab = Lab::new(3).await.unwrap();
+    let resources = |pod_cidrs: Vec<ipnet::IpNet>| {
+        let mut node = node_object();
+        if let Resource::Node(n) = &mut node {
+            n.pod_cidrs = pod_cidrs;
+        }
+        vec![
+            Resource::Service(service("dl", "198.19.0.34")),
+            slice("dl", vec![ep(&lab, 0, NODE)]),
+            node,
+        ]
+    };
+    let peer = |o: Outcome| o.served().map(|s| s.1).unwrap_or_else(|| panic!("{o:?}"));
+    // The lab's node names pod links p1, p2, ...; the client's is c0. No
+    // --cluster-cidr: only the interface tells pods apart.
+    {
+        let agent = Agent::start_with(&lab, |c| {
+            c.cluster_cidrs.clear();
+            c.detect_local = DetectLocalMode::InterfaceNamePrefix("p".into());
+        });
+        agent.apply(&lab, resources(vec![])).await;
+        assert_eq!(
+            peer(from_pod(&lab, 1, addr("198.19.0.34", 80)).await),
+            "198.18.2.2"
+        );
+        assert_eq!(
+            peer(from_client(&lab, addr("198.19.0.34", 80), T).await),
+            "198.18.1.1"
+        );
+    }
+    {
+        // A prefix no pod link has: pods count as off-cluster and are masqueraded.
+        let agent = Agent::start_with(&lab, |c| {
+            c.cluster_cidrs.clear();
+            c.detect_local = DetectLocalMode::InterfaceNamePrefix("eni".into());
+        });
+        agent.apply(&lab, resources(vec![])).await;
+        assert_eq!(
+            peer(from_pod(&lab, 1, addr("198.19.0.34", 80)).await),
+            "198.18.1.1"
+        );
+    }
+    {
+        // NodeCIDR: this node's pods are 198.18.2.0/24 (pod2); pod3 is not local.
+        let agent = Agent::start_with(&lab, |c| c.detect_local = DetectLocalMode::NodeCidr);
+        agent
+            .apply(&lab, resources(vec!["198.18.2.0/24".parse().unwrap()]))
+            .await;
+        assert_eq!(
+            peer(from_pod(&lab, 1, addr("198.19.0.34", 80)).await),
+            "198.18.2.2"
+        );
+        assert_eq!(
+            peer(from_pod(&lab, 2, addr("198.19.0.34", 80)).await),
+            "198.18.1.1"
+        );
+    }
 }

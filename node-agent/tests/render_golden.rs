@@ -19,6 +19,9 @@ fn rules() -> RuleArgs {
             "198.18.0.0/17".parse().unwrap(),
             "2001:db8:1::/64".parse().unwrap(),
         ],
+        detect_local_mode: meshlite_node_agent::local::DetectLocalModeName::ClusterCidr,
+        pod_bridge_interface: None,
+        pod_interface_name_prefix: None,
         node_ip: vec![
             "198.18.0.1".parse().unwrap(),
             "2001:db8::1".parse().unwrap(),

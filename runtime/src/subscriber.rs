@@ -66,10 +66,14 @@ pub struct UpdateInfo {
 }
 
 /// What a handler reports for the ACK.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Applied {
     /// Backend-defined: rules written, records changed.
     pub rules_changed: u64,
+    /// Resources the handler could not put into effect while it applied the rest,
+    /// as `"<key>: <reason>"`. The update is then NACKed naming them (its version
+    /// is still held, like an update with invalid resources).
+    pub rejected: Vec<String>,
 }
 
 /// A handler's failure to apply; the subscriber NACKs with it and rolls back.
@@ -535,6 +539,8 @@ impl<H: Handler> Subscriber<H> {
             }
             Ok(applied) => {
                 tracing::Span::current().record("rules_changed", applied.rules_changed);
+                let mut rejected = rejected;
+                rejected.extend(applied.rejected);
                 self.applied_once = true;
                 if full {
                     self.rejected_keys.clear();

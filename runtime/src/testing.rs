@@ -134,6 +134,8 @@ pub struct RecordingHandler {
     pub log: Arc<Mutex<Vec<Recorded>>>,
     /// When set, every apply fails with this message.
     pub fail: Arc<Mutex<Option<String>>>,
+    /// What every successful apply reports as rejected (`"<key>: <reason>"`).
+    pub reject: Arc<Mutex<Vec<String>>>,
 }
 
 impl RecordingHandler {
@@ -172,6 +174,7 @@ impl Handler for RecordingHandler {
         });
         Ok(Applied {
             rules_changed: (changes.upserted.len() + changes.removed.len()) as u64,
+            rejected: self.reject.lock().expect("lock").clone(),
         })
     }
 }

@@ -137,7 +137,18 @@ fn subscribe(
     Arc<SubscriberMetrics>,
     tokio::sync::oneshot::Sender<()>,
 ) {
-    let handler = RecordingHandler::default();
+    subscribe_with(addr, max_message_bytes, RecordingHandler::default())
+}
+
+fn subscribe_with(
+    addr: SocketAddr,
+    max_message_bytes: usize,
+    handler: RecordingHandler,
+) -> (
+    RecordingHandler,
+    Arc<SubscriberMetrics>,
+    tokio::sync::oneshot::Sender<()>,
+) {
     let mut registry = Registry::default();
     let metrics = Arc::new(SubscriberMetrics::register(&mut registry, "test"));
     let sub = Subscriber::new(
@@ -427,6 +438,38 @@ async fn invalid_resources_are_rejected_by_key_and_the_rest_applied() {
     let recs = h.records();
     assert_eq!(recs[1].upserted, vec!["service/default/good"]);
     assert_eq!(recs[1].resources, 2);
+}
+
+/// The handler applied the update but could not put one resource into effect
+/// (the node agent when the kernel refuses a Service's rules): the update is held
+/// and NACKed naming that resource, next to any resource that failed to convert.
+#[tokio::test]
+async fn resources_the_handler_rejects_are_nacked_by_key_and_the_version_held() {
+    let (fake, addr) = serve(vec![vec![frame(
+        1,
+        0,
+        "1",
+        vec![svc("a", "198.19.0.1"), svc("b", "198.19.0.2")],
+        &[],
+    )]])
+    .await;
+    let h = RecordingHandler::default();
+    *h.reject.lock().unwrap() = vec!["service/default/b: ipv4 default/b:http: refused".into()];
+    let (h, _m, _stop) = subscribe_with(addr, 4 << 20, h);
+    assert_eventually("a reply", T, || !replies(&fake).is_empty()).await;
+    match &replies(&fake)[0] {
+        v1::agent_message::Msg::Nack(n) => {
+            assert!(!n.want_full);
+            assert_eq!(n.version, 1, "the update is held");
+            assert_eq!(
+                n.rejected,
+                ["service/default/b: ipv4 default/b:http: refused"]
+            );
+        }
+        other => panic!("expected a NACK, got {other:?}"),
+    }
+    assert_eq!(h.records().len(), 1);
+    assert_eq!(h.records()[0].resources, 2);
 }
 
 #[tokio::test]

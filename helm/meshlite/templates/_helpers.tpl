@@ -226,11 +226,24 @@ true
 {{/* Where the projected identity token is mounted (token mode). */}}
 {{- define "meshlite.identity.tokenDir" -}}/var/run/secrets/meshlite/identity{{- end }}
 
+{{/* The node agent's --detect-local-mode: the value, else ClusterCIDR with a clusterCIDR, else NodeCIDR. */}}
+{{- define "meshlite.nodeAgent.detectLocalMode" -}}
+{{- $na := .Values.nodeAgent }}
+{{- if $na.detectLocalMode }}{{ $na.detectLocalMode }}{{ else if $na.clusterCIDR }}ClusterCIDR{{ else }}NodeCIDR{{ end }}
+{{- end }}
+
 {{/* Checks across values that the schema cannot express; fails rendering with a clear message. */}}
 {{- define "meshlite.validate" -}}
 {{- $v := .Values }}
-{{- if not $v.nodeAgent.clusterCIDR }}
-{{- fail "nodeAgent.clusterCIDR is required: set it to the cluster's pod CIDR(s), e.g. --set 'nodeAgent.clusterCIDR={10.244.0.0/16}'" }}
+{{- $mode := include "meshlite.nodeAgent.detectLocalMode" . }}
+{{- if and (eq $mode "ClusterCIDR") (not $v.nodeAgent.clusterCIDR) }}
+{{- fail "nodeAgent.clusterCIDR is required with nodeAgent.detectLocalMode=ClusterCIDR: set it to the cluster's pod CIDR(s), e.g. --set 'nodeAgent.clusterCIDR={10.244.0.0/16}', or use another detectLocalMode" }}
+{{- end }}
+{{- if and (eq $mode "BridgeInterface") (not $v.nodeAgent.podBridgeInterface) }}
+{{- fail "nodeAgent.podBridgeInterface is required with nodeAgent.detectLocalMode=BridgeInterface, e.g. --set nodeAgent.podBridgeInterface=cbr0" }}
+{{- end }}
+{{- if and (eq $mode "InterfaceNamePrefix") (not $v.nodeAgent.podInterfaceNamePrefix) }}
+{{- fail "nodeAgent.podInterfaceNamePrefix is required with nodeAgent.detectLocalMode=InterfaceNamePrefix, e.g. --set nodeAgent.podInterfaceNamePrefix=eni" }}
 {{- end }}
 {{- if and (eq $v.identity.mode "serviceAccountToken") (semverCompare "<1.30.0-0" .Capabilities.KubeVersion.Version) }}
 {{- fail (printf "identity.mode=serviceAccountToken needs Kubernetes 1.30 or newer, where bound ServiceAccount tokens name their node (ServiceAccountTokenPodNodeInfo); this cluster is %s" .Capabilities.KubeVersion.Version) }}

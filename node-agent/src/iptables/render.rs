@@ -12,6 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 
 use super::chains::ChainNames;
+use crate::local::LocalDetector;
 use crate::proxy::{EndpointInfo, IpFamily, ProxyView, ServicePortName, ServicePortView};
 
 /// kube-proxy's `largeClusterEndpointsThreshold`: above this many endpoints the
@@ -22,10 +23,10 @@ pub const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
 #[derive(Debug, Clone)]
 pub struct RenderConfig {
     pub chains: ChainNames,
-    /// Pod CIDR of this family (`--cluster-cidr`): traffic from outside it to a
-    /// ClusterIP is masqueraded; traffic from inside it to an external destination
+    /// Tells local pods' traffic apart (`--detect-local-mode`): other traffic to a
+    /// ClusterIP is masqueraded; a local pod's traffic to an external destination
     /// of an externalTrafficPolicy=Local service short-circuits to the cluster chain.
-    pub cluster_cidr: Option<IpNet>,
+    pub local: LocalDetector,
     pub masquerade_all: bool,
     /// `1 << masquerade_bit` (0x4000 by default).
     pub masquerade_mark: u32,
@@ -43,6 +44,12 @@ pub struct RenderConfig {
 }
 
 /// The rendered ruleset of one IP family.
+///
+/// Every service port's rules, including its lines in the top-level chains, are
+/// kept apart ([`ServiceRules`]), so a ruleset can be put together from this
+/// render for most services and an earlier render for a few
+/// ([`RuleSet::with_services_from`]): that is how the backend keeps a rejected
+/// service's last good rules while it programs the others.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RuleSet {
     /// The whole `filter` table section body (chain lines and rules).
@@ -54,14 +61,77 @@ pub struct RuleSet {
     pub services: BTreeMap<ServicePortName, ServiceRules>,
     pub filter_rule_count: usize,
     pub nat_rule_count: usize,
+    /// The parts that belong to no service; `filter`, `nat_rules` and the counts
+    /// are assembled from these and the services' parts.
+    fixed: Fixed,
 }
 
-/// The `nat` chains and rules owned by one service port.
+/// The `nat` chains and rules owned by one service port, and its lines in the
+/// top-level chains of both tables.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServiceRules {
     pub chains: Vec<String>,
     pub rules: String,
     pub rule_count: usize,
+    /// Its rules in the top-level chains.
+    pub top: TopRules,
+}
+
+/// One service port's rules in the top-level chains, per chain, in the order they
+/// are written out.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopRules {
+    filter_nodeports: String,
+    filter_services: String,
+    filter_external: String,
+    filter_proxy_firewall: String,
+    nat_nodeports: String,
+    nat_services: String,
+    filter_count: usize,
+    nat_count: usize,
+}
+
+/// The service-independent parts of a [`RuleSet`].
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Fixed {
+    /// `filter` chain lines.
+    filter_chains: String,
+    /// `filter` rules written between the services' external and firewall lines.
+    filter_rules: String,
+    filter_count: usize,
+    /// `nat` rules before the services' lines (postrouting, masquerade mark).
+    nat_head: String,
+    /// `nat` rules after them (the NodePort tail call).
+    nat_tail: String,
+    nat_count: usize,
+}
+
+/// A rule that appends to, or jumps to, a chain its restore input does not
+/// declare: `iptables-restore` refuses the whole input for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Undeclared {
+    /// The service port whose rules hold it; `None` for the top-level rules.
+    pub service: Option<ServicePortName>,
+    pub table: &'static str,
+    /// The chain that is used but not declared.
+    pub chain: String,
+    /// The offending rule.
+    pub rule: String,
+}
+
+/// The renderer broke its invariant: some rule uses an undeclared chain.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("rendered rules use undeclared chains: {}", describe(.0))]
+pub struct InvariantError(pub Vec<Undeclared>);
+
+fn describe(v: &[Undeclared]) -> String {
+    v.iter()
+        .map(|u| match &u.service {
+            Some(s) => format!("{s}: {} chain {} in `{}`", u.table, u.chain, u.rule),
+            None => format!("{} chain {} in `{}`", u.table, u.chain, u.rule),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Appends one rule line; counts it.
@@ -85,22 +155,143 @@ impl Rules<'_> {
     }
 }
 
-/// Per-chain buffers of the top-level chains, written out in a fixed order.
-#[derive(Default)]
-struct Top {
-    filter_nodeports: String,
-    filter_services: String,
-    filter_external: String,
-    filter_proxy_firewall: String,
-    nat_nodeports: String,
-    nat_services: String,
-    filter_count: usize,
-    nat_count: usize,
-}
-
 // === impl RuleSet ===
 
 impl RuleSet {
+    /// Puts `filter`, `nat_rules` and the counts together from the fixed parts and
+    /// the services' parts.
+    fn assemble(&mut self) {
+        let f = &self.fixed;
+        let tops = || self.services.values().map(|s| &s.top);
+        let mut filter = String::with_capacity(
+            f.filter_chains.len()
+                + f.filter_rules.len()
+                + tops()
+                    .map(|t| {
+                        t.filter_nodeports.len()
+                            + t.filter_services.len()
+                            + t.filter_external.len()
+                            + t.filter_proxy_firewall.len()
+                    })
+                    .sum::<usize>(),
+        );
+        filter.push_str(&f.filter_chains);
+        tops().for_each(|t| filter.push_str(&t.filter_nodeports));
+        tops().for_each(|t| filter.push_str(&t.filter_services));
+        tops().for_each(|t| filter.push_str(&t.filter_external));
+        filter.push_str(&f.filter_rules);
+        tops().for_each(|t| filter.push_str(&t.filter_proxy_firewall));
+        let mut nat = String::with_capacity(
+            f.nat_head.len()
+                + f.nat_tail.len()
+                + tops()
+                    .map(|t| t.nat_nodeports.len() + t.nat_services.len())
+                    .sum::<usize>(),
+        );
+        nat.push_str(&f.nat_head);
+        tops().for_each(|t| nat.push_str(&t.nat_nodeports));
+        tops().for_each(|t| nat.push_str(&t.nat_services));
+        nat.push_str(&f.nat_tail);
+        self.filter_rule_count = f.filter_count + tops().map(|t| t.filter_count).sum::<usize>();
+        self.nat_rule_count = f.nat_count
+            + self
+                .services
+                .values()
+                .map(|s| s.top.nat_count + s.rule_count)
+                .sum::<usize>();
+        self.filter = filter;
+        self.nat_rules = nat;
+    }
+
+    /// This ruleset with the rules of the `kept` service ports taken from
+    /// `previous` instead (left out where `previous` has none): what to program
+    /// when the kernel refuses those services' new rules.
+    pub fn with_services_from(
+        &self,
+        kept: &BTreeSet<ServicePortName>,
+        previous: Option<&RuleSet>,
+    ) -> RuleSet {
+        let mut rs = self.clone();
+        for k in kept {
+            match previous.and_then(|p| p.services.get(k)) {
+                Some(old) => {
+                    rs.services.insert(k.clone(), old.clone());
+                }
+                None => {
+                    rs.services.remove(k);
+                }
+            }
+        }
+        rs.assemble();
+        rs
+    }
+
+    /// Checks the renderer's invariant: every chain a rule appends to or jumps to
+    /// is declared in the same restore input (built-in chains and targets aside).
+    /// A service's own rules may use its own chains and the top-level ones; its
+    /// lines in the top-level chains may use its own chains too, so each service
+    /// is correct on its own and can be written, or kept, independently.
+    ///
+    /// # Errors
+    ///
+    /// Every rule that uses an undeclared chain, with its service.
+    pub fn check(&self) -> Result<(), InvariantError> {
+        self.check_services(|_, _| true)
+    }
+
+    /// [`RuleSet::check`] for the fixed parts and the services `which` selects (a
+    /// sync skips those whose rules it already checked and applied).
+    ///
+    /// # Errors
+    ///
+    /// Every rule that uses an undeclared chain, with its service.
+    pub fn check_services(
+        &self,
+        mut which: impl FnMut(&ServicePortName, &ServiceRules) -> bool,
+    ) -> Result<(), InvariantError> {
+        let filter_declared: BTreeSet<&str> = declared_in(&self.fixed.filter_chains);
+        let top_nat: BTreeSet<&str> = self.nat_chains.iter().map(String::as_str).collect();
+        let mut bad = Vec::new();
+        let mut report = |service: Option<&ServicePortName>,
+                          table: &'static str,
+                          rules: &str,
+                          ok: &dyn Fn(&str) -> bool| {
+            for (chain, rule) in undeclared(rules, ok) {
+                bad.push(Undeclared {
+                    service: service.cloned(),
+                    table,
+                    chain,
+                    rule,
+                });
+            }
+        };
+        let fixed_filter = |c: &str| filter_declared.contains(c);
+        report(None, "filter", &self.fixed.filter_rules, &fixed_filter);
+        let fixed_nat = |c: &str| top_nat.contains(c);
+        report(None, "nat", &self.fixed.nat_head, &fixed_nat);
+        report(None, "nat", &self.fixed.nat_tail, &fixed_nat);
+        for (spn, s) in self.services.iter().filter(|(k, s)| which(k, s)) {
+            let nat_ok = |c: &str| top_nat.contains(c) || s.chains.iter().any(|o| o == c);
+            let t = &s.top;
+            for rules in [
+                &t.filter_nodeports,
+                &t.filter_services,
+                &t.filter_external,
+                &t.filter_proxy_firewall,
+            ] {
+                report(Some(spn), "filter", rules, &fixed_filter);
+            }
+            report(Some(spn), "nat", &t.nat_nodeports, &nat_ok);
+            report(Some(spn), "nat", &t.nat_services, &nat_ok);
+            report(Some(spn), "nat", &s.rules, &nat_ok);
+        }
+        if bad.is_empty() {
+            Ok(())
+        } else {
+            Err(InvariantError(bad))
+        }
+    }
+
     /// All `nat` chains this ruleset uses.
     pub fn active_nat_chains(&self) -> BTreeSet<&str> {
         self.nat_chains
@@ -165,6 +356,96 @@ fn chain_line(out: &mut String, chain: &str) {
     let _ = writeln!(out, ":{chain} - [0:0]");
 }
 
+/// The chain names declared by `:<chain> ...` lines.
+fn declared_in(text: &str) -> BTreeSet<&str> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(':'))
+        .filter_map(|l| l.split(' ').next())
+        .collect()
+}
+
+/// Chains built into every table we write, and the targets that are not chains.
+const BUILTIN: &[&str] = &[
+    "PREROUTING",
+    "INPUT",
+    "FORWARD",
+    "OUTPUT",
+    "POSTROUTING",
+    "ACCEPT",
+    "DROP",
+    "REJECT",
+    "RETURN",
+    "MARK",
+    "MASQUERADE",
+    "DNAT",
+    "SNAT",
+    "LOG",
+    "CONNMARK",
+    "NOTRACK",
+];
+
+/// Splits a rule line into words, keeping a double-quoted comment as one word.
+fn words(line: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = line.trim_start();
+    while !rest.is_empty() {
+        let end = if let Some(quoted) = rest.strip_prefix('"') {
+            quoted.find('"').map_or(rest.len(), |i| i + 2)
+        } else {
+            rest.find(char::is_whitespace).unwrap_or(rest.len())
+        };
+        out.push(&rest[..end]);
+        rest = rest[end..].trim_start();
+    }
+    out
+}
+
+/// The (chain, rule) pairs of `rules` (one `-A` rule per line) that append to or
+/// jump to a chain `declared` does not accept.
+fn undeclared(rules: &str, declared: &dyn Fn(&str) -> bool) -> Vec<(String, String)> {
+    let ok = |c: &str| BUILTIN.contains(&c) || declared(c);
+    let mut bad = Vec::new();
+    for line in rules.lines() {
+        let w = words(line);
+        for pair in w.windows(2) {
+            let uses = matches!(pair[0], "-A" | "-I" | "-j" | "-g");
+            if uses && !ok(pair[1]) {
+                bad.push((pair[1].to_string(), line.to_string()));
+            }
+        }
+    }
+    bad
+}
+
+/// Checks a complete `iptables-restore` input (as [`RuleSet::full_text`] writes
+/// it, or several of them): in each table section, every chain a rule appends
+/// to or jumps to is built in or declared in that section. The same invariant as
+/// [`RuleSet::check`], on the text the kernel gets.
+///
+/// # Errors
+///
+/// Each offending line, with its line number.
+pub fn check_text(text: &str) -> Result<(), Vec<String>> {
+    let mut bad = Vec::new();
+    let mut declared: BTreeSet<&str> = BTreeSet::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.starts_with('*') {
+            declared.clear();
+        } else if let Some(decl) = line.strip_prefix(':') {
+            declared.extend(decl.split(' ').next());
+        } else if line.starts_with("-A") || line.starts_with("-I") {
+            let d = |c: &str| declared.contains(c);
+            for (chain, _) in undeclared(line, &d) {
+                bad.push(format!(
+                    "line {}: chain {chain} is not declared: {line}",
+                    n + 1
+                ));
+            }
+        }
+    }
+    if bad.is_empty() { Ok(()) } else { Err(bad) }
+}
+
 /// kube-proxy's `probability(n)`: `1/n` with 10 decimals.
 pub fn probability(n: usize) -> String {
     format!("{:.10}", 1.0 / n as f64)
@@ -176,13 +457,11 @@ pub fn render(view: &ProxyView, cfg: &RenderConfig) -> RuleSet {
     let v6 = view.family == IpFamily::V6;
     let mark = format!("{:#x}", cfg.masquerade_mark);
     let mut rs = RuleSet::default();
-    let mut top = Top::default();
     let large = view.endpoint_count() > LARGE_CLUSTER_ENDPOINTS;
 
     for (spn, port) in &view.ports {
-        let rules = render_service(spn, port, cfg, large, &mut top);
-        rs.nat_rule_count += rules.rule_count;
-        rs.services.insert(spn.clone(), rules);
+        rs.services
+            .insert(spn.clone(), render_service(spn, port, cfg, large));
     }
 
     // --- filter ---
@@ -204,10 +483,9 @@ pub fn render(view: &ProxyView, cfg: &RenderConfig) -> RuleSet {
     for ch in filter_chains {
         chain_line(&mut filter, ch);
     }
-    filter.push_str(&top.filter_nodeports);
-    filter.push_str(&top.filter_services);
-    filter.push_str(&top.filter_external);
-    let mut fcount = top.filter_count;
+    rs.fixed.filter_chains = filter;
+    let mut filter = String::new();
+    let mut fcount = 0;
     {
         let mut r = Rules {
             out: &mut filter,
@@ -237,9 +515,8 @@ pub fn render(view: &ProxyView, cfg: &RenderConfig) -> RuleSet {
             "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
         ]);
     }
-    filter.push_str(&top.filter_proxy_firewall);
-    rs.filter = filter;
-    rs.filter_rule_count = fcount;
+    rs.fixed.filter_rules = filter;
+    rs.fixed.filter_count = fcount;
 
     // --- nat top level ---
     rs.nat_chains = vec![
@@ -250,7 +527,7 @@ pub fn render(view: &ProxyView, cfg: &RenderConfig) -> RuleSet {
         c.canary.clone(),
     ];
     let mut nat = String::new();
-    let mut ncount = top.nat_count;
+    let mut ncount = 0;
     {
         let mut r = Rules {
             out: &mut nat,
@@ -276,8 +553,7 @@ pub fn render(view: &ProxyView, cfg: &RenderConfig) -> RuleSet {
         ]);
         r.add(&["-A", &c.mark_masq, &format!("-j MARK --or-mark {mark}")]);
     }
-    nat.push_str(&top.nat_nodeports);
-    nat.push_str(&top.nat_services);
+    rs.fixed.nat_head = std::mem::take(&mut nat);
     {
         let mut r = Rules {
             out: &mut nat,
@@ -334,20 +610,27 @@ pub fn render(view: &ProxyView, cfg: &RenderConfig) -> RuleSet {
             }
         }
     }
-    rs.nat_rules = nat;
-    rs.nat_rule_count += ncount;
+    rs.fixed.nat_tail = nat;
+    rs.fixed.nat_count = ncount;
+    rs.assemble();
+    debug_assert!(
+        rs.check().is_ok(),
+        "renderer invariant: {}",
+        rs.check().err().map(|e| e.to_string()).unwrap_or_default()
+    );
     rs
 }
 
 /// The rules of one service port: its own chains, plus its lines in the top-level
-/// chains (appended to `top`).
+/// chains.
 fn render_service(
     spn: &ServicePortName,
     port: &ServicePortView,
     cfg: &RenderConfig,
     large: bool,
-    top: &mut Top,
 ) -> ServiceRules {
+    let mut top_rules = TopRules::default();
+    let top = &mut top_rules;
     let c = &cfg.chains;
     let info = &port.info;
     let sel = &port.selection;
@@ -592,7 +875,7 @@ fn render_service(
         let cidr_match = if cfg.masquerade_all {
             Some(String::new())
         } else {
-            cfg.cluster_cidr.map(|cidr| format!("! -s {cidr}"))
+            cfg.local.if_not_local()
         };
         if let Some(src) = cidr_match {
             r.add(&[
@@ -625,7 +908,7 @@ fn render_service(
                 &c.mark_masq,
             ]);
         } else {
-            if let Some(cidr) = cfg.cluster_cidr {
+            if let Some(from_pod) = cfg.local.if_local() {
                 // Pods going to an external destination act as if they went out to
                 // the load balancer and came back: no traffic policy applies.
                 r.add(&[
@@ -634,7 +917,7 @@ fn render_service(
                     &format!(
                         "-m comment --comment \"pod traffic for {name} external destinations\""
                     ),
-                    &format!("-s {cidr}"),
+                    &from_pod,
                     "-j",
                     &cluster_chain,
                 ]);
@@ -775,6 +1058,7 @@ fn render_service(
     // Chains are declared (and so created) before any rule uses them; order the
     // declarations like kube-proxy: EXT, FW, SVC, SVL, SEPs.
     out.chains = chains;
+    out.top = top_rules;
     out
 }
 

@@ -24,7 +24,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
-use ipnet::IpNet;
 use meshlite_proto::model::Protocol;
 
 use super::Scheduler;
@@ -92,8 +91,8 @@ pub struct PlanConfig {
     /// Chain and ipset prefix (`KUBE`).
     pub prefix: String,
     pub scheduler: Scheduler,
-    /// Pod CIDR of this family: traffic to a cluster IP from outside it is masqueraded.
-    pub cluster_cidr: Option<IpNet>,
+    /// Tells local pods' traffic apart: other traffic to a cluster IP is masqueraded.
+    pub local: crate::local::LocalDetector,
     pub masquerade_all: bool,
     /// `1 << masquerade_bit`.
     pub masquerade_mark: u32,
@@ -297,7 +296,7 @@ impl Plan {
             family,
             names: &names,
             sets: &sets,
-            cluster_cidr: cfg.cluster_cidr,
+            local: &cfg.local,
             masquerade_all: cfg.masquerade_all,
             masquerade_mark: cfg.masquerade_mark,
             random_fully: cfg.random_fully,

@@ -12,7 +12,6 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use ipnet::IpNet;
 use meshlite_proto::model::Protocol;
 
 use super::ipset::{SetNames, Sets};
@@ -43,7 +42,8 @@ pub struct RuleInput<'a> {
     pub family: IpFamily,
     pub names: &'a SetNames,
     pub sets: &'a Sets,
-    pub cluster_cidr: Option<IpNet>,
+    /// Tells local pods' traffic apart (`--detect-local-mode`).
+    pub local: &'a crate::local::LocalDetector,
     pub masquerade_all: bool,
     pub masquerade_mark: u32,
     pub random_fully: bool,
@@ -352,16 +352,10 @@ pub fn render(i: &RuleInput<'_>) -> Rendered {
         .join(" ");
         if i.masquerade_all {
             nat.rule(&[&base, "dst,dst -j", &c.mark_masq]);
-        } else if let Some(cidr) = i.cluster_cidr {
+        } else if let Some(not_local) = i.local.if_not_local() {
             // Off-cluster traffic to a cluster IP is masqueraded (it may have been
             // routed here from anywhere and its reply must come back through us).
-            nat.rule(&[
-                &base,
-                "dst,dst ! -s",
-                &cidr.trunc().to_string(),
-                "-j",
-                &c.mark_masq,
-            ]);
+            nat.rule(&[&base, "dst,dst", &not_local, "-j", &c.mark_masq]);
         } else {
             // Without a pod CIDR: masquerade what the node itself sends from a
             // service IP (the dummy interface makes a VIP the source address).

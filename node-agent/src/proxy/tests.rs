@@ -289,24 +289,63 @@ fn external_policy_local_merges_terminating_local_into_reachable() {
 }
 
 #[test]
-fn external_policy_local_is_ignored_on_cluster_ip_services() {
+fn external_policy_local_applies_to_cluster_ip_services_with_external_ips() {
+    // The API accepts externalTrafficPolicy on any externally accessible service,
+    // which includes a ClusterIP service with external IPs.
     let mut s = svc("svc");
     s.external_traffic_policy = TrafficPolicy::Local;
     s.external_ips = vec![ip("198.19.50.1")];
+    let v = view(s.clone(), vec![ep("198.18.1.1")]);
+    assert!(v.info.external_policy_local);
+    assert!(v.info.uses_local_endpoints());
+    // Without external IPs it is not externally accessible: the policy is moot.
+    s.external_ips.clear();
     let v = view(s, vec![ep("198.18.1.1")]);
     assert!(!v.info.external_policy_local);
     assert!(!v.info.uses_local_endpoints());
 }
 
 #[test]
-fn both_policies_local() {
-    let mut s = node_port(svc("svc"));
-    s.external_traffic_policy = TrafficPolicy::Local;
+fn both_policies_local_still_select_cluster_endpoints_for_short_circuits() {
+    // Pods and the node reach the service's external addresses through the whole
+    // cluster (the EXT chain's "pod traffic" and "route LOCAL traffic" rules), so
+    // the cluster endpoints are selected even though neither policy is Cluster.
+    for kind in ["nodeport", "externalip", "loadbalancer"] {
+        let mut s = svc("svc");
+        match kind {
+            "nodeport" => s = node_port(s),
+            "externalip" => s.external_ips = vec![ip("198.19.50.1")],
+            _ => {
+                s.kind = ServiceType::LoadBalancer;
+                s.load_balancer_ips = vec![ip("198.19.60.1")];
+            }
+        }
+        s.external_traffic_policy = TrafficPolicy::Local;
+        s.internal_traffic_policy = TrafficPolicy::Local;
+        let v = view(s.clone(), vec![ep("198.18.1.1"), local(ep("198.18.1.2"))]);
+        assert!(v.info.uses_cluster_endpoints(), "{kind}");
+        assert_eq!(
+            ips(&v.selection.cluster),
+            ["198.18.1.1", "198.18.1.2"],
+            "{kind}"
+        );
+        assert_eq!(ips(&v.selection.local), ["198.18.1.2"], "{kind}");
+        assert_eq!(
+            ips(&v.selection.reachable),
+            ["198.18.1.1", "198.18.1.2"],
+            "{kind}"
+        );
+        // Only a remote endpoint: no local one, but the short circuits need it.
+        let v = view(s, vec![ep("198.18.1.1")]);
+        assert!(v.selection.local.is_empty(), "{kind}");
+        assert_eq!(ips(&v.selection.reachable), ["198.18.1.1"], "{kind}");
+    }
+    // Not externally accessible: only the local endpoints.
+    let mut s = svc("svc");
     s.internal_traffic_policy = TrafficPolicy::Local;
     let v = view(s, vec![ep("198.18.1.1"), local(ep("198.18.1.2"))]);
     assert!(!v.info.uses_cluster_endpoints());
     assert!(v.selection.cluster.is_empty());
-    assert_eq!(ips(&v.selection.reachable), ["198.18.1.2"]);
 }
 
 #[test]
@@ -320,7 +359,7 @@ fn internal_local_external_cluster() {
 }
 
 #[test]
-fn duplicates_across_slices_keep_the_local_copy_and_sort() {
+fn duplicates_across_slices_are_deduplicated_and_sorted() {
     let v = view_with(
         svc("svc"),
         vec![
@@ -330,7 +369,48 @@ fn duplicates_across_slices_keep_the_local_copy_and_sort() {
         None,
     );
     assert_eq!(ips(&v.endpoints), ["198.18.1.10", "198.18.1.9"]);
-    assert!(v.endpoints[1].is_local);
+}
+
+#[test]
+fn a_reused_pod_ip_keeps_the_running_pod_whatever_the_slice_order() {
+    // The old pod terminates on node2 (listed in one slice) while its IP already
+    // serves a new, ready pod on this node (listed in another slice).
+    let old = || terminating(ep("198.18.1.9"), true);
+    let new = || local(ep("198.18.1.9"));
+    for (first, second) in [(old(), new()), (new(), old())] {
+        let v = view_with(
+            svc("svc"),
+            vec![
+                slice("s-a", "svc", vec![first.clone(), ep("198.18.1.10")]),
+                slice("s-b", "svc", vec![second.clone()]),
+            ],
+            None,
+        );
+        assert_eq!(ips(&v.endpoints), ["198.18.1.10", "198.18.1.9"]);
+        let kept = &v.endpoints[1];
+        assert!(
+            kept.ready && !kept.terminating && kept.is_local,
+            "the ready copy is kept (first slice holds {first:?}): {kept:?}"
+        );
+        assert_eq!(ips(&v.selection.cluster), ["198.18.1.10", "198.18.1.9"]);
+    }
+    // The terminating copy is local and the running one remote: still the running one.
+    for order in [["s-a", "s-b"], ["s-b", "s-a"]] {
+        let v = view_with(
+            svc("svc"),
+            vec![
+                slice(
+                    order[0],
+                    "svc",
+                    vec![local(terminating(ep("198.18.1.9"), true))],
+                ),
+                slice(order[1], "svc", vec![ep("198.18.1.9")]),
+            ],
+            None,
+        );
+        let kept = &v.endpoints[0];
+        assert!(kept.ready && !kept.is_local, "{order:?}: {kept:?}");
+    }
 }
 
 #[test]

@@ -8,7 +8,8 @@ use meshlite_runtime::admin::Readiness;
 use prometheus_client::registry::Registry;
 
 use super::*;
-use crate::backend::RecordingBackend;
+use crate::backend::{RecordingBackend, RejectReason, Rejected};
+use crate::proxy::ServicePortName;
 
 fn cfg() -> SyncConfig {
     SyncConfig {
@@ -17,6 +18,7 @@ fn cfg() -> SyncConfig {
         sync_period: Duration::from_secs(30),
         min_sync_period: Duration::from_secs(1),
         canary_period: Duration::from_secs(5),
+        needs_pod_cidrs: false,
     }
 }
 
@@ -197,4 +199,98 @@ fn health_check_ports_count_local_endpoints() {
     let views = vec![ProxyView::build(&snap, "node9", IpFamily::V4)];
     assert_eq!(health_check_ports(&views)[&30999].1, 0);
     assert_eq!(no_local_endpoints(&views), (0, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn handler_reports_rejected_services_by_key_once_each() {
+    let be = RecordingBackend::new();
+    let rejected = |family, port: &str| Rejected {
+        family,
+        service: ServicePortName::new("ns", "web", port, Protocol::Tcp),
+        reason: RejectReason::Kernel,
+        message: "CHAIN_DEL failed (Device or resource busy)".into(),
+    };
+    be.reject(vec![
+        rejected(IpFamily::V4, "http"),
+        rejected(IpFamily::V4, "https"),
+        rejected(IpFamily::V6, "http"),
+    ]);
+    let p = proxier(be.clone());
+    let mut h = NodeHandler::new(p, None);
+    let applied = h
+        .apply(&snapshot(&["198.18.1.1"]), &ChangeSet::default(), &info())
+        .await
+        .unwrap();
+    assert_eq!(applied.rejected.len(), 1, "{:?}", applied.rejected);
+    let r = &applied.rejected[0];
+    assert!(
+        r.starts_with("service/ns/web: ipv4 ns/web:http: CHAIN_DEL"),
+        "{r}"
+    );
+    assert!(
+        r.contains("ipv4 ns/web:https") && r.contains("ipv6 ns/web:http"),
+        "{r}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn node_cidr_mode_programs_nothing_before_the_node_has_pod_cidrs() {
+    let be = RecordingBackend::new();
+    let mut c = cfg();
+    c.needs_pod_cidrs = true;
+    let p = Proxier::new(
+        c,
+        be.clone(),
+        ProxyHealth::new(Duration::from_secs(60)),
+        Arc::new(ProxyMetrics::register(&mut Registry::default())),
+        None,
+    );
+    let readiness = Readiness::new();
+    let mut h = NodeHandler::new(p.clone(), Some(readiness.block("rules-applied")));
+    let without = snapshot(&["198.18.1.1"]);
+    let err = h
+        .apply(&without, &ChangeSet::default(), &info())
+        .await
+        .unwrap_err();
+    assert!(
+        err.0
+            .contains("waiting for Node node1 to have spec.podCIDRs"),
+        "{}",
+        err.0
+    );
+    assert!(be.calls().is_empty(), "nothing programmed");
+    assert!(!readiness.is_ready());
+    // Background work does not touch the kernel either.
+    assert!(!p.tick().await);
+
+    let node = |cidrs: Vec<&str>| {
+        Resource::Node(meshlite_proto::model::Node {
+            name: "node1".into(),
+            zone: None,
+            addresses: vec!["198.18.0.1".parse().unwrap()],
+            pod_cidrs: cidrs.into_iter().map(|c| c.parse().unwrap()).collect(),
+        })
+    };
+    let with = |cidrs: Vec<&str>| {
+        let mut s = snapshot(&["198.18.1.1"]);
+        s.upsert(1, node(cidrs));
+        s
+    };
+    h.apply(&with(vec!["198.18.1.0/24"]), &ChangeSet::default(), &info())
+        .await
+        .unwrap();
+    assert!(readiness.is_ready());
+    assert_eq!(
+        be.calls()[0].views[0].node_pod_cidrs,
+        ["198.18.1.0/24".parse::<ipnet::IpNet>().unwrap()]
+    );
+    // The Node loses them later: the last ones seen are kept.
+    tokio::time::advance(Duration::from_secs(2)).await;
+    h.apply(&with(vec![]), &ChangeSet::default(), &info())
+        .await
+        .unwrap();
+    assert_eq!(
+        be.calls()[1].views[0].node_pod_cidrs,
+        ["198.18.1.0/24".parse::<ipnet::IpNet>().unwrap()]
+    );
 }

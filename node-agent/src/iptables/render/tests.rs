@@ -15,7 +15,7 @@ fn ip(s: &str) -> IpAddr {
 fn cfg() -> RenderConfig {
     RenderConfig {
         chains: ChainNames::new("KUBE"),
-        cluster_cidr: Some("10.0.0.0/8".parse().unwrap()),
+        local: LocalDetector::Cidr("10.0.0.0/8".parse().unwrap()),
         masquerade_all: false,
         masquerade_mark: 0x4000,
         node_ip: Some(ip("192.168.0.2")),
@@ -333,7 +333,7 @@ fn ipv6_excludes_localhost_node_ports_and_brackets_endpoints() {
         IpFamily::V6,
     );
     let mut c = cfg();
-    c.cluster_cidr = Some("2001:db8:2::/64".parse().unwrap());
+    c.local = LocalDetector::Cidr("2001:db8:2::/64".parse().unwrap());
     let text = render(&view, &c).full_text(&[]);
     assert!(text.contains("-j DNAT --to-destination [2001:db8:2::1]:80\n"));
     assert!(text.contains("-m addrtype --dst-type LOCAL ! -d ::1/128 -j KUBE-NODEPORTS"));
@@ -371,5 +371,245 @@ fn nodeport_addresses_limit_the_nodeports_jump_to_matching_node_ips() {
         render(&view, &c)
             .full_text(&[])
             .contains("-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS")
+    );
+}
+
+fn both_local(kind: &str) -> Service {
+    let mut s = svc("ns1", "both", "172.30.0.50");
+    match kind {
+        "nodeport" => {
+            s.kind = ServiceType::NodePort;
+            s.ports[0].node_port = Some(30050);
+        }
+        "externalip" => s.external_ips = vec![ip("192.168.99.50")],
+        _ => {
+            s.kind = ServiceType::LoadBalancer;
+            s.ports[0].node_port = Some(30050);
+            s.load_balancer_ips = vec![ip("1.2.3.50")];
+            s.load_balancer_source_ranges = vec!["203.0.113.0/25".parse().unwrap()];
+        }
+    }
+    s.internal_traffic_policy = TrafficPolicy::Local;
+    s.external_traffic_policy = TrafficPolicy::Local;
+    s
+}
+
+#[test]
+fn both_policies_local_declare_the_cluster_chain_the_ext_chain_jumps_to() {
+    for kind in ["nodeport", "externalip", "loadbalancer"] {
+        // One local and one remote endpoint, then only the remote one.
+        for local in [true, false] {
+            let mut eps = vec![Endpoint::ready(ip("10.180.0.2")).on_node("node2")];
+            if local {
+                eps.push(Endpoint::ready(ip("10.180.0.1")).on_node("node1"));
+            }
+            let view = ProxyView::build(
+                &Snapshot::from_resources([
+                    Resource::Service(both_local(kind)),
+                    slice("ns1", "both", eps),
+                ]),
+                "node1",
+                IpFamily::V4,
+            );
+            let rs = render(&view, &cfg());
+            rs.check().unwrap();
+            let text = rs.full_text(&[]);
+            check_text(&text).unwrap();
+            let (rules, declared) = parse(&text);
+            let nat = &declared["nat"];
+            let ext = nat.iter().find(|c| c.starts_with("KUBE-EXT-")).unwrap();
+            let svc_chain = nat.iter().find(|c| c.starts_with("KUBE-SVC-")).unwrap();
+            let ext_rules = &rules[&("nat".to_string(), ext.clone())];
+            assert!(
+                ext_rules.iter().any(|r| r.contains("pod traffic")
+                    && r.ends_with(&format!("-s 10.0.0.0/8 -j {svc_chain}"))),
+                "{kind} local={local}: {ext_rules:#?}"
+            );
+            assert!(
+                ext_rules
+                    .iter()
+                    .any(|r| r.contains("route LOCAL traffic") && r.ends_with(svc_chain.as_str())),
+                "{kind} local={local}: {ext_rules:#?}"
+            );
+            // The cluster chain spreads over every endpoint, remote included.
+            let svc_rules = &rules[&("nat".to_string(), svc_chain.clone())];
+            let seps = nat.iter().filter(|c| c.starts_with("KUBE-SEP-")).count();
+            assert_eq!(seps, if local { 2 } else { 1 }, "{kind} local={local}");
+            assert_eq!(
+                svc_rules.len(),
+                seps,
+                "{kind} local={local}: {svc_rules:#?}"
+            );
+            // The cluster IP itself follows internalTrafficPolicy Local.
+            let services = &rules[&("nat".to_string(), "KUBE-SERVICES".to_string())];
+            let svl = nat.iter().find(|c| c.starts_with("KUBE-SVL-"));
+            assert_eq!(svl.is_some(), local, "{kind}: {nat:?}");
+            if let Some(svl) = svl {
+                assert!(
+                    services
+                        .iter()
+                        .any(|r| r.contains("cluster IP") && r.ends_with(svl.as_str())),
+                    "{services:#?}"
+                );
+                // Off-node traffic to the external address goes only to local endpoints.
+                assert_eq!(ext_rules.last().unwrap(), &format!("-A {ext} -j {svl}"));
+            } else {
+                assert!(
+                    text.contains("\"ns1/both:p80 has no local endpoints\""),
+                    "{text}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_invariant_check_names_the_service_and_chain() {
+    let view = ProxyView::build(
+        &Snapshot::from_resources([
+            Resource::Service(both_local("nodeport")),
+            slice(
+                "ns1",
+                "both",
+                vec![Endpoint::ready(ip("10.180.0.2")).on_node("node2")],
+            ),
+            Resource::Service(svc("ns1", "fine", "172.30.0.51")),
+            slice("ns1", "fine", vec![Endpoint::ready(ip("10.180.0.3"))]),
+        ]),
+        "node1",
+        IpFamily::V4,
+    );
+    let mut rs = render(&view, &cfg());
+    rs.check().unwrap();
+    // Break it the way the old renderer did: the cluster chain left undeclared.
+    let spn = ServicePortName::new("ns1", "both", "p80", Protocol::Tcp);
+    let s = rs.services.get_mut(&spn).unwrap();
+    let svc_chain = s
+        .chains
+        .iter()
+        .find(|c| c.starts_with("KUBE-SVC-"))
+        .unwrap()
+        .clone();
+    s.chains.retain(|c| *c != svc_chain);
+    let err = rs.check().unwrap_err();
+    assert!(
+        err.0.iter().all(|u| u.service.as_ref() == Some(&spn)),
+        "{err}"
+    );
+    assert!(err.0.iter().any(|u| u.chain == svc_chain), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("ns1/both:p80: nat chain {svc_chain}")),
+        "{err}"
+    );
+    assert!(check_text(&rs.full_text(&[])).unwrap_err()[0].contains(&svc_chain));
+}
+
+#[test]
+fn a_service_can_keep_an_earlier_renders_rules() {
+    let build = |ep: &str| {
+        let view = ProxyView::build(
+            &Snapshot::from_resources([
+                Resource::Service(svc("ns1", "a", "172.30.0.61")),
+                slice("ns1", "a", vec![Endpoint::ready(ip(ep))]),
+                Resource::Service(svc("ns1", "b", "172.30.0.62")),
+                slice("ns1", "b", vec![Endpoint::ready(ip(ep))]),
+            ]),
+            "node1",
+            IpFamily::V4,
+        );
+        render(&view, &cfg())
+    };
+    let old = build("10.180.0.1");
+    let new = build("10.180.0.2");
+    let a = ServicePortName::new("ns1", "a", "p80", Protocol::Tcp);
+    let mixed = new.with_services_from(&[a.clone()].into(), Some(&old));
+    mixed.check().unwrap();
+    let text = mixed.full_text(&[]);
+    assert!(
+        text.contains("-s 10.180.0.1/32") || text.contains("-s 10.180.0.1 "),
+        "{text}"
+    );
+    assert_eq!(mixed.services[&a], old.services[&a]);
+    assert_ne!(mixed.services, new.services);
+    assert_eq!(mixed.nat_rule_count, new.nat_rule_count);
+    // Without an earlier render the service is left out, top-level lines included.
+    let without = new.with_services_from(&[a.clone()].into(), None);
+    without.check().unwrap();
+    assert!(!without.full_text(&[]).contains("172.30.0.61"));
+    // Keeping nothing reassembles the same ruleset.
+    assert_eq!(new.with_services_from(&BTreeSet::new(), Some(&old)), new);
+}
+
+#[test]
+fn detect_local_modes_render_kube_proxys_matches() {
+    let view = ProxyView::build(
+        &Snapshot::from_resources([
+            Resource::Service(both_local("nodeport")),
+            slice(
+                "ns1",
+                "both",
+                vec![Endpoint::ready(ip("10.180.0.2")).on_node("node2")],
+            ),
+        ]),
+        "node1",
+        IpFamily::V4,
+    );
+    let masq = |c: &RenderConfig| {
+        let text = render(&view, c).full_text(&[]);
+        let (rules, _) = parse(&text);
+        let mut out: Vec<String> = rules
+            .iter()
+            .filter(|((t, ch), _)| {
+                t == "nat"
+                    && (ch.starts_with("KUBE-SVL-")
+                        || ch.starts_with("KUBE-EXT-")
+                        || ch.starts_with("KUBE-SVC-"))
+            })
+            .flat_map(|(_, r)| {
+                r.iter()
+                    .filter(|r| r.contains("KUBE-MARK-MASQ") || r.contains("pod traffic"))
+                    .cloned()
+            })
+            .collect();
+        out.sort();
+        out.join("\n")
+    };
+    let mut c = cfg();
+    c.local = LocalDetector::Interface("eni+".into());
+    let t = masq(&c);
+    assert!(
+        t.contains("\"pod traffic for ns1/both:p80 external destinations\" -i eni+ -j KUBE-SVC-"),
+        "{t}"
+    );
+    c.local = LocalDetector::Interface("cbr0".into());
+    let t = masq(&c);
+    assert!(
+        t.contains("\"pod traffic for ns1/both:p80 external destinations\" -i cbr0 -j KUBE-SVC-"),
+        "{t}"
+    );
+    c.local = LocalDetector::Cidr("10.180.7.0/24".parse().unwrap());
+    let t = masq(&c);
+    assert!(t.contains("-s 10.180.7.0/24 -j KUBE-SVC-"), "{t}");
+    // No detector: neither the pod short circuit nor the off-cluster masquerade.
+    c.local = LocalDetector::None;
+    let t = masq(&c);
+    assert!(!t.contains("pod traffic"), "{t}");
+    assert!(!t.contains("cluster IP\""), "{t}");
+
+    // The ClusterIP masquerade rule of a Cluster-policy service.
+    let view = ProxyView::build(
+        &Snapshot::from_resources([
+            Resource::Service(svc("ns1", "c", "172.30.0.52")),
+            slice("ns1", "c", vec![Endpoint::ready(ip("10.180.0.2"))]),
+        ]),
+        "node1",
+        IpFamily::V4,
+    );
+    c.local = LocalDetector::Interface("eni+".into());
+    let text = render(&view, &c).full_text(&[]);
+    assert!(
+        text.contains("-d 172.30.0.52 --dport 80 ! -i eni+ -j KUBE-MARK-MASQ"),
+        "{text}"
     );
 }

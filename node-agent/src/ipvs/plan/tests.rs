@@ -49,7 +49,7 @@ fn config() -> PlanConfig {
     PlanConfig {
         prefix: "KUBE".into(),
         scheduler: Scheduler::Rr,
-        cluster_cidr: Some("198.18.0.0/17".parse().unwrap()),
+        local: crate::local::LocalDetector::Cidr("198.18.0.0/17".parse().unwrap()),
         masquerade_all: false,
         masquerade_mark: 0x4000,
         random_fully: true,
@@ -414,7 +414,7 @@ COMMIT
 #[test]
 fn without_a_pod_cidr_node_traffic_from_a_vip_is_masqueraded() {
     let mut cfg = config();
-    cfg.cluster_cidr = None;
+    cfg.local = crate::local::LocalDetector::None;
     let p = plan_with(vec![(svc("web", "198.19.0.1"), vec![])], cfg.clone());
     assert!(
         p.families[0]
@@ -439,7 +439,7 @@ fn ipv6_uses_the_6_sets_and_loopback() {
     let r = vec![Resource::Service(s), Resource::EndpointSlice(sl)];
     let view = ProxyView::build(&Snapshot::from_resources(r), NODE, IpFamily::V6);
     let mut cfg = config();
-    cfg.cluster_cidr = Some("2001:db8:18::/64".parse().unwrap());
+    cfg.local = crate::local::LocalDetector::Cidr("2001:db8:18::/64".parse().unwrap());
     cfg.node_port_ips = vec![];
     let p = Plan::build(&[view], |_| cfg.clone());
     let v = vs(&p, Protocol::Tcp, "[2001:db8:19::1]:80");

@@ -247,6 +247,7 @@ fn random_state(rng: &mut Rng) -> Vec<Resource> {
                     address_family: family,
                     ports: slice_ports,
                     endpoints,
+                    ignored_by_proxy: false,
                 }));
             }
         }

@@ -38,6 +38,15 @@ need_rust() {
   command -v cargo >/dev/null || die "cargo not found: install Rust 1.89 or newer (https://rustup.rs)"
 }
 
+# cargo-machete finds dependencies a crate declares but does not use (stable Rust;
+# cargo-udeps needs nightly). Installed from crates.io once, like the packages above.
+MACHETE_VERSION=0.9.2
+need_machete() {
+  if cargo machete --version 2>/dev/null | grep -q "$MACHETE_VERSION"; then return 0; fi
+  say "installing cargo-machete $MACHETE_VERSION (unused-dependency check; once, about 3 minutes)"
+  cargo install --locked --quiet cargo-machete --version "$MACHETE_VERSION"
+}
+
 target_dir() {
   cargo metadata --format-version 1 --no-deps \
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])'
@@ -56,6 +65,9 @@ cmd_test() {
   cargo fmt --all -- --check
   say "cargo clippy (all targets, warnings are errors)"
   cargo clippy --workspace --all-targets --locked -- -D warnings
+  need_machete
+  say "cargo machete (no unused dependencies)"
+  cargo machete
   say "preparing the IPVS test VM (QEMU and a Debian kernel; cached after the first run)"
   tools/ipvs-vm.sh --prepare
   say "building binaries (the tests launch them)"

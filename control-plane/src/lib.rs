@@ -39,8 +39,16 @@ pub enum Error {
     Tls(#[from] meshlite_runtime::tls::TlsError),
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
+    #[error("kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: std::path::PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("kubernetes client configuration: {0}")]
+    KubeConfig(#[from] kube::config::InferConfigError),
     #[error("kubernetes client: {0}")]
-    Kube(String),
+    Kube(#[from] kube::Error),
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
     #[error("write {path}: {source}")]
@@ -247,18 +255,19 @@ pub async fn start_with(
 async fn kube_client(config: &Config) -> Result<kube::Client, Error> {
     let kcfg = match &config.kubeconfig {
         Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| Error::Kube(e.to_string()))?;
+            let bad = |source| Error::Kubeconfig {
+                path: path.clone(),
+                source,
+            };
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(bad)?;
             kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
                 .await
-                .map_err(|e| Error::Kube(e.to_string()))?
+                .map_err(bad)?
         }
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| Error::Kube(e.to_string()))?,
+        None => kube::Config::infer().await?,
     };
     info!(cluster = %kcfg.cluster_url, "kubernetes API");
-    kube::Client::try_from(kcfg).map_err(|e| Error::Kube(e.to_string()))
+    Ok(kube::Client::try_from(kcfg)?)
 }
 
 async fn refresh_gauges(store: Arc<Store>, metrics: Metrics) {

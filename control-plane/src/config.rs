@@ -3,8 +3,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+use meshlite_runtime::process::args::{LogArgs, ServerTlsArgs, TlsArgsError};
 use meshlite_runtime::tls::ServerTls;
+use serde::Serialize;
 
 use crate::source::SourceSpec;
 
@@ -20,7 +22,7 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
     #[command(flatten)]
-    pub config: Config,
+    pub args: Args,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -36,15 +38,9 @@ pub enum Command {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-/// Every knob of the server.
+/// The command line of the server (every flag also reads `MESHLITE_<FLAG>`).
 #[derive(Debug, Clone, clap::Args)]
-pub struct Config {
+pub struct Args {
     /// Where cluster state comes from: `kube` (in-cluster or kubeconfig) or `file:<dir>`.
     #[arg(long, env = "MESHLITE_SOURCE", default_value = "kube")]
     pub source: SourceSpec,
@@ -57,18 +53,6 @@ pub struct Config {
     /// HTTP address for /metrics, /healthz, /readyz and /agents.
     #[arg(long, env = "MESHLITE_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
     pub admin_listen: String,
-    /// Server certificate (PEM).
-    #[arg(long, env = "MESHLITE_TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
-    /// Server private key (PEM).
-    #[arg(long, env = "MESHLITE_TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
-    /// CA that signs agents' client certificates (PEM).
-    #[arg(long, env = "MESHLITE_CLIENT_CA")]
-    pub client_ca: Option<PathBuf>,
-    /// Serve plaintext gRPC without client authentication. For local demos only.
-    #[arg(long, env = "MESHLITE_INSECURE")]
-    pub insecure: bool,
     /// Wait this long after a change for more before publishing (coalescing).
     #[arg(long, env = "MESHLITE_DEBOUNCE", default_value = "10ms", value_parser = humantime::parse_duration)]
     pub debounce: Duration,
@@ -133,63 +117,131 @@ pub struct Config {
     /// Write the bound addresses as JSON here once listening.
     #[arg(long, env = "MESHLITE_ADDRESSES_FILE")]
     pub addresses_file: Option<PathBuf>,
-    #[arg(long, env = "MESHLITE_LOG_FORMAT", value_enum, default_value = "text")]
-    pub log_format: LogFormat,
-    /// Validate the configuration, print it and exit.
-    #[arg(long)]
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+    /// Validate the configuration, print it as JSON and exit.
+    #[arg(long, env = "MESHLITE_CHECK_CONFIG")]
     pub check_config: bool,
+}
+
+/// The validated configuration of the server.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// Where cluster state comes from: `kube` (in-cluster or kubeconfig) or `file:<dir>`.
+    #[serde(serialize_with = "meshlite_runtime::process::args::serialize_display")]
+    pub source: SourceSpec,
+    /// Kubeconfig for `--source kube` (default: in-cluster, then $KUBECONFIG, then ~/.kube/config).
+    pub kubeconfig: Option<PathBuf>,
+    /// gRPC listen address for agents (`:port` = all interfaces; port 0 picks one).
+    pub listen: String,
+    /// HTTP address for /metrics, /healthz, /readyz and /agents.
+    pub admin_listen: String,
+    /// Wait this long after a change for more before publishing (coalescing).
+    #[serde(serialize_with = "meshlite_runtime::process::args::serialize_duration")]
+    pub debounce: Duration,
+    /// How long removals are remembered for delta resume.
+    #[serde(serialize_with = "meshlite_runtime::process::args::serialize_duration")]
+    pub tombstone_retention: Duration,
+    /// Proxy only Services (and EndpointSlices) labelled
+    /// `service.kubernetes.io/service-proxy-name=<this>`, so meshlite can run beside
+    /// another proxy. Unset (the default), meshlite proxies what kube-proxy would:
+    /// only objects without the label. DNS agents serve every Service either way.
+    pub service_proxy_name: Option<String>,
+    /// Poll interval of `--source file:`.
+    #[serde(serialize_with = "meshlite_runtime::process::args::serialize_duration")]
+    pub file_poll_interval: Duration,
+    /// Largest update chunk sent (keep under agents' 4 MiB receive limit). Every
+    /// stream keeps an encode buffer as large as the largest chunk it sent (about
+    /// 1.5x), so this times the number of agents is resident memory: 64 KiB keeps
+    /// 5,000 agents under 1 GiB where 1 MiB costs ~7 GiB.
+    pub chunk_bytes: usize,
+    /// Largest message accepted from an agent.
+    pub max_message_bytes: usize,
+    /// Most concurrent agent streams per connection (HTTP/2 setting).
+    pub max_concurrent_streams: u32,
+    /// Drop an agent whose connection accepts no data for this long.
+    #[serde(serialize_with = "meshlite_runtime::process::args::serialize_duration")]
+    pub send_timeout: Duration,
+    /// How a node agent proves which node it is: `certificate` (its certificate has
+    /// SAN `<node>.nodes.meshlite`), `token` (a `node-agent` certificate plus its
+    /// ServiceAccount token, verified with TokenReview: the token's bound node must
+    /// match), or `shared-certificate` (a `node-agent` certificate may be any node).
+    pub node_identity: crate::server::identity::NodeIdentity,
+    /// The node agent's ServiceAccount, for `--node-identity token`.
+    pub node_agent_service_account: String,
+    /// Most agent streams at once.
+    pub max_streams: usize,
+    /// New agent streams admitted per second (a token bucket against reconnect storms).
+    pub stream_rate: f64,
+    /// Burst of new streams admitted at once.
+    pub stream_burst: f64,
+    /// Most full snapshots being sent (unacknowledged) at once; bounds memory when a
+    /// fleet syncs together.
+    pub max_full_syncs: usize,
+    /// Write the bound addresses as JSON here once listening.
+    pub addresses_file: Option<PathBuf>,
+    /// `None` with `--insecure`.
+    pub tls: Option<ServerTls>,
+    pub log_json: bool,
 }
 
 /// A configuration that cannot work.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
-    #[error("--tls-cert, --tls-key and --client-ca are required unless --insecure is given")]
-    MissingTls,
-    #[error("--insecure cannot be combined with --tls-cert/--tls-key/--client-ca")]
-    InsecureWithTls,
+    #[error(transparent)]
+    Tls(#[from] TlsArgsError),
     #[error("{flag}: {reason}")]
     Invalid { flag: &'static str, reason: String },
 }
 
-impl Config {
-    /// Checks the combination of flags; returns the TLS settings (None: insecure).
+// === impl Args ===
+
+impl Args {
+    /// Checks the flags and their combinations.
     ///
     /// # Errors
-    /// Conflicting or missing flags.
-    pub fn validate(&self) -> Result<Option<ServerTls>, ConfigError> {
-        meshlite_runtime::admin::parse_listen(&self.listen).map_err(|e| ConfigError::Invalid {
-            flag: "--listen",
-            reason: e.to_string(),
-        })?;
-        meshlite_runtime::admin::parse_listen(&self.admin_listen).map_err(|e| {
-            ConfigError::Invalid {
-                flag: "--admin-listen",
-                reason: e.to_string(),
-            }
-        })?;
+    /// Conflicting, missing or out-of-range flags.
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        let invalid = |flag: &'static str, reason: String| ConfigError::Invalid { flag, reason };
+        meshlite_runtime::admin::parse_listen(&self.listen)
+            .map_err(|e| invalid("--listen", e.to_string()))?;
+        meshlite_runtime::admin::parse_listen(&self.admin_listen)
+            .map_err(|e| invalid("--admin-listen", e.to_string()))?;
         if self.chunk_bytes < 16 * 1024 {
-            return Err(ConfigError::Invalid {
-                flag: "--chunk-bytes",
-                reason: "must be at least 16384".into(),
-            });
+            return Err(invalid("--chunk-bytes", "must be at least 16384".into()));
         }
         if !(self.stream_rate > 0.0 && self.stream_burst >= 1.0) || self.max_streams == 0 {
-            return Err(ConfigError::Invalid {
-                flag: "--stream-rate/--stream-burst/--max-streams",
-                reason: "rate must be positive, burst and max at least 1".into(),
-            });
+            return Err(invalid(
+                "--stream-rate/--stream-burst/--max-streams",
+                "rate must be positive, burst and max at least 1".into(),
+            ));
         }
-        let tls = (&self.tls_cert, &self.tls_key, &self.client_ca);
-        match (self.insecure, tls) {
-            (true, (None, None, None)) => Ok(None),
-            (true, _) => Err(ConfigError::InsecureWithTls),
-            (false, (Some(cert), Some(key), Some(ca))) => Ok(Some(ServerTls {
-                cert: cert.clone(),
-                key: key.clone(),
-                client_ca: ca.clone(),
-            })),
-            (false, _) => Err(ConfigError::MissingTls),
-        }
+        let tls = self.tls.validate()?;
+        Ok(Config {
+            source: self.source.clone(),
+            kubeconfig: self.kubeconfig.clone(),
+            listen: self.listen.clone(),
+            admin_listen: self.admin_listen.clone(),
+            debounce: self.debounce,
+            tombstone_retention: self.tombstone_retention,
+            service_proxy_name: self.service_proxy_name.clone(),
+            file_poll_interval: self.file_poll_interval,
+            chunk_bytes: self.chunk_bytes,
+            max_message_bytes: self.max_message_bytes,
+            max_concurrent_streams: self.max_concurrent_streams,
+            send_timeout: self.send_timeout,
+            node_identity: self.node_identity,
+            node_agent_service_account: self.node_agent_service_account.clone(),
+            max_streams: self.max_streams,
+            stream_rate: self.stream_rate,
+            stream_burst: self.stream_burst,
+            max_full_syncs: self.max_full_syncs,
+            addresses_file: self.addresses_file.clone(),
+            tls,
+            log_json: self.log.json(),
+        })
     }
 }
 
@@ -211,31 +263,34 @@ mod tests {
             "--listen",
             "127.0.0.1:0",
         ])
-        .config;
+        .args;
         assert_eq!(c.source, SourceSpec::File("examples/seed".into()));
         assert_eq!(c.debounce, Duration::from_millis(10));
-        assert!(c.validate().unwrap().is_none());
-        let c = parse(&["--tls-cert", "c", "--tls-key", "k", "--client-ca", "ca"]).config;
+        assert!(c.validate().unwrap().tls.is_none());
+        let c = parse(&["--tls-cert", "c", "--tls-key", "k", "--tls-ca", "ca"]).args;
         assert_eq!(c.source, SourceSpec::Kube);
-        assert!(c.validate().unwrap().is_some());
+        assert!(c.validate().unwrap().tls.is_some());
+        // The old spelling still works, for one release.
+        let c = parse(&["--tls-cert", "c", "--tls-key", "k", "--client-ca", "ca"]).args;
+        assert!(c.validate().unwrap().tls.is_some());
     }
 
     #[test]
     fn invalid_combinations() {
         assert_eq!(
-            parse(&[]).config.validate().unwrap_err(),
-            ConfigError::MissingTls
+            parse(&[]).args.validate().unwrap_err(),
+            ConfigError::Tls(TlsArgsError::Missing)
         );
         assert_eq!(
             parse(&["--insecure", "--tls-cert", "c"])
-                .config
+                .args
                 .validate()
                 .unwrap_err(),
-            ConfigError::InsecureWithTls
+            ConfigError::Tls(TlsArgsError::InsecureWithTls)
         );
         assert!(
             parse(&["--insecure", "--listen", "nope"])
-                .config
+                .args
                 .validate()
                 .is_err()
         );

@@ -34,8 +34,6 @@ use store::{Kind, Store};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
-    Config(#[from] config::ConfigError),
-    #[error(transparent)]
     Tls(#[from] meshlite_runtime::tls::TlsError),
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
@@ -49,6 +47,8 @@ pub enum Error {
     KubeConfig(#[from] kube::config::InferConfigError),
     #[error("kubernetes client: {0}")]
     Kube(#[from] kube::Error),
+    #[error("server task: {0}")]
+    Task(#[from] tokio::task::JoinError),
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
     #[error("write {path}: {source}")]
@@ -91,7 +91,7 @@ pub async fn start_with(
     telemetry: Telemetry,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(Handle, tokio::task::JoinHandle<Result<(), Error>>), Error> {
-    let tls = config.validate()?;
+    let tls = config.tls.clone();
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     telemetry.register(&mut registry);

@@ -1,103 +1,59 @@
+//! `meshlite-control-plane`: see the crate docs. Parses and validates the
+//! configuration (exit 64 when invalid; `--check-config` prints it as JSON), then
+//! serves until SIGINT/SIGTERM, or runs `status`.
+
 use std::process::ExitCode;
 
-use clap::Parser;
-use meshlite_control_plane::config::{Cli, Command, LogFormat};
-use meshlite_control_plane::{start_with, status};
-use meshlite_runtime::telemetry;
-use tracing::{error, info};
+use meshlite_control_plane::config::{Cli, Command};
+use meshlite_control_plane::status;
+use meshlite_runtime::process::{self, Main};
 
-/// sysexits EX_USAGE: the configuration is invalid.
-const EX_USAGE: u8 = 64;
+const MAIN: Main = Main::new("meshlite-control-plane");
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+fn main() -> ExitCode {
+    let cli: Cli = match process::parse() {
         Ok(c) => c,
-        Err(e) if e.use_stderr() => {
-            // Unknown flags and bad values are invalid configuration: EX_USAGE.
-            let _ = e.print();
-            return ExitCode::from(EX_USAGE);
-        }
-        Err(e) => {
-            // --help, --version.
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
+        Err(code) => return code,
     };
     if let Some(Command::Status { admin, json }) = cli.command {
-        return match status::fetch(&admin).await {
-            Ok(r) if json => {
-                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
-                ExitCode::SUCCESS
-            }
-            Ok(r) => {
-                print!("{}", status::table(&r));
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("meshlite-control-plane status: {e}");
-                ExitCode::FAILURE
-            }
-        };
+        return status_command(&admin, json);
     }
-    let config = cli.config;
-    let telemetry = telemetry::init(
-        "meshlite-control-plane",
-        config.log_format == LogFormat::Json,
-    );
-    meshlite_runtime::tls::install_default_provider();
-    if let Err(e) = config.validate() {
-        error!(error = %e, "invalid configuration");
-        return ExitCode::from(EX_USAGE);
-    }
-    if config.check_config {
-        println!("{config:#?}");
-        return ExitCode::SUCCESS;
-    }
-    info!(
-        ?config,
-        version = env!("CARGO_PKG_VERSION"),
-        "starting meshlite-control-plane"
-    );
-    // Agents hold their streams open forever; after a signal, close what closes in a
-    // grace period and then exit (agents keep their rules and reconnect elsewhere).
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        meshlite_runtime::shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
+    let config = match MAIN.check(cli.args.check_config, || cli.args.validate()) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
-    let grace = stopped(stop_rx.clone());
-    let result = start_with(config, telemetry.clone(), stopped(stop_rx)).await;
-    let code = match result {
-        Ok((_, task)) => match tokio::select! {
-            r = task => r,
-            () = async { grace.await; tokio::time::sleep(std::time::Duration::from_secs(5)).await } => Ok(Ok(())),
-        } {
-            Ok(Ok(())) => {
-                info!("shut down");
-                ExitCode::SUCCESS
-            }
-            Ok(Err(e)) => {
-                error!(error = %e, "server failed");
-                ExitCode::FAILURE
-            }
-            Err(e) => {
-                error!(error = %e, "server task failed");
-                ExitCode::FAILURE
-            }
-        },
-        Err(meshlite_control_plane::Error::Config(e)) => {
-            error!(error = %e, "invalid configuration");
-            ExitCode::from(EX_USAGE)
+    MAIN.run(config.log_json, config, |config, telemetry, drain| async move {
+        if config.tls.is_none() {
+            tracing::warn!("--insecure: agents' streams are PLAINTEXT and unauthenticated; local demos only");
+        }
+        let (_, task) = meshlite_control_plane::start_with(config, telemetry, drain.wait()).await?;
+        task.await?
+    })
+}
+
+fn status_command(admin: &str, json: bool) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshlite-control-plane status: tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(status::fetch(admin)) {
+        Ok(r) if json => {
+            println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            print!("{}", status::table(&r));
+            ExitCode::SUCCESS
         }
         Err(e) => {
-            error!(error = %e, "cannot start");
+            eprintln!("meshlite-control-plane status: {e}");
             ExitCode::FAILURE
         }
-    };
-    telemetry.shutdown();
-    code
+    }
 }

@@ -492,7 +492,7 @@ fn mutual_tls_to_the_control_plane() -> Result<()> {
             "--admin-listen=127.0.0.1:0".into(),
             format!("--tls-cert={}", server.cert.display()),
             format!("--tls-key={}", server.key.display()),
-            format!("--client-ca={}", server.client_ca.display()),
+            format!("--tls-ca={}", server.client_ca.display()),
             format!("--addresses-file={}", cp_addrs.display()),
         ],
         tmp.path().join("cp.log"),

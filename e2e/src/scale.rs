@@ -216,7 +216,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
         "--admin-listen=127.0.0.1:0".into(),
         format!("--tls-cert={}", server.cert.display()),
         format!("--tls-key={}", server.key.display()),
-        format!("--client-ca={}", server.client_ca.display()),
+        format!("--tls-ca={}", server.client_ca.display()),
     ]);
     let bin = procs::binary("meshlite-control-plane")?;
     let mut cp = Process::start_env(

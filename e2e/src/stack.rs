@@ -170,7 +170,7 @@ impl Stack {
                 s("--admin-listen=127.0.0.1:0"),
                 format!("--tls-cert={}", cert.display()),
                 format!("--tls-key={}", key.display()),
-                format!("--client-ca={}", ca.display()),
+                format!("--tls-ca={}", ca.display()),
                 s("--node-identity=certificate"),
             ]);
             if cfg.fast {

@@ -38,7 +38,7 @@ async fn serves_the_seed_over_mtls_and_follows_edits() {
         server.cert.to_str().unwrap(),
         "--tls-key",
         server.key.to_str().unwrap(),
-        "--client-ca",
+        "--tls-ca",
         server.client_ca.to_str().unwrap(),
         "--file-poll-interval",
         "50ms",
@@ -172,11 +172,16 @@ fn invalid_configuration_exits_64() {
     );
     assert!(
         String::from_utf8_lossy(&out.stderr)
-            .contains("--tls-cert, --tls-key and --client-ca are required")
+            .contains("--tls-cert, --tls-key and --tls-ca are required")
     );
     let out = std::process::Command::new(binary("meshlite-control-plane").unwrap())
         .args(["--insecure", "--check-config", "--source", "file:/x"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0));
+    // The validated configuration, as JSON.
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed["source"], "file:/x");
+    assert_eq!(printed["debounce"], "10ms");
+    assert_eq!(printed["tls"], serde_json::Value::Null);
 }

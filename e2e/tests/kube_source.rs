@@ -66,9 +66,10 @@ async fn setup() -> Setup {
         "1ms",
     ])
     .unwrap();
-    let (handle, _task) = meshlite_control_plane::start(cli.config, std::future::pending())
-        .await
-        .unwrap();
+    let (handle, _task) =
+        meshlite_control_plane::start(cli.args.validate().unwrap(), std::future::pending())
+            .await
+            .unwrap();
 
     let handler = TestSubscriber::start(
         format!("http://{}", handle.grpc_addr),

@@ -52,14 +52,15 @@ async fn tokens_bind_node_agents_to_their_node() {
         "--admin-listen=127.0.0.1:0",
         &format!("--tls-cert={}", server.cert.display()),
         &format!("--tls-key={}", server.key.display()),
-        &format!("--client-ca={}", server.client_ca.display()),
+        &format!("--tls-ca={}", server.client_ca.display()),
         "--node-identity=token",
         &format!("--node-agent-service-account={SA}"),
     ])
     .unwrap();
-    let (handle, _task) = meshlite_control_plane::start(cli.config, std::future::pending())
-        .await
-        .unwrap();
+    let (handle, _task) =
+        meshlite_control_plane::start(cli.args.validate().unwrap(), std::future::pending())
+            .await
+            .unwrap();
     let tok = |name: &str, value: &str| {
         let p = dir.path().join(name);
         std::fs::write(&p, format!("{value}\n")).unwrap();

@@ -6,9 +6,11 @@
 //! - [`admin`]: the HTTP endpoint for `/metrics`, `/healthz` and `/readyz`.
 //! - [`backoff`]: the one jittered exponential backoff.
 //! - [`telemetry`]: tracing setup.
+//! - [`process`]: each binary's start-up, shared flags, drain and exit codes.
 
 pub mod admin;
 pub mod backoff;
+pub mod process;
 pub mod snapshot;
 pub mod subscriber;
 pub mod telemetry;

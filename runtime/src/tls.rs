@@ -37,7 +37,7 @@ pub fn install_default_provider() {
 }
 
 /// Server side: our certificate and key, and the CA that signs agent certificates.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct ServerTls {
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -45,7 +45,7 @@ pub struct ServerTls {
 }
 
 /// Agent side: the CA that signs the control plane's certificate, and our identity.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct ClientTls {
     pub ca: PathBuf,
     pub cert: PathBuf,

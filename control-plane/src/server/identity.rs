@@ -47,7 +47,8 @@ pub const TOKEN_AUDIENCE: &str = "meshlite";
 const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 
 /// `--node-identity`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum NodeIdentity {
     Certificate,
     Token,

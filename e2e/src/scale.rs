@@ -1,4 +1,4 @@
-//! The large-cluster scale harness (issue #10): one control plane, thousands of
+//! The large-cluster scale harness: one control plane, thousands of
 //! simulated agents, a generated cluster of thousands of services fed through the
 //! API stand-in, and the figures a large-cluster operator asks for.
 //!

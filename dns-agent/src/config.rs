@@ -334,10 +334,9 @@ impl Args {
     }
 }
 
-/// kube's DefaultBackoff numbers: 800 ms to 30 s, jittered.
+/// The one reconnect backoff every agent uses (800 ms to 30 s, half jittered).
 fn default_backoff() -> Backoff {
-    Backoff::try_new(Duration::from_millis(800), Duration::from_secs(30), 0.5)
-        .expect("constant backoff bounds are valid")
+    Backoff::default()
 }
 
 fn parse_upstream(s: &str) -> Option<SocketAddr> {

@@ -31,8 +31,6 @@ pub enum AppError {
         #[source]
         source: std::io::Error,
     },
-    #[error("backoff: {0}")]
-    Backoff(String),
     #[error("IPVS mode: {0}")]
     Ipvs(#[from] crate::ipvs::Error),
 }
@@ -122,8 +120,8 @@ pub async fn run(
         key: cfg.key.clone().unwrap_or_default(),
         server_name: cfg.server_name.clone(),
     });
-    let backoff = Backoff::try_new(Duration::from_millis(800), Duration::from_secs(30), 0.2)
-        .map_err(|e| AppError::Backoff(e.to_string()))?;
+    // The one reconnect backoff every agent uses (800 ms to 30 s, half jittered).
+    let backoff = Backoff::default();
     let subscriber = Subscriber::new(
         SubscriberConfig {
             endpoint: cfg.control_plane.clone(),

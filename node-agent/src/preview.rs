@@ -11,12 +11,13 @@ use crate::iptables::{IptablesConfig, render, render::RenderConfig};
 use crate::ipvs::{IpvsConfig, show};
 use crate::proxy::{IpFamily, ProxyView};
 
-/// Manifests that cannot be loaded.
+/// Manifests that cannot be loaded, or rules that cannot be rendered.
 #[derive(Debug, thiserror::Error)]
-#[error("manifests {dir}: {reason}")]
-pub struct PreviewError {
-    pub dir: PathBuf,
-    pub reason: String,
+pub enum PreviewError {
+    #[error(transparent)]
+    Manifests(#[from] meshlite_k8s::manifests::ManifestError),
+    #[error("manifests {dir}: {reason}")]
+    Rules { dir: PathBuf, reason: String },
 }
 
 /// The rendered text and the loader's warnings (objects it skipped).
@@ -27,11 +28,7 @@ pub struct Preview {
 }
 
 fn load(dir: &Path) -> Result<(Snapshot, Vec<String>), PreviewError> {
-    let manifests =
-        meshlite_k8s::manifests::load_dir(dir, &Default::default()).map_err(|e| PreviewError {
-            dir: dir.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+    let manifests = meshlite_k8s::manifests::load_dir(dir, &Default::default())?;
     Ok((
         Snapshot::from_resources(manifests.resources()),
         manifests.warnings,
@@ -69,7 +66,7 @@ pub fn render_dir(
     let view = ProxyView::build(&snapshot, node_name, family);
     let rs = render(&view, &render_config(cfg, &view));
     // Whatever the build, never print an input `iptables-restore` would refuse.
-    rs.check().map_err(|e| PreviewError {
+    rs.check().map_err(|e| PreviewError::Rules {
         dir: dir.to_path_buf(),
         reason: format!("{family}: {e}"),
     })?;

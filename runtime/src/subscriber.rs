@@ -184,8 +184,25 @@ pub enum StreamError {
         #[source]
         source: tonic::transport::Error,
     },
+    #[error("invalid control-plane endpoint {endpoint:?}: {source}")]
+    InvalidUri {
+        endpoint: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
     #[error("invalid control-plane endpoint {endpoint:?}: {reason}")]
-    Endpoint { endpoint: String, reason: String },
+    Endpoint {
+        endpoint: String,
+        reason: &'static str,
+    },
+    #[error("read token {path}: {source}")]
+    Token {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("token in {path} is not a valid header value")]
+    TokenValue { path: std::path::PathBuf },
     #[error("stream: {0}")]
     Status(#[from] tonic::Status),
     #[error("server closed the stream")]
@@ -235,7 +252,12 @@ impl<H: Handler> Subscriber<H> {
                 Err(StreamError::Status(_)) => "status",
                 Err(StreamError::Closed) => "closed",
                 Err(StreamError::Protocol(_)) => "protocol",
-                Err(StreamError::Endpoint { .. }) => "config",
+                Err(
+                    StreamError::Endpoint { .. }
+                    | StreamError::InvalidUri { .. }
+                    | StreamError::Token { .. }
+                    | StreamError::TokenValue { .. },
+                ) => "config",
                 Err(StreamError::Tls(_)) => "tls",
             };
             self.metrics.disconnect(reason);
@@ -258,9 +280,9 @@ impl<H: Handler> Subscriber<H> {
     async fn connect(&self) -> Result<Channel, StreamError> {
         let endpoint = &self.config.endpoint;
         let mut ep =
-            Endpoint::from_shared(endpoint.clone()).map_err(|e| StreamError::Endpoint {
+            Endpoint::from_shared(endpoint.clone()).map_err(|source| StreamError::InvalidUri {
                 endpoint: endpoint.clone(),
-                reason: e.to_string(),
+                source,
             })?;
         ep = ep
             .connect_timeout(Duration::from_secs(5))
@@ -287,13 +309,13 @@ impl<H: Handler> Subscriber<H> {
             (Some(_), false) => {
                 return Err(StreamError::Endpoint {
                     endpoint: endpoint.clone(),
-                    reason: "TLS is configured, so the endpoint must be https://".into(),
+                    reason: "TLS is configured, so the endpoint must be https://",
                 });
             }
             (None, true) => {
                 return Err(StreamError::Endpoint {
                     endpoint: endpoint.clone(),
-                    reason: "https:// needs --ca (or use http:// with --insecure)".into(),
+                    reason: "https:// needs --tls-ca (or use http:// with --insecure)",
                 });
             }
         }
@@ -325,12 +347,13 @@ impl<H: Handler> Subscriber<H> {
         send(&tx, v1::agent_message::Msg::Hello(hello)).await?;
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         if let Some(path) = &self.config.token_file {
-            let token = std::fs::read_to_string(path).map_err(|e| {
-                StreamError::Protocol(format!("read token {}: {e}", path.display()))
+            let token = std::fs::read_to_string(path).map_err(|source| StreamError::Token {
+                path: path.clone(),
+                source,
             })?;
-            let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {
-                StreamError::Protocol(format!("token in {} is not valid ASCII", path.display()))
-            })?;
+            let value = format!("Bearer {}", token.trim())
+                .parse()
+                .map_err(|_| StreamError::TokenValue { path: path.clone() })?;
             request.metadata_mut().insert("authorization", value);
         }
         let response = client.stream(request).await?;

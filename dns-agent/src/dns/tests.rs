@@ -704,3 +704,17 @@ async fn answers_beyond_64k_over_tcp_are_truncated_not_failed() {
         );
     }
 }
+
+/// hickory's source check, which our UDP loop does itself.
+#[test]
+fn sources_nobody_can_own_are_refused() {
+    use crate::metrics::Refusal;
+    let r = |s: &str| super::refusal(s.parse().unwrap());
+    assert_eq!(r("127.0.0.1:0"), Some(Refusal::port_zero));
+    assert_eq!(r("0.0.0.0:5353"), Some(Refusal::unspecified));
+    assert_eq!(r("[::]:5353"), Some(Refusal::unspecified));
+    assert_eq!(r("255.255.255.255:5353"), Some(Refusal::broadcast));
+    assert_eq!(r("[::ffff:255.255.255.255]:5353"), Some(Refusal::broadcast));
+    assert_eq!(r("127.0.0.1:5353"), None);
+    assert_eq!(r("[2001:db8::1]:5353"), None);
+}

@@ -6,8 +6,9 @@
 //!   `server` (`dns://:53`), `zone` (`.`: one server block answers every name, as in
 //!   the default Corefile) and `view` (empty);
 //! - `coredns_cache_*` (`plugin/cache`, labels `server`, `zones`, `view`);
-//! - `coredns_forward_*` (`plugin/forward` before 1.11) and
-//!   `coredns_proxy_request_duration_seconds` (its successor), labelled `to`;
+//! - `coredns_forward_*` (`plugin/forward` in older CoreDNS releases) and
+//!   `coredns_proxy_request_duration_seconds` (where current CoreDNS moved them),
+//!   labelled `to`;
 //! - `coredns_kubernetes_dns_programming_duration_seconds{service_kind}`;
 //! - `coredns_build_info`, `coredns_panics_total`.
 //!

@@ -13,6 +13,7 @@
 //! without EDNS, else its EDNS size capped by `--max-udp-payload`) and sets TC when
 //! records did not fit; the client retries over TCP, where the limit is 64 KiB.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,7 +30,7 @@ use hickory_server::zone_handler::MessageResponse;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::metrics::Refusal;
+use crate::metrics::{Answered, Family4or6, QueryType, Rcode, Refusal, Source};
 
 mod forward;
 mod handler;
@@ -173,6 +174,104 @@ impl Drop for StopOnDrop {
     }
 }
 
+/// Authoritative answers a UDP worker keeps, per zone generation.
+const ANSWER_CACHE_ENTRIES: usize = 4096;
+
+/// Requests longer than this are answered afresh, never cached.
+const ANSWER_CACHE_MAX_REQUEST: usize = 300;
+
+/// One UDP worker's authoritative answers, keyed by the request's bytes after its
+/// ID: the zone answer is a pure function of those bytes and the zone, so a request
+/// seen before gets the same bytes with its own ID, without parsing, looking up or
+/// encoding again (Knot serves pre-built answers the same way). Only answers with AA
+/// set (from the zone, never forwarded or errors) are kept, and all are dropped when
+/// the zone is swapped.
+#[derive(Default)]
+struct AnswerCache {
+    generation: u64,
+    entries: HashMap<Box<[u8]>, CachedAnswer>,
+}
+
+struct CachedAnswer {
+    response: Box<[u8]>,
+    qtype: QueryType,
+    rcode: Rcode,
+}
+
+// === impl AnswerCache ===
+
+impl AnswerCache {
+    /// The cached response for `request` in zone generation `generation`, with
+    /// `request`'s ID, and what to record for it.
+    fn answer(&mut self, generation: u64, request: &[u8]) -> Option<(Vec<u8>, QueryType, Rcode)> {
+        if self.generation != generation {
+            self.entries.clear();
+            self.generation = generation;
+            return None;
+        }
+        let key = request.get(2..)?;
+        let hit = self.entries.get(key)?;
+        let mut response = hit.response.to_vec();
+        response.get_mut(..2)?.copy_from_slice(request.get(..2)?);
+        Some((response, hit.qtype, hit.rcode))
+    }
+
+    /// Keeps `response` to `request` if it is an authoritative answer.
+    fn keep(&mut self, generation: u64, request: &[u8], response: &[u8]) {
+        const AA: u8 = 0x04;
+        let (Some(key), Some(&flags), Some(&rcode)) =
+            (request.get(2..), response.get(2), response.get(3))
+        else {
+            return;
+        };
+        if generation != self.generation
+            || flags & AA == 0
+            || request.len() > ANSWER_CACHE_MAX_REQUEST
+            || self.entries.len() >= ANSWER_CACHE_ENTRIES
+        {
+            return;
+        }
+        let Some(qtype) = question_type(request) else {
+            return;
+        };
+        let rcode = match rcode & 0x0F {
+            0 => Rcode::NOERROR,
+            3 => Rcode::NXDOMAIN,
+            _ => return,
+        };
+        self.entries.insert(
+            key.into(),
+            CachedAnswer {
+                response: response.into(),
+                qtype,
+                rcode,
+            },
+        );
+    }
+}
+
+/// The query type of a request's single question, if its name is uncompressed.
+fn question_type(request: &[u8]) -> Option<QueryType> {
+    if request.get(4..6)? != [0, 1] {
+        return None;
+    }
+    let mut i = 12;
+    loop {
+        let len = *request.get(i)?;
+        if len & 0xC0 != 0 {
+            return None;
+        }
+        i += 1 + usize::from(len);
+        if len == 0 {
+            break;
+        }
+    }
+    let t = u16::from_be_bytes([*request.get(i)?, *request.get(i + 1)?]);
+    Some(handler::query_type_label(
+        hickory_proto::rr::RecordType::from(t),
+    ))
+}
+
 /// How often a UDP worker blocked in `recv_from` looks at the stop flag.
 const UDP_STOP_POLL: Duration = Duration::from_millis(100);
 
@@ -206,6 +305,7 @@ impl UdpWorker {
             warn!(error = %e, "udp worker: cannot set a receive timeout; it will stop only with the process");
         }
         let received = self.handler.metrics().udp_worker_counter(self.id);
+        let mut cache = AnswerCache::default();
         let mut buf = vec![0u8; 4096];
         while !self.stop.load(Ordering::Relaxed) {
             let (n, peer) = match self.socket.recv_from(&mut buf) {
@@ -230,6 +330,23 @@ impl UdpWorker {
                 tracing::debug!(%peer, ?reason, "udp request dropped for its source");
                 continue;
             }
+            let started = std::time::Instant::now();
+            let generation = self.handler.zone_generation();
+            if let Some((response, qtype, rcode)) = cache.answer(generation, &buf[..n]) {
+                send(&self.socket, &response, peer);
+                self.handler.metrics().request(&Answered {
+                    qtype,
+                    rcode,
+                    source: Source::Zone,
+                    elapsed: started.elapsed(),
+                    transport: crate::metrics::Transport::udp,
+                    family: Family4or6::from(peer),
+                    request_bytes: n,
+                    response_bytes: Some(response.len()),
+                    truncated: response.get(2).is_some_and(|f| f & 0x02 != 0),
+                });
+                continue;
+            }
             let request = buf[..n].to_vec();
             let h = self.handler.clone();
             let mut answer =
@@ -239,7 +356,10 @@ impl UdpWorker {
                 (&mut answer).now_or_never()
             }));
             match polled {
-                Ok(Some(Some(response))) => send(&self.socket, &response, peer),
+                Ok(Some(Some(response))) => {
+                    send(&self.socket, &response, peer);
+                    cache.keep(generation, &buf[..n], &response);
+                }
                 Ok(Some(None)) | Err(_) => {}
                 Ok(None) => {
                     let socket = self.socket.clone();

@@ -65,6 +65,11 @@ impl DnsHandler {
         &self.metrics
     }
 
+    /// The zone cell's generation (see [`ZoneCell::generation`]).
+    pub(crate) fn zone_generation(&self) -> u64 {
+        self.zone.generation()
+    }
+
     async fn answer(&self, request: &Request) -> Response {
         let mut edns = None;
         if let Some(req) = &request.edns {
@@ -396,7 +401,7 @@ fn zone_qtype(t: RecordType) -> QType {
     }
 }
 
-fn query_type_label(t: RecordType) -> QueryType {
+pub(super) fn query_type_label(t: RecordType) -> QueryType {
     match t {
         RecordType::A => QueryType::A,
         RecordType::AAAA => QueryType::AAAA,

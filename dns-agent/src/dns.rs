@@ -174,8 +174,11 @@ impl Drop for StopOnDrop {
     }
 }
 
-/// Authoritative answers a UDP worker keeps, per zone generation.
-const ANSWER_CACHE_ENTRIES: usize = 4096;
+/// Authoritative answers a UDP worker keeps, per zone generation; when full it
+/// starts over, so it follows what clients ask now. Typical entries are a few
+/// hundred bytes (about 3 MiB full); the bound is 12 MiB per worker (requests up
+/// to 300 bytes, UDP answers up to 1232).
+const ANSWER_CACHE_ENTRIES: usize = 8192;
 
 /// Requests longer than this are answered afresh, never cached.
 const ANSWER_CACHE_MAX_REQUEST: usize = 300;
@@ -227,9 +230,11 @@ impl AnswerCache {
         if generation != self.generation
             || flags & AA == 0
             || request.len() > ANSWER_CACHE_MAX_REQUEST
-            || self.entries.len() >= ANSWER_CACHE_ENTRIES
         {
             return;
+        }
+        if self.entries.len() >= ANSWER_CACHE_ENTRIES {
+            self.entries.clear();
         }
         let Some(qtype) = question_type(request) else {
             return;

@@ -1,4 +1,5 @@
-//! DNS agent vs Knot DNS under dnsperf, on loopback, each server pinned to one core.
+//! DNS agent vs Knot DNS under dnsperf, on loopback: each server with one UDP worker
+//! pinned to one core, then with two UDP workers on two cores.
 //!
 //! The cluster (10k services, 1k of them headless with 10 ready endpoints) is written
 //! as manifests for the control plane's file source; the Knot zone file is exported
@@ -13,7 +14,8 @@
 //! `cargo build --release -p meshlite-control-plane` then
 //! `cargo bench -p meshlite-dns-agent --bench dnsperf`. Knobs (env): BENCH_SECONDS
 //! (default 10), BENCH_RATE (fixed-rate pass, default 20000), BENCH_SERVER_CPU (1),
-//! BENCH_CLIENT_CPU (0).
+//! BENCH_CLIENT_CPU (0), BENCH_WIDE_CPUS (the two-worker runs' CPUs for server and
+//! client alike, default `0,1`).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -197,6 +199,9 @@ fn queries() -> String {
     out
 }
 
+/// One row of the table: a figure of each run, formatted.
+type Column = fn(&Figures) -> String;
+
 #[derive(Debug, Default)]
 struct Figures {
     qps: f64,
@@ -209,14 +214,13 @@ struct Figures {
     max: f64,
 }
 
-fn dnsperf(server: SocketAddr, queries: &Path, extra: &[&str], verbose: bool) -> String {
-    let cpu = env_or("BENCH_CLIENT_CPU", 0u32).to_string();
+fn dnsperf(server: SocketAddr, queries: &Path, cpu: &str, extra: &[&str], verbose: bool) -> String {
     let port = server.port().to_string();
     let seconds = env_or("BENCH_SECONDS", 10u64).to_string();
     let qfile = queries.display().to_string();
     let mut args = vec![
         "-c",
-        &cpu,
+        cpu,
         "dnsperf",
         "-s",
         "127.0.0.1",
@@ -246,15 +250,16 @@ fn field(text: &str, key: &str) -> Option<String> {
         .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
 }
 
-fn measure(server: SocketAddr, queries: &Path) -> Figures {
+fn measure(server: SocketAddr, queries: &Path, cpu: &str) -> Figures {
     // Warm up (caches, first-touch allocations), then the throughput pass.
     dnsperf(
         server,
         queries,
+        cpu,
         &["-c", "8", "-q", "200", "-n", "1", "-l", "3"],
         false,
     );
-    let text = dnsperf(server, queries, &["-c", "8", "-q", "200"], false);
+    let text = dnsperf(server, queries, cpu, &["-c", "8", "-q", "200"], false);
     let mut f = Figures {
         qps: field(&text, "Queries per second")
             .and_then(|v| v.parse().ok())
@@ -267,7 +272,7 @@ fn measure(server: SocketAddr, queries: &Path) -> Figures {
     };
     // Fixed-rate pass: per-query latencies from verbose lines ("> NOERROR name A 0.000123").
     let rate = env_or("BENCH_RATE", 20_000u32).to_string();
-    let text = dnsperf(server, queries, &["-c", "8", "-Q", &rate], true);
+    let text = dnsperf(server, queries, cpu, &["-c", "8", "-Q", &rate], true);
     let mut lat: Vec<f64> = text
         .lines()
         .filter(|l| l.starts_with('>'))
@@ -393,22 +398,97 @@ fn main() {
     let grpc = wait_for("control plane address", Duration::from_secs(30), || {
         read_json_addr(&cp_addrs, "grpc")
     });
-    let agent_addrs = dir.join("agent.json");
+    let wide = std::env::var("BENCH_WIDE_CPUS").unwrap_or_else(|_| "0,1".into());
+    let setups = [
+        (1u32, server_cpu.as_str(), client_cpu.as_str()),
+        (2, &wide, &wide),
+    ];
+    let mut ours = Vec::new();
+    let mut rss = (0, 0);
+    for (workers, cpus, client) in setups {
+        let (f, idle, loaded) = run_agent(&release, grpc, dir, workers, cpus, client, &qfile);
+        if workers == 1 {
+            rss = (idle, loaded);
+        }
+        ours.push(f);
+    }
+    std::fs::create_dir(dir.join("knot")).expect("mkdir");
+    let theirs: Vec<Figures> = setups
+        .iter()
+        .map(|(workers, cpus, client)| run_knot(dir, *workers, cpus, client, &qfile))
+        .collect();
+
+    println!(
+        "\ndnsperf on loopback; 1 worker: server on CPU {server_cpu}, client on CPU {client_cpu}; \
+         2 workers: server and client on CPUs {wide}; \
+         {SERVICES} services ({HEADLESS} headless x {ENDPOINTS} endpoints, {} records); \
+         mix: ClusterIP A / headless A / SRV / NXDOMAIN",
+        zone.record_count()
+    );
+    println!(
+        "{:<34} {:>12} {:>12} {:>12} {:>12}",
+        "", "agent 1 udp", "knot 1 udp", "agent 2 udp", "knot 2 udp"
+    );
+    let rate = env_or("BENCH_RATE", 20_000u32);
+    let rows: [(String, Column); 8] = [
+        ("throughput (QPS, -c 8)".into(), |f| format!("{:.0}", f.qps)),
+        ("  avg latency at max (ms)".into(), |f| {
+            format!("{:.3}", f.avg_ms)
+        }),
+        ("  queries lost".into(), |f| f.lost.clone()),
+        (format!("p50 latency at {rate} QPS (ms)"), |f| {
+            format!("{:.3}", f.p50)
+        }),
+        ("p90 (ms)".into(), |f| format!("{:.3}", f.p90)),
+        ("p99 (ms)".into(), |f| format!("{:.3}", f.p99)),
+        ("p99.9 (ms)".into(), |f| format!("{:.3}", f.p999)),
+        ("max (ms)".into(), |f| format!("{:.3}", f.max)),
+    ];
+    for (name, get) in rows {
+        println!(
+            "{name:<34} {:>12} {:>12} {:>12} {:>12}",
+            get(&ours[0]),
+            get(&theirs[0]),
+            get(&ours[1]),
+            get(&theirs[1])
+        );
+    }
+    println!(
+        "meshlite-dns-agent RSS (1 worker): {:.1} MiB after the first snapshot, {:.1} MiB after the runs",
+        rss.0 as f64 / 1024.0,
+        rss.1 as f64 / 1024.0
+    );
+}
+
+/// The agent with `workers` UDP workers on `cpus`, fed by the control plane at
+/// `grpc`: its figures and its RSS before and after.
+fn run_agent(
+    release: &Path,
+    grpc: SocketAddr,
+    dir: &Path,
+    workers: u32,
+    cpus: &str,
+    client: &str,
+    qfile: &Path,
+) -> (Figures, u64, u64) {
+    let agent_addrs = dir.join(format!("agent-{workers}.json"));
     let agent = Proc(
         Command::new("taskset")
             .args([
                 "-c",
-                &server_cpu,
+                cpus,
                 release.to_str().expect("utf-8 path"),
                 &format!("--control-plane={grpc}"),
                 "--insecure",
-                "--node-name=bench",
+                &format!("--node-name=bench-{workers}"),
                 "--upstream=none",
+                &format!("--udp-workers={workers}"),
                 "--listen=127.0.0.1:0",
                 "--admin-listen=127.0.0.1:0",
                 &format!("--addresses-file={}", agent_addrs.display()),
             ])
             .env("RUST_LOG", "warn")
+            // The runtime only carries TCP, the admin port and the stream here.
             .env("TOKIO_WORKER_THREADS", "1")
             .stderr(Stdio::null())
             .spawn()
@@ -423,19 +503,20 @@ fn main() {
     wait_for("agent ready", Duration::from_secs(60), || {
         http_ready(admin).then_some(())
     });
-    let rss_idle = rss_kib(agent.0.id());
-    let ours = measure(dns, &qfile);
-    let rss_loaded = rss_kib(agent.0.id());
-    drop(agent);
+    let idle = rss_kib(agent.0.id());
+    let f = measure(dns, qfile, client);
+    let loaded = rss_kib(agent.0.id());
+    (f, idle, loaded)
+}
 
-    // Knot with one UDP worker, pinned to the same core.
+/// Knot with `workers` UDP workers on `cpus`, serving the exported zone.
+fn run_knot(dir: &Path, workers: u32, cpus: &str, client: &str, qfile: &Path) -> Figures {
     let port = free_port();
-    let conf = dir.join("knot.conf");
-    std::fs::create_dir(dir.join("knot")).expect("mkdir");
+    let conf = dir.join(format!("knot-{workers}.conf"));
     std::fs::write(
         &conf,
         format!(
-            "server:\n    listen: 127.0.0.1@{port}\n    udp-workers: 1\n    tcp-workers: 1\n    \
+            "server:\n    listen: 127.0.0.1@{port}\n    udp-workers: {workers}\n    tcp-workers: 1\n    \
              background-workers: 1\n    rundir: {d}/knot\n\ndatabase:\n    storage: {d}/knot\n\n\
              log:\n  - target: stderr\n    any: warning\n\nzone:\n  - domain: cluster.local\n    \
              file: {d}/cluster.local.zone\n    journal-content: none\n    zonefile-sync: -1\n",
@@ -445,18 +526,11 @@ fn main() {
     .expect("knot.conf");
     let _knot = Proc(
         Command::new("taskset")
-            .args([
-                "-c",
-                &server_cpu,
-                "knotd",
-                "-c",
-                conf.to_str().expect("utf-8"),
-            ])
+            .args(["-c", cpus, "knotd", "-c", conf.to_str().expect("utf-8")])
             .stderr(Stdio::null())
             .spawn()
             .expect("knotd"),
     );
-    let knot: SocketAddr = ([127, 0, 0, 1], port).into();
     wait_for("knot answers", Duration::from_secs(30), || {
         let out = Command::new("dig")
             .args([
@@ -473,60 +547,5 @@ fn main() {
             .ok()?;
         (!out.stdout.is_empty()).then_some(())
     });
-    let theirs = measure(knot, &qfile);
-
-    println!(
-        "\ndnsperf on loopback, server pinned to CPU {server_cpu}, client to CPU {}; \
-         {SERVICES} services ({HEADLESS} headless x {ENDPOINTS} endpoints, {} records); \
-         mix: ClusterIP A / headless A / SRV / NXDOMAIN",
-        env_or("BENCH_CLIENT_CPU", 0u32),
-        zone.record_count()
-    );
-    println!(
-        "{:<34} {:>16} {:>16}",
-        "", "meshlite-dns-agent", "knot 3 (1 udp worker)"
-    );
-    let row = |name: &str, a: String, b: String| println!("{name:<34} {a:>16} {b:>16}");
-    row(
-        "throughput (QPS, -c 8)",
-        format!("{:.0}", ours.qps),
-        format!("{:.0}", theirs.qps),
-    );
-    row(
-        "  avg latency at max (ms)",
-        format!("{:.3}", ours.avg_ms),
-        format!("{:.3}", theirs.avg_ms),
-    );
-    row("  queries lost", ours.lost.clone(), theirs.lost.clone());
-    let rate = env_or("BENCH_RATE", 20_000u32);
-    row(
-        &format!("p50 latency at {rate} QPS (ms)"),
-        format!("{:.3}", ours.p50),
-        format!("{:.3}", theirs.p50),
-    );
-    row(
-        "p90 (ms)",
-        format!("{:.3}", ours.p90),
-        format!("{:.3}", theirs.p90),
-    );
-    row(
-        "p99 (ms)",
-        format!("{:.3}", ours.p99),
-        format!("{:.3}", theirs.p99),
-    );
-    row(
-        "p99.9 (ms)",
-        format!("{:.3}", ours.p999),
-        format!("{:.3}", theirs.p999),
-    );
-    row(
-        "max (ms)",
-        format!("{:.3}", ours.max),
-        format!("{:.3}", theirs.max),
-    );
-    println!(
-        "meshlite-dns-agent RSS: {:.1} MiB after the first snapshot, {:.1} MiB after the runs",
-        rss_idle as f64 / 1024.0,
-        rss_loaded as f64 / 1024.0
-    );
+    measure(([127, 0, 0, 1], port).into(), qfile, client)
 }

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use crate::apply::ZoneUpdater;
 use crate::config::Config;
 use crate::dns::{self, DnsHandler, DnsServer, Forwarder};
-use crate::metrics::Metrics;
+use crate::metrics::{Identity, Metrics};
 use crate::zone::{Zone, ZoneCell};
 
 /// Start-up and serving failures.
@@ -46,7 +46,16 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let mut registry = Registry::default();
     telemetry.register(&mut registry);
-    let metrics = Arc::new(Metrics::register(&mut registry));
+    let upstreams = config
+        .forward
+        .as_ref()
+        .map(|f| f.upstreams.clone())
+        .unwrap_or_default();
+    let metrics = Arc::new(Metrics::register(
+        &mut registry,
+        &Identity::new(config.server.listen, &upstreams),
+    ));
+    count_panics(metrics.clone());
     let sub_metrics = Arc::new(SubscriberMetrics::register(&mut registry, "meshlite_dns"));
     let readiness = Readiness::new();
     let not_ready = readiness.block("zone");
@@ -90,7 +99,8 @@ pub async fn run(
             s.describe(std::time::SystemTime::now())
         ))
     });
-    let router = admin::router(Arc::new(registry), readiness, health);
+    let router = admin::router(Arc::new(registry), readiness.clone(), health)
+        .merge(coredns_health_routes(readiness));
 
     if let Some(path) = &config.addresses_file {
         admin::write_addresses(path, &[("dns", server.local_addr()), ("admin", admin_addr)])
@@ -120,4 +130,38 @@ pub async fn run(
     dns_result?;
     admin_result.map_err(RunError::AdminServe)?;
     Ok(())
+}
+
+/// Counts every panic in `coredns_panics_total`, then reports it as before.
+fn count_panics(metrics: Arc<Metrics>) {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        metrics.panicked();
+        previous(info);
+    }));
+}
+
+/// CoreDNS's probe paths on the admin port, so probes written for CoreDNS work:
+/// `/health` (the `health` plugin: 200 `OK` while the process serves) and `/ready`
+/// (the `ready` plugin: 200 `OK` once the first zone is in place, else 503 naming
+/// what is pending).
+fn coredns_health_routes(readiness: Readiness) -> axum::Router {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/health", get(|| async { (StatusCode::OK, "OK") }))
+        .route(
+            "/ready",
+            get(move || {
+                let readiness = readiness.clone();
+                async move {
+                    let pending = readiness.pending();
+                    if pending.is_empty() {
+                        (StatusCode::OK, "OK".to_string())
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, pending.join("\n"))
+                    }
+                }
+            }),
+        )
 }

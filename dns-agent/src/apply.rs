@@ -8,7 +8,7 @@ use meshlite_runtime::admin::BlockReady;
 use meshlite_runtime::{Applied, ApplyError, ChangeSet, Handler, Snapshot, UpdateInfo};
 use tracing::{debug, info};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ServiceKind};
 use crate::zone::{Zone, ZoneCell};
 
 /// Swaps zones on every update. Readiness is held down until the first swap.
@@ -81,16 +81,51 @@ impl ZoneUpdater {
     }
 }
 
+impl ZoneUpdater {
+    /// CoreDNS's DNS programming latency: from an EndpointSlice change's trigger time
+    /// to its answers being served, for headless services (the only ones whose
+    /// answers follow endpoints; CoreDNS measures the same). The first snapshot's
+    /// trigger times are history and are skipped.
+    fn programmed(&self, snapshot: &Snapshot, info: &UpdateInfo, now: std::time::SystemTime) {
+        for cause in info.causes.iter().filter(|c| !c.removed) {
+            let Ok(key) = cause.key.parse::<meshlite_proto::model::ResourceKey>() else {
+                continue;
+            };
+            let Some((_, slice)) = snapshot.slice(&key) else {
+                continue;
+            };
+            let service =
+                meshlite_proto::model::ServiceName::new(&slice.namespace, &slice.service_name);
+            let Some(svc) = snapshot.service(&service) else {
+                continue;
+            };
+            if !svc.headless {
+                continue;
+            }
+            if let Ok(d) = now.duration_since(cause.trigger) {
+                // The snapshot does not carry the selector; a slice of a headless
+                // service counts as one with a selector (the common case).
+                self.metrics
+                    .programmed(ServiceKind::headless_with_selector, d.as_secs_f64());
+            }
+        }
+    }
+}
+
 impl Handler for ZoneUpdater {
     async fn apply(
         &mut self,
         snapshot: &Snapshot,
         changes: &ChangeSet,
-        _info: &UpdateInfo,
+        info: &UpdateInfo,
     ) -> Result<Applied, ApplyError> {
         // Zone building is pure and cannot fail: every resource reaching here was
         // validated when it was decoded.
+        let first = self.not_ready.is_some();
         let rules_changed = self.apply_now(snapshot, changes);
+        if !first {
+            self.programmed(snapshot, info, std::time::SystemTime::now());
+        }
         Ok(Applied {
             rules_changed,
             ..Applied::default()

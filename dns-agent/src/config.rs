@@ -71,6 +71,14 @@ pub struct Args {
     /// Largest EDNS UDP payload honoured; larger answers are truncated (TC).
     #[arg(long, env = "MESHLITE_MAX_UDP_PAYLOAD", default_value_t = 1232)]
     pub max_udp_payload: u16,
+    /// UDP sockets on the listen address (`SO_REUSEPORT`), each served by a thread of
+    /// its own. Default: the CPUs this process may use (affinity and cgroup quota).
+    #[arg(long, env = "MESHLITE_UDP_WORKERS")]
+    pub udp_workers: Option<usize>,
+    /// Serve expired forwarded answers (TTL 30 s) for up to this long past their TTL
+    /// while every upstream fails (RFC 8767; CoreDNS `cache { serve_stale }`). 0: off.
+    #[arg(long, env = "MESHLITE_SERVE_STALE", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub serve_stale: Duration,
     /// Client certificate (PEM) for mTLS to the control plane.
     #[arg(long, env = "MESHLITE_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -216,6 +224,14 @@ impl Args {
             .map_err(|e| invalid("listen", &self.listen, &e.to_string()))?;
         meshlite_runtime::admin::parse_listen(&self.admin_listen)
             .map_err(|e| invalid("admin-listen", &self.admin_listen, &e.to_string()))?;
+        let udp_workers = match self.udp_workers {
+            Some(0) => return Err(invalid("udp-workers", "0", "must be at least 1")),
+            Some(n) if n > 1024 => {
+                return Err(invalid("udp-workers", &n.to_string(), "at most 1024"));
+            }
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        };
         if self.max_udp_payload < 512 {
             return Err(invalid(
                 "max-udp-payload",
@@ -299,6 +315,7 @@ impl Args {
                 cache_size: self.cache_size,
                 cache_max_ttl: self.cache_max_ttl,
                 negative_max_ttl: self.cache_negative_max_ttl,
+                serve_stale: self.serve_stale,
             })
         };
 
@@ -319,6 +336,7 @@ impl Args {
                 listen,
                 max_udp_payload: self.max_udp_payload,
                 tcp_idle_timeout: Duration::from_secs(10),
+                udp_workers,
             },
             admin_listen: self.admin_listen.clone(),
             addresses_file: self.addresses_file.clone(),
@@ -403,8 +421,10 @@ mod tests {
         assert_eq!(c.zone.ttl, 30);
         assert_eq!(c.zone.pod_records, PodRecords::Disabled);
         assert_eq!(c.server.listen, "0.0.0.0:53".parse().unwrap());
+        assert!(c.server.udp_workers >= 1);
         let f = c.forward.unwrap();
         assert_eq!(f.upstreams, vec!["127.0.0.53:53".parse().unwrap()]);
+        assert_eq!(f.serve_stale, Duration::ZERO);
     }
 
     #[test]
@@ -422,10 +442,17 @@ mod tests {
             "--service-cidr=198.19.0.0/16",
             "--pod-cidr=198.18.0.0/16,2001:db8::/32",
             "--node-name=dns-a",
+            "--udp-workers=3",
+            "--serve-stale=1h",
         ])
         .validate(&fake())
         .unwrap();
         assert!(c.subscriber.tls.is_some());
+        assert_eq!(c.server.udp_workers, 3);
+        assert_eq!(
+            c.forward.as_ref().unwrap().serve_stale,
+            Duration::from_secs(3600)
+        );
         assert_eq!(c.zone.domain, "example.org");
         assert_eq!(c.zone.pod_records, PodRecords::Verified);
         assert_eq!(c.zone.reverse_cidrs.len(), 3);
@@ -458,6 +485,9 @@ mod tests {
                 .contains("cluster-domain")
         );
         assert!(bad(&["--control-plane=x:1", "--insecure", "--listen=nope"]).contains("listen"));
+        assert!(
+            bad(&["--control-plane=x:1", "--insecure", "--udp-workers=0"]).contains("udp-workers")
+        );
         let empty = Fake(HashMap::new());
         let e = parse(&["--control-plane=x:1", "--insecure"])
             .validate(&empty)

@@ -1,7 +1,9 @@
 //! The DNS wire side, on hickory (pinned to 0.26.3; its types stay in this module):
 //! the UDP and TCP server, the request handler and the upstream forwarder.
 //!
-//! - [`DnsServer`] binds UDP and TCP on one address and runs hickory's `Server`.
+//! - [`DnsServer`] binds TCP (hickory's `Server`) and `--udp-workers` UDP sockets
+//!   on one address (`SO_REUSEPORT`: the kernel spreads clients over the sockets),
+//!   each served by a thread of its own.
 //! - [`DnsHandler`] answers cluster names from the [`ZoneCell`](crate::zone::ZoneCell) and forwards the
 //!   rest through the [`Forwarder`] (hickory-resolver plus our TTL cache).
 //! - [`answer_bytes`] runs the handler on raw request bytes in-process: for tests,
@@ -11,7 +13,9 @@
 //! without EDNS, else its EDNS size capped by `--max-udp-payload`) and sets TC when
 //! records did not fit; the client retries over TCP, where the limit is 64 KiB.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,8 +27,10 @@ use hickory_resolver::net::xfer::Protocol;
 use hickory_server::Server;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponse;
-use tokio::net::{TcpListener, UdpSocket};
-use tracing::info;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::metrics::{Answered, Family4or6, QueryType, Rcode, Refusal, Source};
 
 mod forward;
 mod handler;
@@ -61,14 +67,16 @@ pub struct ServerConfig {
     pub max_udp_payload: u16,
     /// Idle TCP connections are closed after this long.
     pub tcp_idle_timeout: Duration,
+    /// UDP sockets (`SO_REUSEPORT`), each with a thread of its own.
+    pub udp_workers: usize,
 }
 
 /// A bound DNS server, not yet running.
 pub struct DnsServer {
     /// hickory's server, for TCP.
     server: Server<DnsHandler>,
-    /// Our own UDP loop: see [`serve_udp`].
-    udp: Arc<UdpSocket>,
+    /// One socket per UDP worker, all on `local`: see [`serve_udp`].
+    udp: Vec<std::net::UdpSocket>,
     handler: DnsHandler,
     local: SocketAddr,
 }
@@ -83,23 +91,27 @@ pub enum Transport {
 // === impl DnsServer ===
 
 impl DnsServer {
-    /// Binds UDP and TCP on the same address and port.
+    /// Binds TCP and `config.udp_workers` UDP sockets on the same address and port.
     ///
     /// # Errors
-    /// When either socket cannot be bound.
+    /// When a socket cannot be bound.
     pub async fn bind(config: &ServerConfig, handler: DnsHandler) -> Result<Self> {
-        let (udp, tcp) = bind_pair(config.listen).await?;
-        let local = udp.local_addr().map_err(|source| Error::Bind {
-            proto: "udp",
-            addr: config.listen,
-            source,
-        })?;
+        let (udp, tcp) = bind_sockets(config.listen, config.udp_workers.max(1))?;
+        let local = udp
+            .first()
+            .ok_or_else(|| Error::Serve("no UDP socket".into()))?
+            .local_addr()
+            .map_err(|source| Error::Bind {
+                proto: "udp",
+                addr: config.listen,
+                source,
+            })?;
         let mut server = Server::new(handler.clone());
         server.register_listener(tcp, config.tcp_idle_timeout, 64);
-        info!(%local, "dns listening (udp+tcp)");
+        info!(%local, udp_workers = udp.len(), "dns listening (udp+tcp)");
         Ok(Self {
             server,
-            udp: Arc::new(udp),
+            udp,
             handler,
             local,
         })
@@ -115,11 +127,25 @@ impl DnsServer {
     /// # Errors
     /// When a socket fails for good.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
-        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let udp: Vec<_> = (0..workers)
-            .map(|_| tokio::spawn(serve_udp(self.udp.clone(), self.handler.clone())))
-            .collect();
-        let _abort = AbortOnDrop(udp);
+        let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+        let runtime = tokio::runtime::Handle::current();
+        for (i, socket) in std::mem::take(&mut self.udp).into_iter().enumerate() {
+            let worker = UdpWorker {
+                id: u32::try_from(i).unwrap_or(u32::MAX),
+                socket: Arc::new(socket),
+                handler: Arc::new(self.handler.clone()),
+                stop: stop.0.clone(),
+                runtime: runtime.clone(),
+            };
+            std::thread::Builder::new()
+                .name(format!("dns-udp-{i}"))
+                .spawn(move || worker.run())
+                .map_err(|source| Error::Bind {
+                    proto: "udp worker thread",
+                    addr: self.local,
+                    source,
+                })?;
+        }
         tokio::select! {
             r = self.server.block_until_done() => r.map_err(|e| Error::Serve(e.to_string())),
             () = shutdown => self
@@ -139,75 +165,263 @@ impl std::fmt::Debug for DnsServer {
     }
 }
 
-/// Aborts the UDP workers when the server stops.
-struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+/// Stops the UDP workers when the server stops (within one receive timeout).
+struct StopOnDrop(Arc<AtomicBool>);
 
-impl Drop for AbortOnDrop {
+impl Drop for StopOnDrop {
     fn drop(&mut self) {
-        for t in &self.0 {
-            t.abort();
-        }
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 
-/// One UDP worker: receive, answer, send, in a loop on a shared socket.
-///
-/// hickory's server spawns a task per datagram and hands the answer back through a
-/// channel; for cluster names the answer is ready at once (a zone lookup), so here
-/// the handler's future is polled once in place and only a request that must wait
-/// (one forwarded upstream) gets a task of its own.
-async fn serve_udp(socket: Arc<UdpSocket>, handler: DnsHandler) {
-    use futures::FutureExt;
-    let handler = Arc::new(handler);
-    let mut buf = vec![0u8; 4096];
+/// Authoritative answers a UDP worker keeps, per zone generation; when full it
+/// starts over, so it follows what clients ask now. Typical entries are a few
+/// hundred bytes (about 3 MiB full); the bound is 12 MiB per worker (requests up
+/// to 300 bytes, UDP answers up to 1232).
+const ANSWER_CACHE_ENTRIES: usize = 8192;
+
+/// Requests longer than this are answered afresh, never cached.
+const ANSWER_CACHE_MAX_REQUEST: usize = 300;
+
+/// One UDP worker's authoritative answers, keyed by the request's bytes after its
+/// ID: the zone answer is a pure function of those bytes and the zone, so a request
+/// seen before gets the same bytes with its own ID, without parsing, looking up or
+/// encoding again (Knot serves pre-built answers the same way). Only answers with AA
+/// set (from the zone, never forwarded or errors) are kept, and all are dropped when
+/// the zone is swapped.
+#[derive(Default)]
+struct AnswerCache {
+    generation: u64,
+    entries: HashMap<Box<[u8]>, CachedAnswer>,
+}
+
+struct CachedAnswer {
+    response: Box<[u8]>,
+    qtype: QueryType,
+    rcode: Rcode,
+}
+
+// === impl AnswerCache ===
+
+impl AnswerCache {
+    /// The cached response for `request` in zone generation `generation`, with
+    /// `request`'s ID, and what to record for it.
+    fn answer(&mut self, generation: u64, request: &[u8]) -> Option<(Vec<u8>, QueryType, Rcode)> {
+        if self.generation != generation {
+            self.entries.clear();
+            self.generation = generation;
+            return None;
+        }
+        let key = request.get(2..)?;
+        let hit = self.entries.get(key)?;
+        let mut response = hit.response.to_vec();
+        response.get_mut(..2)?.copy_from_slice(request.get(..2)?);
+        Some((response, hit.qtype, hit.rcode))
+    }
+
+    /// Keeps `response` to `request` if it is an authoritative answer.
+    fn keep(&mut self, generation: u64, request: &[u8], response: &[u8]) {
+        const AA: u8 = 0x04;
+        let (Some(key), Some(&flags), Some(&rcode)) =
+            (request.get(2..), response.get(2), response.get(3))
+        else {
+            return;
+        };
+        if generation != self.generation
+            || flags & AA == 0
+            || request.len() > ANSWER_CACHE_MAX_REQUEST
+        {
+            return;
+        }
+        if self.entries.len() >= ANSWER_CACHE_ENTRIES {
+            self.entries.clear();
+        }
+        let Some(qtype) = question_type(request) else {
+            return;
+        };
+        let rcode = match rcode & 0x0F {
+            0 => Rcode::NOERROR,
+            3 => Rcode::NXDOMAIN,
+            _ => return,
+        };
+        self.entries.insert(
+            key.into(),
+            CachedAnswer {
+                response: response.into(),
+                qtype,
+                rcode,
+            },
+        );
+    }
+}
+
+/// The query type of a request's single question, if its name is uncompressed.
+fn question_type(request: &[u8]) -> Option<QueryType> {
+    if request.get(4..6)? != [0, 1] {
+        return None;
+    }
+    let mut i = 12;
     loop {
-        let (n, peer) = match socket.recv_from(&mut buf).await {
-            Ok(r) => r,
-            Err(e) => {
-                // ICMP errors from earlier sends surface here on Linux; keep serving.
-                tracing::debug!(error = %e, "udp recv");
+        let len = *request.get(i)?;
+        if len & 0xC0 != 0 {
+            return None;
+        }
+        i += 1 + usize::from(len);
+        if len == 0 {
+            break;
+        }
+    }
+    let t = u16::from_be_bytes([*request.get(i)?, *request.get(i + 1)?]);
+    Some(handler::query_type_label(
+        hickory_proto::rr::RecordType::from(t),
+    ))
+}
+
+/// How often a UDP worker blocked in `recv_from` looks at the stop flag.
+const UDP_STOP_POLL: Duration = Duration::from_millis(100);
+
+/// One UDP worker: a thread blocked in `recv_from` on its own socket.
+struct UdpWorker {
+    id: u32,
+    socket: Arc<std::net::UdpSocket>,
+    handler: Arc<DnsHandler>,
+    stop: Arc<AtomicBool>,
+    runtime: tokio::runtime::Handle,
+}
+
+// === impl UdpWorker ===
+
+impl UdpWorker {
+    /// Receive, check the source, answer, send, until stopped.
+    ///
+    /// A thread of its own rather than a task: for cluster names the answer is
+    /// ready at once (a zone lookup), so the handler's future is polled once in
+    /// place; a blocking `recv_from` then wakes this thread straight from the
+    /// kernel, without tokio's I/O driver and scheduler between the datagram and
+    /// its answer (the driver's wake-ups were the bulk of our p99.9). Only a
+    /// request that must wait (one forwarded upstream) becomes a task on the
+    /// runtime, which sends its answer when it comes.
+    fn run(self) {
+        use futures::FutureExt;
+        // The forwarder's futures may spawn tasks and register I/O on their first
+        // poll, which happens here.
+        let _enter = self.runtime.enter();
+        if let Err(e) = self.socket.set_read_timeout(Some(UDP_STOP_POLL)) {
+            warn!(error = %e, "udp worker: cannot set a receive timeout; it will stop only with the process");
+        }
+        let received = self.handler.metrics().udp_worker_counter(self.id);
+        let mut cache = AnswerCache::default();
+        let mut buf = vec![0u8; 4096];
+        while !self.stop.load(Ordering::Relaxed) {
+            let (n, peer) = match self.socket.recv_from(&mut buf) {
+                Ok(r) => r,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue;
+                }
+                Err(e) => {
+                    // ICMP errors from earlier sends surface here on Linux; keep serving.
+                    tracing::debug!(error = %e, "udp recv");
+                    continue;
+                }
+            };
+            received.inc();
+            if let Some(reason) = refusal(peer) {
+                self.handler.metrics().udp_refused(reason);
+                tracing::debug!(%peer, ?reason, "udp request dropped for its source");
                 continue;
             }
-        };
-        let request = buf[..n].to_vec();
-        let h = handler.clone();
-        let mut answer =
-            Box::pin(async move { answer_from(&h, request, peer, Transport::Udp).await });
-        match (&mut answer).now_or_never() {
-            Some(Some(response)) => {
-                let _ = socket.send_to(&response, peer).await;
-            }
-            Some(None) => {}
-            None => {
-                let socket = socket.clone();
-                tokio::spawn(async move {
-                    if let Some(response) = answer.await {
-                        let _ = socket.send_to(&response, peer).await;
-                    }
+            let started = std::time::Instant::now();
+            let generation = self.handler.zone_generation();
+            if let Some((response, qtype, rcode)) = cache.answer(generation, &buf[..n]) {
+                send(&self.socket, &response, peer);
+                self.handler.metrics().request(&Answered {
+                    qtype,
+                    rcode,
+                    source: Source::Zone,
+                    elapsed: started.elapsed(),
+                    transport: crate::metrics::Transport::udp,
+                    family: Family4or6::from(peer),
+                    request_bytes: n,
+                    response_bytes: Some(response.len()),
+                    truncated: response.get(2).is_some_and(|f| f & 0x02 != 0),
                 });
+                continue;
+            }
+            let request = buf[..n].to_vec();
+            let h = self.handler.clone();
+            let mut answer =
+                Box::pin(async move { answer_from(&h, request, peer, Transport::Udp).await });
+            // A panic while answering one datagram must not take the worker down.
+            let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                (&mut answer).now_or_never()
+            }));
+            match polled {
+                Ok(Some(Some(response))) => {
+                    send(&self.socket, &response, peer);
+                    cache.keep(generation, &buf[..n], &response);
+                }
+                Ok(Some(None)) | Err(_) => {}
+                Ok(None) => {
+                    let socket = self.socket.clone();
+                    self.runtime.spawn(async move {
+                        if let Some(response) = answer.await {
+                            send(&socket, &response, peer);
+                        }
+                    });
+                }
             }
         }
     }
 }
 
-/// UDP first; with port 0, TCP then takes the same port (retrying if another
+/// A UDP send: never blocks for long (only with a full socket buffer).
+fn send(socket: &std::net::UdpSocket, response: &[u8], peer: SocketAddr) {
+    if let Err(e) = socket.send_to(response, peer) {
+        tracing::debug!(error = %e, %peer, "udp send");
+    }
+}
+
+/// hickory's `sanitize_src_address`, which our UDP loop replaces: no answer to port
+/// 0, to an unspecified or to the broadcast address (each would reflect traffic
+/// somewhere no client listens).
+pub fn refusal(src: SocketAddr) -> Option<Refusal> {
+    if src.port() == 0 {
+        return Some(Refusal::port_zero);
+    }
+    match src.ip().to_canonical() {
+        IpAddr::V4(ip) if ip.is_broadcast() => Some(Refusal::broadcast),
+        ip if ip.is_unspecified() => Some(Refusal::unspecified),
+        _ => None,
+    }
+}
+
+/// The UDP sockets (`SO_REUSEPORT`) and the TCP listener on one port. With port 0,
+/// the first UDP socket picks the port and the rest follow (retrying when another
 /// process holds it for TCP).
-async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener)> {
+fn bind_sockets(
+    addr: SocketAddr,
+    workers: usize,
+) -> Result<(Vec<std::net::UdpSocket>, TcpListener)> {
+    let udp_err = |source| Error::Bind {
+        proto: "udp",
+        addr,
+        source,
+    };
     let mut last = None;
     for _ in 0..16 {
-        let udp = UdpSocket::bind(addr).await.map_err(|source| Error::Bind {
-            proto: "udp",
-            addr,
-            source,
-        })?;
-        let bound = udp.local_addr().map_err(|source| Error::Bind {
-            proto: "udp",
-            addr,
-            source,
-        })?;
-        match TcpListener::bind(bound).await {
-            Ok(tcp) => return Ok((udp, tcp)),
-            Err(source) if addr.port() == 0 => last = Some(source),
+        let first = reuseport_udp(addr).map_err(udp_err)?;
+        let bound = first.local_addr().map_err(udp_err)?;
+        let tcp = match reuseaddr_tcp(bound) {
+            Ok(tcp) => tcp,
+            Err(source) if addr.port() == 0 => {
+                last = Some(source);
+                continue;
+            }
             Err(source) => {
                 return Err(Error::Bind {
                     proto: "tcp",
@@ -215,13 +429,52 @@ async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener)> {
                     source,
                 });
             }
+        };
+        let tcp_err = |source| Error::Bind {
+            proto: "tcp",
+            addr,
+            source,
+        };
+        tcp.set_nonblocking(true).map_err(tcp_err)?;
+        let tcp = TcpListener::from_std(tcp).map_err(tcp_err)?;
+        let mut udp = vec![first];
+        for _ in 1..workers {
+            udp.push(reuseport_udp(bound).map_err(udp_err)?);
         }
+        return Ok((udp, tcp));
     }
     Err(Error::Bind {
         proto: "tcp",
         addr,
         source: last.unwrap_or_else(|| std::io::Error::other("no free port")),
     })
+}
+
+/// A TCP listener with `SO_REUSEADDR` (a restart binds despite TIME_WAIT), as
+/// tokio's `bind` makes it.
+fn reuseaddr_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// A blocking UDP socket with `SO_REUSEPORT`, bound to `addr`.
+fn reuseport_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        // `[::]` takes IPv4 too, as a plain bind would on Linux by default.
+        socket.set_only_v6(false)?;
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 /// Runs the handler on one raw request, as the server would, and returns the
@@ -269,7 +522,14 @@ async fn answer_from(
         }
         Err(_) => return header_only.and_then(|h| formerr(&h)),
     }
-    capture.out.lock().unwrap_or_else(|p| p.into_inner()).take()
+    let out = capture.out.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let (Some(bytes), Transport::Udp) = (&out, transport) {
+        // Over TCP the handler measured it already.
+        handler
+            .metrics()
+            .response_size(crate::metrics::Transport::udp, bytes.len());
+    }
+    out
 }
 
 /// Checks a response produced by [`answer_bytes`] against its request: it decodes,

@@ -171,7 +171,11 @@ pub enum QType {
 
 /// The zone readers share: swapped whole, read without locks.
 #[derive(Debug)]
-pub struct ZoneCell(ArcSwap<Zone>);
+pub struct ZoneCell {
+    zone: ArcSwap<Zone>,
+    /// Counts swaps: answers cached for one generation are stale in the next.
+    generation: std::sync::atomic::AtomicU64,
+}
 
 /// Bounds CNAME chasing inside the zone (ExternalName to ExternalName...).
 const MAX_CHASE: usize = 8;
@@ -741,17 +745,29 @@ impl Answer {
 
 impl ZoneCell {
     pub fn new(zone: Zone) -> Self {
-        Self(ArcSwap::from_pointee(zone))
+        Self {
+            zone: ArcSwap::from_pointee(zone),
+            generation: std::sync::atomic::AtomicU64::new(0),
+        }
     }
 
     /// The current zone; holds it alive while the caller uses it.
     pub fn load(&self) -> Arc<Zone> {
-        self.0.load_full()
+        self.zone.load_full()
     }
 
     /// Swaps in a new zone atomically: later loads see all of it, earlier ones none.
     pub fn store(&self, zone: Arc<Zone>) {
-        self.0.store(zone);
+        self.zone.store(zone);
+        // After the swap: whoever reads the new generation then loads the new zone.
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// How many zones were swapped in so far. Read it before [`load`](Self::load):
+    /// an answer computed after reading generation `g` is from zone `g` or later.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 

@@ -233,6 +233,7 @@ fn seed_over_dig_udp_and_tcp_with_live_edits_and_forwarding() -> Result<()> {
             format!("--upstream={up_dns}"),
             "--service-cidr=198.19.0.0/16".into(),
             "--pod-cidr=198.18.0.0/16".into(),
+            "--udp-workers=2".into(),
             "--listen=127.0.0.1:0".into(),
             "--admin-listen=127.0.0.1:0".into(),
             format!("--addresses-file={}", agent_addrs.display()),
@@ -303,46 +304,99 @@ fn seed_over_dig_udp_and_tcp_with_live_edits_and_forwarding() -> Result<()> {
     assert!(!flags.contains("aa") && flags.contains("ra"), "{flags}");
     let (_, metrics) = http_get(admin, "/metrics").context("agent metrics")?;
     assert!(
-        metric_sum(&metrics, "meshlite_dns_cache_hits_total", "") >= 2.0,
+        metric_sum(&metrics, "coredns_cache_hits_total", "") >= 2.0,
         "{metrics}"
     );
-    assert!(metric_sum(&metrics, "meshlite_dns_forward_requests_total", "") >= 2.0);
+    assert!(metric_sum(&metrics, "coredns_forward_requests_total", "") >= 2.0);
     assert!(
         metric_sum(
             &metrics,
-            "meshlite_dns_requests_total",
+            "coredns_forward_responses_total",
+            &format!("to=\"{up_dns}\"")
+        ) >= 2.0,
+        "{metrics}"
+    );
+    assert!(
+        metric_sum(
+            &metrics,
+            "coredns_dns_responses_total",
             "rcode=\"NXDOMAIN\""
         ) >= 1.0
     );
     assert!(metric_sum(&metrics, "meshlite_dns_zone_records", "") > 0.0);
     for series in [
-        "meshlite_dns_response_size_bytes_count",
-        "meshlite_dns_request_duration_seconds_bucket",
+        "coredns_dns_requests_total{",
+        "coredns_dns_response_size_bytes_count{",
+        "coredns_dns_request_size_bytes_count{",
+        "coredns_dns_request_duration_seconds_bucket{",
+        "coredns_forward_request_duration_seconds_bucket{",
+        "coredns_build_info{",
+        "coredns_panics_total",
         "meshlite_dns_update_apply_duration_seconds_count",
-        "meshlite_dns_cache_entries",
+        "coredns_cache_entries{",
         "meshlite_dns_truncated_total",
     ] {
         assert!(metrics.contains(series), "{series} missing from /metrics");
     }
     // The upstream never saw a cluster.local name: it would have REFUSED it.
     let (_, up_metrics) = http_get(up_admin, "/metrics").context("upstream metrics")?;
-    assert!(
-        metric_sum(
-            &up_metrics,
-            "meshlite_dns_requests_total",
-            "source=\"Upstream\""
-        ) == 0.0
-    );
     assert_eq!(
         metric_sum(
             &up_metrics,
-            "meshlite_dns_requests_total",
+            "coredns_dns_responses_total",
             "rcode=\"REFUSED\""
         ),
         0.0,
         "{up_metrics}"
     );
-    assert!(metric_sum(&up_metrics, "meshlite_dns_requests_total", "rcode=") >= 2.0);
+    assert!(metric_sum(&up_metrics, "coredns_dns_responses_total", "rcode=") >= 2.0);
+
+    // CoreDNS's probe paths.
+    assert_eq!(http_get(admin, "/health"), Some((200, "OK".into())));
+    assert_eq!(http_get(admin, "/ready"), Some((200, "OK".into())));
+
+    // Two UDP workers: clients from many source ports reach both sockets.
+    let query = dns_query("clusterip-service.default.svc.cluster.local");
+    for i in 0..64 {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.send_to(&query, dns)?;
+        let mut buf = [0u8; 512];
+        let (n, _) = s
+            .recv_from(&mut buf)
+            .with_context(|| format!("query {i} unanswered"))?;
+        assert!(n > 12 && buf[..2] == query[..2], "query {i}: bad answer");
+    }
+    let (_, metrics) = http_get(admin, "/metrics").context("agent metrics")?;
+    for worker in ["0", "1"] {
+        assert!(
+            metric_sum(
+                &metrics,
+                "meshlite_dns_udp_worker_requests_total",
+                &format!("worker=\"{worker}\"")
+            ) > 0.0,
+            "worker {worker} received nothing:\n{metrics}"
+        );
+    }
+
+    // A request from source port 0 is dropped unanswered (and counted).
+    let answered_before = metric_sum(&metrics, "coredns_dns_requests_total", "");
+    send_from_port_zero(dns, &query)?;
+    eventually(
+        "the port-0 request counted as refused",
+        Duration::from_secs(5),
+        || {
+            let (_, m) = http_get(admin, "/metrics")?;
+            (metric_sum(&m, "meshlite_dns_udp_refused_total", "reason=\"port_zero\"") == 1.0)
+                .then_some(())
+        },
+    )?;
+    let (_, metrics) = http_get(admin, "/metrics").context("agent metrics")?;
+    assert_eq!(
+        metric_sum(&metrics, "coredns_dns_requests_total", ""),
+        answered_before,
+        "the port-0 request was answered"
+    );
 
     // Edit the headless EndpointSlice: 198.18.2.2 goes away; visible within 1 s.
     let slices = seed.join("endpointslices.yaml");
@@ -385,6 +439,35 @@ fn seed_over_dig_udp_and_tcp_with_live_edits_and_forwarding() -> Result<()> {
     drop(agent);
     drop(upstream);
     drop(cp);
+    Ok(())
+}
+
+/// A DNS query for `name` A, id 0x4d4c.
+fn dns_query(name: &str) -> Vec<u8> {
+    let mut q = vec![0x4d, 0x4c, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        q.push(u8::try_from(label.len()).expect("short label"));
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// Sends `payload` to `to` (IPv4 loopback) in a UDP datagram whose source port is
+/// 0, through a raw socket (needs CAP_NET_RAW: the tests run as root).
+fn send_from_port_zero(to: SocketAddr, payload: &[u8]) -> Result<()> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let raw = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::UDP))
+        .context("raw socket (needs root / CAP_NET_RAW)")?;
+    let len = u16::try_from(8 + payload.len())?;
+    let mut datagram = Vec::with_capacity(usize::from(len));
+    datagram.extend_from_slice(&0u16.to_be_bytes()); // source port 0
+    datagram.extend_from_slice(&to.port().to_be_bytes());
+    datagram.extend_from_slice(&len.to_be_bytes());
+    datagram.extend_from_slice(&0u16.to_be_bytes()); // no checksum (IPv4 allows it)
+    datagram.extend_from_slice(payload);
+    raw.send_to(&datagram, &SockAddr::from(SocketAddr::new(to.ip(), 0)))
+        .context("raw send")?;
     Ok(())
 }
 

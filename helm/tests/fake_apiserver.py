@@ -1,6 +1,7 @@
 """A minimal stand-in for the Kubernetes API, enough for `helm template --dry-run=server`:
-version and legacy discovery for the kinds the chart renders, GET of Secrets from an
-in-memory map (what the chart's `lookup` calls read), and 404 for everything else.
+version and legacy discovery for the kinds the chart renders, GET of Secrets and the list
+of ServiceCIDRs from in-memory state (what the chart's `lookup` calls read), and 404 for
+everything else.
 
 It listens on 127.0.0.1 only and records every request path.
 """
@@ -29,7 +30,11 @@ RESOURCES: dict[str, list[tuple[str, str, bool]]] = {
         ("clusterrolebindings", "ClusterRoleBinding", False),
     ],
     "cert-manager.io/v1": [("certificates", "Certificate", True), ("issuers", "Issuer", True)],
-    "monitoring.coreos.com/v1": [("servicemonitors", "ServiceMonitor", True)],
+    "monitoring.coreos.com/v1": [
+        ("servicemonitors", "ServiceMonitor", True),
+        ("prometheusrules", "PrometheusRule", True),
+    ],
+    "networking.k8s.io/v1": [("servicecidrs", "ServiceCIDR", False)],
 }
 
 _SECRET = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/secrets/(?P<name>[^/?]+)$")
@@ -38,6 +43,8 @@ _SECRET = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/secrets/(?P<name>[^/?]+
 class FakeApiServer:
     def __init__(self) -> None:
         self.secrets: dict[tuple[str, str], dict] = {}
+        # spec.cidrs of each ServiceCIDR object, by name.
+        self.service_cidrs: dict[str, list[str]] = {}
         self.requests: list[str] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -99,6 +106,15 @@ class FakeApiServer:
                     for plural, kind, namespaced in RESOURCES[gv]
                 ],
             }
+        if bare == "/apis/networking.k8s.io/v1/servicecidrs":
+            with self._lock:
+                items = [
+                    {"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+                     "metadata": {"name": name}, "spec": {"cidrs": cidrs}}
+                    for name, cidrs in sorted(self.service_cidrs.items())
+                ]
+            return 200, {"kind": "ServiceCIDRList", "apiVersion": "networking.k8s.io/v1",
+                         "metadata": {}, "items": items}
         m = _SECRET.match(bare)
         if m:
             with self._lock:

@@ -148,8 +148,12 @@ def test_object_names_namespaces_and_labels(case):
         assert md["labels"]["app.kubernetes.io/part-of"] == "meshlite", key
 
 
+# The DNS agents need the service CIDRs in every render (no values file sets them here).
+SERVICE_CIDRS = ("--set", "dns.serviceCIDRs={198.19.0.0/16}")
+
+
 def test_without_cluster_cidr_local_traffic_is_detected_by_node_cidr():
-    (ds,) = [o for o in chart.documents(chart.render(None)) if o["kind"] == "DaemonSet" and "node-agent" in o["metadata"]["name"]]
+    (ds,) = [o for o in chart.documents(chart.render(None, *SERVICE_CIDRS)) if o["kind"] == "DaemonSet" and "node-agent" in o["metadata"]["name"]]
     args = chart.arg_map(chart.pod_spec(ds)["containers"][0])
     assert args["detect-local-mode"] == "NodeCIDR"
     assert "cluster-cidr" not in args
@@ -162,13 +166,14 @@ def test_detect_local_modes_need_their_value_with_a_clear_message():
         (["nodeAgent.detectLocalMode=InterfaceNamePrefix"], "nodeAgent.podInterfaceNamePrefix is required"),
     ]:
         extra = [a for s in sets for a in ("--set", s)]
-        proc = chart.helm(*chart.template_args(None, *extra), check=False)
+        proc = chart.helm(*chart.template_args(None, *SERVICE_CIDRS, *extra), check=False)
         assert proc.returncode != 0, sets
         assert message in proc.stderr, proc.stderr
         assert "e.g." in proc.stderr, "the message shows an example"
     proc = chart.helm(
         *chart.template_args(
             None,
+            *SERVICE_CIDRS,
             "--set",
             "nodeAgent.detectLocalMode=InterfaceNamePrefix",
             "--set",

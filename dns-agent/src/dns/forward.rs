@@ -2,6 +2,11 @@
 //! upstream servers (pool, UDP with TCP fallback, retries); in front of it sits our
 //! own TTL-honouring cache with negative caching (RFC 2308), so cache hits and
 //! upstream requests are visible in metrics. The resolver's own cache is off.
+//!
+//! Serve-stale (RFC 8767, CoreDNS `cache { serve_stale DURATION verify }`): with
+//! `serve_stale` above zero an entry is kept that much longer than its TTL; an
+//! expired entry is still refreshed upstream first, and only when upstream fails
+//! is it served, with a TTL of 30 s (RFC 8767 section 4's recommendation).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,7 +21,7 @@ use hickory_resolver::net::{DnsError, NetError};
 use moka::sync::Cache;
 use tracing::debug;
 
-use crate::metrics::{ForwardResult, Metrics};
+use crate::metrics::{CacheType, ForwardResult, Metrics, Rcode};
 
 /// Upstream and cache settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,7 +37,13 @@ pub struct ForwardConfig {
     pub cache_max_ttl: Duration,
     /// Cap on how long a negative answer is cached.
     pub negative_max_ttl: Duration,
+    /// How long past its TTL an entry may still be served while upstream fails
+    /// (zero: never).
+    pub serve_stale: Duration,
 }
+
+/// TTL of an answer served stale (RFC 8767 section 4: 30 seconds).
+pub const STALE_TTL: u32 = 30;
 
 /// A forwarded answer.
 #[derive(Debug, Clone)]
@@ -65,8 +76,11 @@ pub struct Forwarder {
     metrics: Arc<Metrics>,
 }
 
-/// Per-entry expiry: each answer lives as long as its own TTL.
-struct TtlExpiry;
+/// Per-entry expiry: each answer lives as long as its own TTL, plus the
+/// serve-stale window.
+struct TtlExpiry {
+    stale: Duration,
+}
 
 // === impl Forwarder ===
 
@@ -107,9 +121,18 @@ impl Forwarder {
         .build()
         .map_err(|e| super::Error::Resolver(e.to_string()))?;
         let cache = (config.cache_size > 0).then(|| {
+            let m = metrics.clone();
             Cache::builder()
                 .max_capacity(config.cache_size)
-                .expire_after(TtlExpiry)
+                .expire_after(TtlExpiry {
+                    stale: config.serve_stale,
+                })
+                // Every way out (expiry, eviction, replacement) is one entry less.
+                .eviction_listener(move |_key, value: Arc<Cached>, _cause| {
+                    if let Some(kind) = value.answer.cache_type() {
+                        m.cache_entries(kind, -1);
+                    }
+                })
                 .build()
         });
         Ok(Self {
@@ -124,20 +147,30 @@ impl Forwarder {
     /// counted down to what is left, and whether it came from the cache.
     pub(crate) async fn resolve(&self, name: &Name, qtype: RecordType) -> (Forwarded, bool) {
         let key = (LowerName::new(name), qtype);
+        let mut stale = None;
         if let Some(cache) = &self.cache {
             if let Some(hit) = cache.get(&key) {
                 let age = hit.stored.elapsed();
                 if age < hit.ttl {
-                    self.metrics.cache_hit();
+                    self.metrics.cache_lookup(hit.answer.cache_type());
                     return (age_answer(&hit.answer, age), true);
                 }
+                stale = Some(hit);
             }
-            self.metrics.cache_miss();
+            self.metrics.cache_lookup(None);
         }
         let (answer, ttl) = self.ask_upstream(name, qtype).await;
+        if let (Forwarded::Failed(code), Some(old)) = (&answer, &stale) {
+            debug!(%name, ?qtype, %code, "upstream failed; serving the expired entry");
+            self.metrics.served_stale();
+            return (stale_answer(&old.answer), true);
+        }
         if let (Some(cache), Some(ttl)) = (&self.cache, ttl)
             && !ttl.is_zero()
         {
+            if let Some(kind) = answer.cache_type() {
+                self.metrics.cache_entries(kind, 1);
+            }
             cache.insert(
                 key,
                 Arc::new(Cached {
@@ -146,23 +179,31 @@ impl Forwarder {
                     answer: answer.clone(),
                 }),
             );
-            self.metrics.cache_entries(cache.entry_count());
         }
         (answer, false)
     }
 
     /// One upstream resolution; also returns how long it may be cached.
     async fn ask_upstream(&self, name: &Name, qtype: RecordType) -> (Forwarded, Option<Duration>) {
-        match self.resolver.lookup(name.clone(), qtype).await {
+        let started = tokio::time::Instant::now();
+        let result = self.resolver.lookup(name.clone(), qtype).await;
+        let took = started.elapsed();
+        match result {
             Ok(lookup) => {
-                self.metrics.forward(ForwardResult::Answer);
+                self.metrics
+                    .forward(ForwardResult::Response(Rcode::NOERROR), took);
                 let answers = lookup.answers().to_vec();
                 let ttl = answers.iter().map(|r| r.ttl).min().unwrap_or(0);
                 let ttl = Duration::from_secs(u64::from(ttl)).min(self.config.cache_max_ttl);
                 (Forwarded::Answer(answers), Some(ttl))
             }
             Err(NetError::Dns(DnsError::NoRecordsFound(nr))) => {
-                self.metrics.forward(ForwardResult::Negative);
+                let code = if nr.response_code == ResponseCode::NXDomain {
+                    Rcode::NXDOMAIN
+                } else {
+                    Rcode::NOERROR
+                };
+                self.metrics.forward(ForwardResult::Response(code), took);
                 let soa = nr.soa.map(|r| {
                     let r = *r;
                     Box::new(Record::from_rdata(r.name, r.ttl, RData::SOA(r.data)))
@@ -181,17 +222,20 @@ impl Forwarder {
                 (Forwarded::Negative { rcode, soa }, ttl)
             }
             Err(NetError::Dns(DnsError::ResponseCode(code))) => {
-                self.metrics.forward(ForwardResult::Error);
+                self.metrics.forward(
+                    ForwardResult::Response(super::handler::rcode_label(code)),
+                    took,
+                );
                 debug!(%name, ?qtype, %code, "upstream answered with an error");
                 (Forwarded::Failed(code), None)
             }
             Err(NetError::Timeout) => {
-                self.metrics.forward(ForwardResult::Timeout);
+                self.metrics.forward(ForwardResult::Timeout, took);
                 debug!(%name, ?qtype, "upstream timed out");
                 (Forwarded::Failed(ResponseCode::ServFail), None)
             }
             Err(e) => {
-                self.metrics.forward(ForwardResult::Error);
+                self.metrics.forward(ForwardResult::Error, took);
                 debug!(%name, ?qtype, error = %e, "upstream failed");
                 (Forwarded::Failed(ResponseCode::ServFail), None)
             }
@@ -204,6 +248,36 @@ impl std::fmt::Debug for Forwarder {
         f.debug_struct("Forwarder")
             .field("config", &self.config)
             .finish_non_exhaustive()
+    }
+}
+
+/// An expired answer, every TTL set to [`STALE_TTL`].
+fn stale_answer(answer: &Forwarded) -> Forwarded {
+    let stale_rr = |r: &Record| {
+        let mut r = r.clone();
+        r.ttl = STALE_TTL;
+        r
+    };
+    match answer {
+        Forwarded::Answer(rs) => Forwarded::Answer(rs.iter().map(stale_rr).collect()),
+        Forwarded::Negative { rcode, soa } => Forwarded::Negative {
+            rcode: *rcode,
+            soa: soa.as_deref().map(|r| Box::new(stale_rr(r))),
+        },
+        Forwarded::Failed(c) => Forwarded::Failed(*c),
+    }
+}
+
+// === impl Forwarded ===
+
+impl Forwarded {
+    /// CoreDNS's cache entry type; `None` for failures (never cached).
+    fn cache_type(&self) -> Option<CacheType> {
+        match self {
+            Self::Answer(_) => Some(CacheType::success),
+            Self::Negative { .. } => Some(CacheType::denial),
+            Self::Failed(_) => None,
+        }
     }
 }
 
@@ -232,7 +306,7 @@ impl moka::Expiry<Key, Arc<Cached>> for TtlExpiry {
         value: &Arc<Cached>,
         _created_at: Instant,
     ) -> Option<Duration> {
-        Some(value.ttl)
+        Some(value.ttl.saturating_add(self.stale))
     }
 }
 

@@ -3,7 +3,6 @@
 //! (authoritative); everything else goes to the [`Forwarder`].
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode};
@@ -17,7 +16,7 @@ use hickory_server::zone_handler::{MessageResponseBuilder, Queries};
 use tracing::{debug, warn};
 
 use super::forward::{Forwarded, Forwarder};
-use crate::metrics::{Answered, Metrics, QueryType, Rcode, Source, Transport};
+use crate::metrics::{Answered, Family4or6, Metrics, QueryType, Rcode, Source, Transport};
 use crate::zone::{self, Outcome, Owner, QType, Rr, ZoneCell};
 
 /// Answers requests from the zone cell and the forwarder.
@@ -27,11 +26,7 @@ pub struct DnsHandler {
     forwarder: Option<Arc<Forwarder>>,
     metrics: Arc<Metrics>,
     max_udp_payload: u16,
-    requests: Arc<AtomicU64>,
 }
-
-/// One response in this many has its encoded size measured.
-const SIZE_SAMPLE: u64 = 16;
 
 /// A response before encoding, owning its records.
 struct Response {
@@ -41,8 +36,9 @@ struct Response {
     additionals: Vec<Record>,
     edns: Option<Edns>,
     source: Source,
-    /// Measure this response's size for the histogram.
-    sample: bool,
+    /// Encode once more to measure the size (TCP: hickory's TCP path does not
+    /// report it; over UDP our loop sees the bytes).
+    measure: bool,
 }
 
 // === impl DnsHandler ===
@@ -61,8 +57,17 @@ impl DnsHandler {
             forwarder,
             metrics,
             max_udp_payload: max_udp_payload.max(512),
-            requests: Arc::default(),
         }
+    }
+
+    /// The metrics this handler records into.
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The zone cell's generation (see [`ZoneCell::generation`]).
+    pub(crate) fn zone_generation(&self) -> u64 {
+        self.zone.generation()
     }
 
     async fn answer(&self, request: &Request) -> Response {
@@ -120,7 +125,7 @@ impl DnsHandler {
             additionals: names.records(&answer.additionals, qname),
             edns,
             source: Source::Zone,
-            sample: false,
+            measure: false,
         }
     }
 
@@ -148,7 +153,7 @@ impl DnsHandler {
             } else {
                 Source::Upstream
             },
-            sample: false,
+            measure: false,
         };
         match forwarded {
             Forwarded::Answer(records) => response.answers = records,
@@ -174,17 +179,13 @@ impl RequestHandler for DnsHandler {
             .queries
             .queries()
             .first()
-            .map_or(QueryType::OTHER, |q| query_type_label(q.query_type()));
+            .map_or(QueryType::other, |q| query_type_label(q.query_type()));
         let transport = match request.protocol() {
-            Protocol::Udp => Transport::Udp,
-            Protocol::Tcp => Transport::Tcp,
-            _ => Transport::Other,
+            Protocol::Udp => Transport::udp,
+            _ => Transport::tcp,
         };
         let mut response = self.answer(request).await;
-        response.sample = self
-            .requests
-            .fetch_add(1, Ordering::Relaxed)
-            .is_multiple_of(SIZE_SAMPLE);
+        response.measure = transport == Transport::tcp;
         let source = response.source;
         let (info, size, truncated) = response.send(request, response_handle).await;
         self.metrics.request(&Answered {
@@ -193,7 +194,9 @@ impl RequestHandler for DnsHandler {
             source,
             elapsed: started.elapsed(),
             transport,
-            bytes: size,
+            family: Family4or6::from(request.src()),
+            request_bytes: request.as_slice().len(),
+            response_bytes: size,
             truncated,
         });
         info
@@ -214,12 +217,12 @@ impl Response {
             additionals: Vec::new(),
             edns,
             source: Source::Error,
-            sample: false,
+            measure: false,
         }
     }
 
-    /// Sends the response; returns what was sent, its encoded size when sampled
-    /// (measured with the limit the server applies) and whether it was truncated.
+    /// Sends the response; returns what was sent, its encoded size when measured
+    /// (with the limit the server applies) and whether it was truncated.
     async fn send<R: ResponseHandler>(
         self,
         request: &Request,
@@ -245,10 +248,10 @@ impl Response {
                 self.additionals.iter(),
             )
         };
-        // The encoded size is only visible by encoding, which costs as much as a
-        // third of a query: measure one response in SIZE_SAMPLE (the histogram is a
-        // uniform sample). Truncation comes back exact in the sent header.
-        let size = if self.sample {
+        // Over TCP hickory encodes out of our sight: the size is only visible by
+        // encoding once more (a third of a query's cost; TCP is rare). Truncation
+        // comes back exact in the sent header.
+        let size = if self.measure {
             let max = match request.protocol() {
                 Protocol::Udp => self.edns.as_ref().map_or(512, Edns::max_payload),
                 _ => u16::MAX,
@@ -398,23 +401,32 @@ fn zone_qtype(t: RecordType) -> QType {
     }
 }
 
-fn query_type_label(t: RecordType) -> QueryType {
+pub(super) fn query_type_label(t: RecordType) -> QueryType {
     match t {
         RecordType::A => QueryType::A,
         RecordType::AAAA => QueryType::AAAA,
-        RecordType::SRV => QueryType::SRV,
-        RecordType::PTR => QueryType::PTR,
         RecordType::CNAME => QueryType::CNAME,
-        RecordType::TXT => QueryType::TXT,
-        RecordType::SOA => QueryType::SOA,
-        RecordType::NS => QueryType::NS,
+        RecordType::DNSKEY => QueryType::DNSKEY,
+        RecordType::DS => QueryType::DS,
         RecordType::MX => QueryType::MX,
+        RecordType::NSEC3 => QueryType::NSEC3,
+        RecordType::NSEC => QueryType::NSEC,
+        RecordType::NS => QueryType::NS,
+        RecordType::PTR => QueryType::PTR,
+        RecordType::RRSIG => QueryType::RRSIG,
+        RecordType::SOA => QueryType::SOA,
+        RecordType::SRV => QueryType::SRV,
+        RecordType::TXT => QueryType::TXT,
+        RecordType::HTTPS => QueryType::HTTPS,
+        RecordType::SVCB => QueryType::SVCB,
+        RecordType::IXFR => QueryType::IXFR,
+        RecordType::AXFR => QueryType::AXFR,
         RecordType::ANY => QueryType::ANY,
-        _ => QueryType::OTHER,
+        _ => QueryType::other,
     }
 }
 
-fn rcode_label(c: ResponseCode) -> Rcode {
+pub(super) fn rcode_label(c: ResponseCode) -> Rcode {
     match c {
         ResponseCode::NoError => Rcode::NOERROR,
         ResponseCode::NXDomain => Rcode::NXDOMAIN,

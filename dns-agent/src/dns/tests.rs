@@ -704,3 +704,56 @@ async fn answers_beyond_64k_over_tcp_are_truncated_not_failed() {
         );
     }
 }
+
+/// hickory's source check, which our UDP loop does itself.
+#[test]
+fn sources_nobody_can_own_are_refused() {
+    use crate::metrics::Refusal;
+    let r = |s: &str| super::refusal(s.parse().unwrap());
+    assert_eq!(r("127.0.0.1:0"), Some(Refusal::port_zero));
+    assert_eq!(r("0.0.0.0:5353"), Some(Refusal::unspecified));
+    assert_eq!(r("[::]:5353"), Some(Refusal::unspecified));
+    assert_eq!(r("255.255.255.255:5353"), Some(Refusal::broadcast));
+    assert_eq!(r("[::ffff:255.255.255.255]:5353"), Some(Refusal::broadcast));
+    assert_eq!(r("127.0.0.1:5353"), None);
+    assert_eq!(r("[2001:db8::1]:5353"), None);
+}
+
+/// A UDP worker's answer cache: the same request (another ID) gets the same bytes
+/// with its own ID; only authoritative answers are kept; a zone swap drops them.
+#[tokio::test]
+async fn answer_cache_replays_zone_answers_until_the_zone_changes() {
+    let zone = Arc::new(ZoneCell::new(Zone::build(
+        zone_config(PodRecords::Disabled),
+        &fixtures::rules(),
+    )));
+    let h = DnsHandler::new(zone.clone(), None, Arc::new(Metrics::unregistered()), 1232);
+    let mut cache = super::AnswerCache::default();
+    let gen0 = h.zone_generation();
+    let request = query_bytes("web.default.svc.cluster.local.", RecordType::A, Some(1232));
+    let response = answer_bytes(&h, &request, Transport::Udp).await.unwrap();
+    assert!(cache.answer(gen0, &request).is_none());
+    cache.keep(gen0, &request, &response);
+    let mut again = request.clone();
+    again[..2].copy_from_slice(&[0xAB, 0xCD]);
+    let (replayed, qtype, rcode) = cache.answer(gen0, &again).expect("cached");
+    assert_eq!(&replayed[..2], &[0xAB, 0xCD]);
+    assert_eq!(replayed[2..], response[2..]);
+    assert_eq!(qtype, crate::metrics::QueryType::A);
+    assert_eq!(rcode, crate::metrics::Rcode::NOERROR);
+    // Another spelling of the name is another request: its answer keeps its case.
+    let upper = query_bytes("WEB.default.svc.cluster.local.", RecordType::A, Some(1232));
+    assert!(cache.answer(gen0, &upper).is_none());
+
+    // Not authoritative (refused: no forwarder): never kept.
+    let outside = query_bytes("example.org.", RecordType::A, None);
+    let refused = answer_bytes(&h, &outside, Transport::Udp).await.unwrap();
+    cache.keep(gen0, &outside, &refused);
+    assert!(cache.answer(gen0, &outside).is_none());
+
+    // A zone swap makes every cached answer stale.
+    zone.store(zone.load());
+    let gen1 = h.zone_generation();
+    assert_ne!(gen0, gen1);
+    assert!(cache.answer(gen1, &again).is_none());
+}

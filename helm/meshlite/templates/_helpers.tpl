@@ -257,3 +257,26 @@ true
 {{- fail "tls.existingSecrets: set all three of controlPlane, nodeAgent and dnsAgent (or none to let the chart generate certificates)" }}
 {{- end }}
 {{- end }}
+
+{{/* The pod CIDRs the DNS agents answer reverse lookups for (dns.podCIDRs, else nodeAgent.clusterCIDR), comma separated. */}}
+{{- define "meshlite.dns.podCIDRs" -}}
+{{- join "," (.Values.dns.podCIDRs | default .Values.nodeAgent.clusterCIDR) -}}
+{{- end }}
+
+{{/*
+The service CIDRs the DNS agents answer reverse lookups for, comma separated: dns.serviceCIDRs,
+else the `spec.cidrs` of the cluster's ServiceCIDR objects (networking.k8s.io/v1, Kubernetes
+1.33+) when helm can read them; rendering fails when neither gives any.
+*/}}
+{{- define "meshlite.dns.serviceCIDRs" -}}
+{{- $cidrs := .Values.dns.serviceCIDRs | default list }}
+{{- if and (not $cidrs) (.Capabilities.APIVersions.Has "networking.k8s.io/v1/ServiceCIDR") }}
+{{- range (lookup "networking.k8s.io/v1" "ServiceCIDR" "" "").items | default list }}
+{{- $cidrs = concat $cidrs (.spec.cidrs | default list) }}
+{{- end }}
+{{- end }}
+{{- if not $cidrs }}
+{{- fail "dns.serviceCIDRs is required: set it to the cluster's service CIDR(s), e.g. --set 'dns.serviceCIDRs={10.96.0.0/12}' (on Kubernetes 1.33+ it is read from the ServiceCIDR objects when helm can reach the cluster)" }}
+{{- end }}
+{{- join "," (uniq $cidrs) -}}
+{{- end }}

@@ -26,6 +26,8 @@ use crate::zone::{PodRecords, Zone, ZoneCell};
 #[derive(Clone, Default)]
 struct Upstream {
     asked: Arc<Mutex<Vec<String>>>,
+    /// Stops answering (requests are logged and dropped) while set.
+    silent: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Upstream {
@@ -73,6 +75,12 @@ impl RequestHandler for Upstream {
         let name = q.name().to_string();
         self.asked.lock().unwrap().push(name.clone());
         let mut meta = Metadata::response_from_request(&request.metadata);
+        if self.silent.load(std::sync::atomic::Ordering::SeqCst) {
+            return ResponseInfo::from(hickory_proto::op::Header {
+                metadata: meta,
+                counts: Default::default(),
+            });
+        }
         meta.recursion_available = true;
         let addr = |ttl| rec(&name, ttl, RData::A(A::new(198, 18, 200, 1)));
         let (answers, authority, code) = match name.as_str() {
@@ -119,8 +127,7 @@ async fn start_upstream() -> (Upstream, SocketAddr, Server<Upstream>) {
 }
 
 fn forwarding_handler(upstream: SocketAddr, max_ttl: Duration) -> DnsHandler {
-    let metrics = Arc::new(Metrics::unregistered());
-    let fwd = Forwarder::new(
+    handler_with(
         ForwardConfig {
             upstreams: vec![upstream],
             timeout: Duration::from_secs(2),
@@ -128,10 +135,14 @@ fn forwarding_handler(upstream: SocketAddr, max_ttl: Duration) -> DnsHandler {
             cache_size: 100,
             cache_max_ttl: max_ttl,
             negative_max_ttl: max_ttl,
+            serve_stale: Duration::ZERO,
         },
-        metrics.clone(),
+        Arc::new(Metrics::unregistered()),
     )
-    .unwrap();
+}
+
+fn handler_with(config: ForwardConfig, metrics: Arc<Metrics>) -> DnsHandler {
+    let fwd = Forwarder::new(config, metrics.clone()).unwrap();
     let zone = Zone::build(zone_config(PodRecords::Disabled), &fixtures::rules());
     DnsHandler::new(
         Arc::new(ZoneCell::new(zone)),
@@ -216,6 +227,72 @@ async fn cluster_names_never_reach_the_upstream() {
     assert_eq!(asked, vec!["up.example.".to_string()], "{asked:?}");
 }
 
+/// RFC 8767: while the upstream does not answer, an expired entry is served with a
+/// 30 s TTL (and counted); once it answers again, fresh answers are served.
+#[tokio::test]
+async fn serve_stale_while_the_upstream_is_silent() {
+    let (up, addr, _server) = start_upstream().await;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(Metrics::register(
+        &mut registry,
+        &crate::metrics::Identity::new(addr, &[addr]),
+    ));
+    let config = ForwardConfig {
+        upstreams: vec![addr],
+        timeout: Duration::from_millis(200),
+        attempts: 1,
+        cache_size: 100,
+        cache_max_ttl: Duration::from_secs(30),
+        negative_max_ttl: Duration::from_secs(30),
+        serve_stale: Duration::from_secs(3600),
+    };
+    let h = handler_with(config.clone(), metrics);
+    let without = handler_with(
+        ForwardConfig {
+            serve_stale: Duration::ZERO,
+            ..config
+        },
+        Arc::new(Metrics::unregistered()),
+    );
+    for handler in [&h, &without] {
+        let m = ask(handler, "short.example.", RecordType::A).await;
+        assert_eq!(m.answers[0].ttl, 1);
+    }
+    up.silent.store(true, std::sync::atomic::Ordering::SeqCst);
+    // Once the 1 s TTL is over, the silent upstream is asked and the stale entry served.
+    let asked = up.count("short.example.");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while up.count("short.example.") == asked && tokio::time::Instant::now() < deadline {
+        let m = ask(&h, "short.example.", RecordType::A).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(matches!(m.answers[0].data, RData::A(a) if a == A::new(198, 18, 200, 1)));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let m = ask(&h, "short.example.", RecordType::A).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(
+        m.answers[0].ttl, STALE_TTL,
+        "served stale, with RFC 8767's TTL"
+    );
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let stale = text
+        .lines()
+        .find(|l| l.starts_with("coredns_cache_served_stale_total{"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(stale >= 1.0, "{text}");
+    // Without serve-stale the same expired name is SERVFAIL.
+    let m = ask(&without, "short.example.", RecordType::A).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+
+    // The upstream answers again: fresh answers (the upstream's 1 s TTL) return.
+    up.silent.store(false, std::sync::atomic::Ordering::SeqCst);
+    let m = ask(&h, "short.example.", RecordType::A).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(m.answers[0].ttl <= 1, "fresh answer, not stale: {m:?}");
+}
+
 #[tokio::test]
 async fn a_dead_upstream_is_servfail() {
     // Nothing listens on this port (bound, then closed).
@@ -231,6 +308,7 @@ async fn a_dead_upstream_is_servfail() {
             cache_size: 10,
             cache_max_ttl: Duration::from_secs(30),
             negative_max_ttl: Duration::from_secs(30),
+            serve_stale: Duration::ZERO,
         },
         metrics,
     )

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use ipnet::IpNet;
 use meshlite_runtime::backoff::Backoff;
-use meshlite_runtime::tls::ClientTls;
+use meshlite_runtime::process::args::{AgentConnectArgs, LogArgs, TlsArgsError};
 use meshlite_runtime::{Role, SubscriberConfig};
 
 use crate::dns::{ForwardConfig, ServerConfig, parse_resolv_conf};
@@ -22,9 +22,10 @@ use crate::zone::{PodRecords, ZoneConfig};
     about = "Serves the cluster DNS zone from the meshlite control plane and forwards the rest"
 )]
 pub struct Args {
-    /// Control plane gRPC endpoint: https://host:port (mTLS), or http://host:port with --insecure.
-    #[arg(long, env = "MESHLITE_CONTROL_PLANE")]
-    pub control_plane: Option<String>,
+    /// `--control-plane` (https://host:port with mTLS, or http://host:port with
+    /// --insecure; a bare host:port takes the scheme the TLS flags imply) and TLS.
+    #[command(flatten)]
+    pub connect: AgentConnectArgs,
     /// DNS address, UDP and TCP (`:0` picks a free port).
     #[arg(long, env = "MESHLITE_LISTEN", default_value = "0.0.0.0:53")]
     pub listen: String,
@@ -79,34 +80,18 @@ pub struct Args {
     /// while every upstream fails (RFC 8767; CoreDNS `cache { serve_stale }`). 0: off.
     #[arg(long, env = "MESHLITE_SERVE_STALE", default_value = "0s", value_parser = humantime::parse_duration)]
     pub serve_stale: Duration,
-    /// Client certificate (PEM) for mTLS to the control plane.
-    #[arg(long, env = "MESHLITE_TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
-    /// Client key (PEM).
-    #[arg(long, env = "MESHLITE_TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
-    /// CA (PEM) that signs the control plane's certificate.
-    #[arg(long, env = "MESHLITE_CA")]
-    pub ca: Option<PathBuf>,
-    /// Name to verify in the control plane's certificate (default: the endpoint host).
-    #[arg(long, env = "MESHLITE_TLS_SERVER_NAME")]
-    pub tls_server_name: Option<String>,
-    /// Plaintext to the control plane. For local demos only.
-    #[arg(long, env = "MESHLITE_INSECURE")]
-    pub insecure: bool,
     /// This agent's identity on the stream (default: the hostname).
     #[arg(long, env = "MESHLITE_NODE_NAME")]
     pub node_name: Option<String>,
-    /// Log as JSON lines.
-    #[arg(long, env = "MESHLITE_LOG_JSON")]
-    pub log_json: bool,
+    #[command(flatten)]
+    pub log: LogArgs,
     /// Validate the configuration, print it and exit (0, or 64 when invalid).
     #[arg(long, env = "MESHLITE_CHECK_CONFIG")]
     pub check_config: bool,
 }
 
 /// The validated configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Config {
     pub subscriber: SubscriberConfig,
     pub server: ServerConfig,
@@ -121,18 +106,14 @@ pub struct Config {
 /// Invalid configuration (exit 64).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("--control-plane is required")]
-    MissingControlPlane,
+    #[error(transparent)]
+    Tls(#[from] TlsArgsError),
     #[error("--{flag} {value:?}: {reason}")]
     Invalid {
         flag: &'static str,
         value: String,
         reason: String,
     },
-    #[error("TLS needs --tls-cert, --tls-key and --ca (or --insecure for plaintext); missing {0}")]
-    IncompleteTls(&'static str),
-    #[error("--insecure cannot be combined with --tls-cert/--tls-key/--ca")]
-    InsecureWithTls,
     #[error("no upstream resolver: none in {path} ({reason}); set --upstream (or --upstream none)")]
     NoUpstream { path: PathBuf, reason: String },
 }
@@ -162,24 +143,8 @@ impl Args {
         };
 
         // Control plane and TLS.
-        let raw = self
-            .control_plane
-            .as_deref()
-            .filter(|s| !s.is_empty())
-            .ok_or(ConfigError::MissingControlPlane)?;
-        let tls = match (&self.tls_cert, &self.tls_key, &self.ca, self.insecure) {
-            (None, None, None, true) => None,
-            (_, _, _, true) => return Err(ConfigError::InsecureWithTls),
-            (Some(cert), Some(key), Some(ca), false) => Some(ClientTls {
-                ca: ca.clone(),
-                cert: cert.clone(),
-                key: key.clone(),
-                server_name: self.tls_server_name.clone(),
-            }),
-            (None, _, _, false) => return Err(ConfigError::IncompleteTls("--tls-cert")),
-            (_, None, _, false) => return Err(ConfigError::IncompleteTls("--tls-key")),
-            (_, _, None, false) => return Err(ConfigError::IncompleteTls("--ca")),
-        };
+        let (raw, tls) = self.connect.validate()?;
+        let raw = raw.as_str();
         let endpoint = if raw.contains("://") {
             raw.to_string()
         } else if tls.is_some() {
@@ -200,7 +165,7 @@ impl Args {
                 return Err(invalid(
                     "control-plane",
                     raw,
-                    "https:// needs --tls-cert/--tls-key/--ca (or http:// with --insecure)",
+                    "https:// needs --tls-cert/--tls-key/--tls-ca (or http:// with --insecure)",
                 ));
             }
             _ => {
@@ -347,7 +312,7 @@ impl Args {
                 reverse_cidrs,
             },
             forward,
-            log_json: self.log_json,
+            log_json: self.log.json(),
         })
     }
 }

@@ -59,13 +59,14 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Listening settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ServerConfig {
     /// UDP and TCP address (`:0` picks one free port for both).
     pub listen: SocketAddr,
     /// Largest EDNS UDP payload honoured.
     pub max_udp_payload: u16,
     /// Idle TCP connections are closed after this long.
+    #[serde(serialize_with = "meshlite_runtime::process::args::serialize_duration")]
     pub tcp_idle_timeout: Duration,
     /// UDP sockets (`SO_REUSEPORT`), each with a thread of its own.
     pub udp_workers: usize,

@@ -1,72 +1,30 @@
-//! `meshlite-dns-agent`: see the library docs. Parses the configuration (exit 64 when
-//! invalid), optionally prints it (`--check-config`), and runs until SIGINT/SIGTERM.
+//! `meshlite-dns-agent`: see the library docs. Parses and validates the
+//! configuration (exit 64 when invalid; `--check-config` prints it as JSON), then
+//! serves until SIGINT/SIGTERM.
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use meshlite_dns_agent::agent;
 use meshlite_dns_agent::config::{Args, System};
+use meshlite_runtime::process::{self, Main};
 
-/// BSD sysexits EX_CONFIG-style code for invalid configuration (linkerd uses 64).
-const EXIT_CONFIG: u8 = 64;
+const MAIN: Main = Main::new("meshlite-dns-agent");
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
+    let args: Args = match process::parse() {
         Ok(a) => a,
-        Err(e) => {
-            use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-                e.exit();
-            }
-            let _ = e.print();
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(code) => return code,
     };
-    let config = match args.validate(&System) {
+    let config = match MAIN.check(args.check_config, || args.validate(&System)) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("meshlite-dns-agent: invalid configuration: {e}");
-            return ExitCode::from(EXIT_CONFIG);
+        Err(code) => return code,
+    };
+    MAIN.run(config.log_json, config, |config, telemetry, drain| async move {
+        if config.subscriber.tls.is_none() {
+            tracing::warn!(
+                "--insecure: the control-plane stream is PLAINTEXT and unauthenticated; local demos only"
+            );
         }
-    };
-    if args.check_config {
-        println!("{config:#?}");
-        return ExitCode::SUCCESS;
-    }
-    meshlite_runtime::tls::install_default_provider();
-
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("meshlite-dns-agent: tokio runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    // OTLP export (when OTEL_* asks for it) runs on the runtime.
-    let telemetry = {
-        let _enter = runtime.enter();
-        meshlite_runtime::telemetry::init("meshlite-dns-agent", config.log_json)
-    };
-    if config.subscriber.tls.is_none() {
-        tracing::warn!(
-            "--insecure: the control-plane stream is PLAINTEXT and unauthenticated; local demos only"
-        );
-    }
-    tracing::info!(?config, "effective configuration");
-    let code = match runtime.block_on(agent::run(
-        config,
-        telemetry.clone(),
-        meshlite_runtime::shutdown_signal(),
-    )) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "meshlite-dns-agent failed");
-            ExitCode::FAILURE
-        }
-    };
-    telemetry.shutdown();
-    code
+        agent::run(config, telemetry, drain.wait()).await
+    })
 }

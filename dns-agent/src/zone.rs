@@ -43,7 +43,8 @@ pub use build::{IpUse, IpUseKind, ServiceKind, ServiceRecords, SrvRecord, SrvSet
 pub const SPEC_VERSION: &str = "1.1.0";
 
 /// How `<a-b-c-d>.<ns>.pod.<zone>` is answered, as CoreDNS's `pods` option.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PodRecords {
     /// No pod records (NXDOMAIN).
     #[default]
@@ -55,7 +56,7 @@ pub enum PodRecords {
 }
 
 /// Zone-wide settings, fixed for the life of the process.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ZoneConfig {
     /// Lower case, no trailing dot (`cluster.local`).
     pub domain: String,

@@ -525,11 +525,11 @@ fn check_config_prints_and_invalid_config_exits_64() {
         .output()
         .expect("run");
     assert!(env.status.success(), "{env:?}");
-    let text = String::from_utf8_lossy(&env.stdout);
-    assert!(
-        text.contains("example.internal") && text.contains("ttl: 7"),
-        "{text}"
-    );
+    // The validated configuration, as JSON.
+    let printed: serde_json::Value = serde_json::from_slice(&env.stdout).expect("JSON");
+    assert_eq!(printed["zone"]["domain"], "example.internal");
+    assert_eq!(printed["zone"]["ttl"], 7);
+    assert_eq!(printed["forward"], serde_json::Value::Null, "--upstream none");
     // Certificates are not read by --check-config.
     let tls = Command::new(bin)
         .args([

@@ -32,7 +32,8 @@ pub use metrics::SubscriberMetrics;
 const MAX_LINKS: usize = 128;
 
 /// The role an agent subscribes as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
     Node,
     Dns,
@@ -97,7 +98,7 @@ pub trait Handler: Send + 'static {
 }
 
 /// How to reach the control plane.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct SubscriberConfig {
     /// `https://host:port` (mTLS) or `http://host:port` (only with `tls: None`).
     pub endpoint: String,
@@ -106,6 +107,8 @@ pub struct SubscriberConfig {
     /// None: plaintext (`--insecure`).
     pub tls: Option<ClientTls>,
     pub agent_version: String,
+    /// The reconnect backoff (the one every agent uses; not printed).
+    #[serde(skip)]
     pub backoff: Backoff,
     /// Largest message accepted from the server.
     pub max_message_bytes: usize,

@@ -24,21 +24,25 @@ use tracing::debug;
 use crate::metrics::{CacheType, ForwardResult, Metrics, Rcode};
 
 /// Upstream and cache settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ForwardConfig {
     /// Upstream resolvers, tried in order of health.
     pub upstreams: Vec<SocketAddr>,
     /// Per-attempt timeout.
+    #[serde(serialize_with = "meshlite_runtime::process::args::serialize_duration")]
     pub timeout: Duration,
     pub attempts: usize,
     /// Maximum cached answers (0 disables the cache).
     pub cache_size: u64,
     /// Cap on how long an answer is cached, whatever its TTL.
+    #[serde(serialize_with = "meshlite_runtime::process::args::serialize_duration")]
     pub cache_max_ttl: Duration,
     /// Cap on how long a negative answer is cached.
+    #[serde(serialize_with = "meshlite_runtime::process::args::serialize_duration")]
     pub negative_max_ttl: Duration,
     /// How long past its TTL an entry may still be served while upstream fails
     /// (zero: never).
+    #[serde(serialize_with = "meshlite_runtime::process::args::serialize_duration")]
     pub serve_stale: Duration,
 }
 

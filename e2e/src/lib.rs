@@ -14,7 +14,9 @@ pub mod cluster;
 pub mod demo;
 pub mod front;
 pub mod lab;
-pub mod netns;
+/// Network namespaces with their own tokio runtimes (shared with the node agent's
+/// kernel tests, so it lives in `meshlite-runtime`'s `testing` feature).
+pub use meshlite_runtime::testing::netns;
 pub mod otlp;
 pub mod procs;
 pub mod scale;

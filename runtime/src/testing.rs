@@ -2,6 +2,8 @@
 //! (feature `testing`): certificates minted at run time, a recording handler, and
 //! `assert_eventually`.
 
+pub mod netns;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

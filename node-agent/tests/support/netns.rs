@@ -1,5 +1,5 @@
 //! The node agent's real-packet lab, on the shared namespace harness
-//! (`meshlite_e2e::netns`): a "node" namespace routing between an off-cluster
+//! (`meshlite_runtime::testing::netns`): a "node" namespace routing between an off-cluster
 //! "client" namespace and "pod" namespaces over veth pairs, each pod running a tiny
 //! HTTP server that answers `<pod name> <peer address>`, so a test sees which
 //! endpoint served it and whether it was masqueraded.
@@ -14,7 +14,7 @@
 use std::net::IpAddr;
 
 use anyhow::Result;
-pub use meshlite_e2e::netns::{
+pub use meshlite_runtime::testing::netns::{
     Netns, NsRuntime, Outcome, get, require_root_and_tools, serve_identity, veth,
 };
 
@@ -44,7 +44,7 @@ pub const CLUSTER_CIDR: &str = "198.18.0.0/17";
 impl Lab {
     /// A node with `pods` pods (named pod1..) and an off-cluster client.
     pub async fn new(pods: usize) -> Result<Self> {
-        meshlite_e2e::netns::set_prefix("mlna");
+        meshlite_runtime::testing::netns::set_prefix("mlna");
         if let Err(e) = require_root_and_tools(&[
             "ip",
             "iptables",

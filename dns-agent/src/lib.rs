@@ -5,14 +5,15 @@
 //! - [`zone`]: the pure part: snapshot -> immutable zone -> answers.
 //! - [`dns`]: the wire part on hickory (server, handler, forwarder, cache); hickory's
 //!   types stay inside it.
-//! - [`apply`]: the subscriber [`meshlite_runtime::Handler`] that swaps zones.
+//! - [`handler`]: the subscriber [`meshlite_runtime::Handler`] that swaps zones.
+//! - [`app`]: the wiring: subscriber, servers, admin endpoint.
 //! - [`config`]: flags and environment.
 //! - [`metrics`]: Prometheus metrics.
 
-pub mod agent;
-pub mod apply;
+pub mod app;
 pub mod config;
 pub mod dns;
 pub mod fixtures;
+pub mod handler;
 pub mod metrics;
 pub mod zone;

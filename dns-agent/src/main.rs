@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use meshlite_dns_agent::agent;
+use meshlite_dns_agent::app;
 use meshlite_dns_agent::config::{Args, System};
 use meshlite_runtime::process::{self, Main};
 
@@ -25,6 +25,6 @@ fn main() -> ExitCode {
                 "--insecure: the control-plane stream is PLAINTEXT and unauthenticated; local demos only"
             );
         }
-        agent::run(config, telemetry, drain.wait()).await
+        app::run(config, telemetry, drain.wait()).await
     })
 }

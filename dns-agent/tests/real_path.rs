@@ -529,7 +529,11 @@ fn check_config_prints_and_invalid_config_exits_64() {
     let printed: serde_json::Value = serde_json::from_slice(&env.stdout).expect("JSON");
     assert_eq!(printed["zone"]["domain"], "example.internal");
     assert_eq!(printed["zone"]["ttl"], 7);
-    assert_eq!(printed["forward"], serde_json::Value::Null, "--upstream none");
+    assert_eq!(
+        printed["forward"],
+        serde_json::Value::Null,
+        "--upstream none"
+    );
     // Certificates are not read by --check-config.
     let tls = Command::new(bin)
         .args([

@@ -11,9 +11,9 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::apply::ZoneUpdater;
 use crate::config::Config;
 use crate::dns::{self, DnsHandler, DnsServer, Forwarder};
+use crate::handler::ZoneUpdater;
 use crate::metrics::{Identity, Metrics};
 use crate::zone::{Zone, ZoneCell};
 

@@ -1,9 +1,9 @@
 //! Flags every binary shares, flattened into each one's command line so they are
 //! spelled the same everywhere. Each also reads `MESHLITE_<FLAG>`.
 //!
-//! Renamed flags keep their old spelling as a hidden alias for one release
-//! (`--client-ca` and `--ca` → `--tls-ca`, `--server-name` → `--tls-server-name`,
-//! `--log-json` → `--log-format json`).
+//! Renamed flags keep their old spelling, flag and environment variable, hidden, for
+//! one release (`--client-ca` and `--ca` → `--tls-ca`, `--server-name` →
+//! `--tls-server-name`, `--log-json` → `--log-format json`).
 
 use std::path::PathBuf;
 
@@ -41,8 +41,11 @@ pub struct ServerTlsArgs {
     #[arg(long, env = "MESHLITE_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
     /// CA that signs the agents' client certificates (PEM).
-    #[arg(long, env = "MESHLITE_TLS_CA", alias = "client-ca")]
+    #[arg(long, env = "MESHLITE_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
+    /// Old spelling of `--tls-ca` (flag and environment variable).
+    #[arg(long = "client-ca", env = "MESHLITE_CLIENT_CA", hide = true)]
+    pub client_ca: Option<PathBuf>,
     /// Serve plaintext gRPC without client authentication. For local demos only.
     #[arg(long, env = "MESHLITE_INSECURE")]
     pub insecure: bool,
@@ -61,11 +64,17 @@ pub struct AgentConnectArgs {
     #[arg(long, env = "MESHLITE_TLS_KEY", alias = "key")]
     pub tls_key: Option<PathBuf>,
     /// CA that signs the control plane's certificate (PEM).
-    #[arg(long, env = "MESHLITE_TLS_CA", alias = "ca")]
+    #[arg(long, env = "MESHLITE_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
+    /// Old spelling of `--tls-ca` (flag and environment variable).
+    #[arg(long = "ca", env = "MESHLITE_CA", hide = true)]
+    pub ca: Option<PathBuf>,
     /// Name to verify in the control plane's certificate (default: the endpoint's host).
-    #[arg(long, env = "MESHLITE_TLS_SERVER_NAME", alias = "server-name")]
+    #[arg(long, env = "MESHLITE_TLS_SERVER_NAME")]
     pub tls_server_name: Option<String>,
+    /// Old spelling of `--tls-server-name` (flag and environment variable).
+    #[arg(long = "server-name", env = "MESHLITE_SERVER_NAME", hide = true)]
+    pub server_name: Option<String>,
     /// Plaintext, unauthenticated stream. For local demos only.
     #[arg(long, env = "MESHLITE_INSECURE")]
     pub insecure: bool,
@@ -121,7 +130,8 @@ impl ServerTlsArgs {
     /// # Errors
     /// A missing file flag without `--insecure`, or one with it.
     pub fn validate(&self) -> Result<Option<ServerTls>, TlsArgsError> {
-        match (self.insecure, (&self.tls_cert, &self.tls_key, &self.tls_ca)) {
+        let ca = self.tls_ca.as_ref().or(self.client_ca.as_ref());
+        match (self.insecure, (&self.tls_cert, &self.tls_key, ca)) {
             (true, (None, None, None)) => Ok(None),
             (true, _) => Err(TlsArgsError::InsecureWithTls),
             (false, (Some(cert), Some(key), Some(ca))) => Ok(Some(ServerTls {
@@ -147,14 +157,18 @@ impl AgentConnectArgs {
             .clone()
             .filter(|e| !e.is_empty())
             .ok_or(TlsArgsError::NoControlPlane)?;
-        let tls = match (self.insecure, (&self.tls_cert, &self.tls_key, &self.tls_ca)) {
+        let ca = self.tls_ca.as_ref().or(self.ca.as_ref());
+        let tls = match (self.insecure, (&self.tls_cert, &self.tls_key, ca)) {
             (true, (None, None, None)) => None,
             (true, _) => return Err(TlsArgsError::InsecureWithTls),
             (false, (Some(cert), Some(key), Some(ca))) => Some(ClientTls {
                 ca: ca.clone(),
                 cert: cert.clone(),
                 key: key.clone(),
-                server_name: self.tls_server_name.clone(),
+                server_name: self
+                    .tls_server_name
+                    .clone()
+                    .or_else(|| self.server_name.clone()),
             }),
             (false, _) => return Err(TlsArgsError::Missing),
         };

@@ -11,6 +11,7 @@ pub mod backend;
 pub mod cleanup;
 pub mod config;
 pub mod exec;
+pub mod explain;
 pub mod health;
 pub mod iptables;
 pub mod ipvs;

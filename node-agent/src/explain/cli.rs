@@ -111,13 +111,13 @@ impl ExplainArgs {
             .map_err(|e| ExplainError::Input(e.to_string()))?;
         let family = self.family()?;
         match (&self.manifests, &self.node_name) {
-            (Some(dir), Some(node)) => self.from_manifests(dir, node, family),
+            (Some(dir), Some(node)) => self.load_manifests(dir, node, family),
             (Some(_), None) => Err(ExplainError::Input("--manifests needs --node-name".into())),
-            (None, _) => self.from_kernel(family),
+            (None, _) => self.load_kernel(family),
         }
     }
 
-    fn from_manifests(
+    fn load_manifests(
         &self,
         dir: &std::path::Path,
         node: &str,
@@ -179,7 +179,7 @@ impl ExplainArgs {
         }
     }
 
-    fn from_kernel(&self, family: IpFamily) -> Result<(RuleSet, Host), ExplainError> {
+    fn load_kernel(&self, family: IpFamily) -> Result<(RuleSet, Host), ExplainError> {
         let save = match family {
             IpFamily::V4 => "iptables-save",
             IpFamily::V6 => "ip6tables-save",

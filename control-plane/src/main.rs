@@ -1,8 +1,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use meshlite_control_plane::config::ExplainWhat;
 use meshlite_control_plane::config::{Cli, Command, LogFormat};
-use meshlite_control_plane::{start_with, status};
+use meshlite_control_plane::{explain, start_with, status};
 use meshlite_runtime::telemetry;
 use tracing::{error, info};
 
@@ -24,6 +25,35 @@ async fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
+    if let Some(Command::Explain {
+        what:
+            ExplainWhat::Service {
+                service,
+                node,
+                admin,
+                json,
+            },
+    }) = &cli.command
+    {
+        return match explain::fetch(admin, service, node.as_deref()).await {
+            Ok(r) if *json => {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Ok(r) => {
+                print!("{}", explain::text(&r));
+                ExitCode::SUCCESS
+            }
+            Err(e @ explain::ExplainError::BadName(_)) => {
+                eprintln!("meshlite-control-plane explain: {e}");
+                ExitCode::from(EX_USAGE)
+            }
+            Err(e) => {
+                eprintln!("meshlite-control-plane explain: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(Command::Status { admin, json }) = cli.command {
         return match status::fetch(&admin).await {
             Ok(r) if json => {

@@ -413,6 +413,20 @@ impl Store {
         version
     }
 
+    /// Every live resource: the version that last changed it, when that change
+    /// was published, and its encoded `v1::Resource` (read-only; `explain`
+    /// decodes them into a snapshot on demand).
+    pub fn entries(&self) -> Vec<(u64, Option<SystemTime>, Bytes)> {
+        let inner = self.read();
+        let mut v: Vec<_> = inner
+            .entries
+            .values()
+            .map(|e| (e.seq, e.published, e.bytes.clone()))
+            .collect();
+        v.sort_by_key(|e| e.0);
+        v
+    }
+
     /// Everything in the view, replacing what the subscriber has.
     pub fn full(&self, view: &View) -> Delta {
         let inner = self.read();

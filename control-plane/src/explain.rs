@@ -105,18 +105,11 @@ impl History {
         }
         let seen = h.seen;
         let snap = decode(&entries);
-        let changed: BTreeSet<ServiceName> = changed_services(&entries, seen);
-        for svc in changed {
+        for (svc, (version, when)) in changed_services(&entries, seen) {
             let eps = endpoints_of(&snap, &svc);
-            let when = entries
-                .iter()
-                .filter(|e| e.0 > seen)
-                .map(|e| e.1)
-                .max()
-                .flatten();
             let q = h.services.entry(svc).or_default();
             if q.back().map(|b| &b.2) != Some(&eps) {
-                q.push_back((newest, when, eps));
+                q.push_back((version, when, eps));
             }
             while q.len() > HISTORY {
                 q.pop_front();
@@ -154,29 +147,38 @@ fn decode(entries: &[(u64, Option<SystemTime>, bytes::Bytes)]) -> Snapshot {
     }))
 }
 
-/// Services whose object or a slice changed after `seen`.
+/// Services whose object or a slice changed after `seen`, each with the
+/// version (and publish time) of its newest change.
 fn changed_services(
     entries: &[(u64, Option<SystemTime>, bytes::Bytes)],
     seen: u64,
-) -> BTreeSet<ServiceName> {
-    entries
+) -> BTreeMap<ServiceName, (u64, Option<SystemTime>)> {
+    let mut out: BTreeMap<ServiceName, (u64, Option<SystemTime>)> = BTreeMap::new();
+    let names = entries
         .iter()
         .filter(|e| e.0 > seen)
-        .filter_map(|(_, _, b)| {
+        .filter_map(|(seq, when, b)| {
             let r = v1::Resource::decode(b.as_ref()).ok()?;
-            match Resource::try_from(&r).ok()? {
-                Resource::Service(s) => Some(ServiceName {
+            let name = match Resource::try_from(&r).ok()? {
+                Resource::Service(s) => ServiceName {
                     namespace: s.namespace,
                     name: s.name,
-                }),
-                Resource::EndpointSlice(s) => Some(ServiceName {
+                },
+                Resource::EndpointSlice(s) => ServiceName {
                     namespace: s.namespace,
                     name: s.service_name,
-                }),
-                _ => None,
-            }
-        })
-        .collect()
+                },
+                _ => return None,
+            };
+            Some((name, *seq, *when))
+        });
+    for (name, seq, when) in names {
+        let e = out.entry(name).or_insert((seq, when));
+        if seq > e.0 {
+            *e = (seq, when);
+        }
+    }
+    out
 }
 
 /// Every endpoint `ip:port` of a service's slices.

@@ -193,3 +193,98 @@ pub fn parse_ipset_save(text: &str) -> BTreeMap<String, std::collections::BTreeS
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::explain::{Flow, Packet};
+    use crate::ipvs::diff::{KernelDest, KernelVs};
+
+    fn flow(src: &str, dst: &str) -> Flow {
+        Flow::new(&Packet {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            protocol: Protocol::Tcp,
+        })
+    }
+
+    #[test]
+    fn ipset_members_match_by_dimension() {
+        let f = flow("198.18.1.5", "198.19.0.1:80");
+        let d = |s: &str| s.split(',').map(str::to_string).collect::<Vec<_>>();
+        assert!(member_matches("198.19.0.1,tcp:80", &d("dst,dst"), &f));
+        assert!(!member_matches("198.19.0.1,udp:80", &d("dst,dst"), &f));
+        assert!(!member_matches("198.19.0.1,tcp:81", &d("dst,dst"), &f));
+        assert!(member_matches(
+            "198.19.0.1,tcp:80,198.18.1.0/24",
+            &d("dst,dst,src"),
+            &f
+        ));
+        assert!(!member_matches(
+            "198.19.0.1,tcp:80,198.18.2.0/24",
+            &d("dst,dst,src"),
+            &f
+        ));
+        assert!(member_matches("80", &d("dst"), &f));
+        assert!(member_matches("198.19.0.1", &d("dst"), &f));
+        assert!(!member_matches("198.19.0.1", &d("dst,dst"), &f));
+    }
+
+    #[test]
+    fn ipset_save_is_read_like_the_agent_reads_it() {
+        let sets = parse_ipset_save(
+            "create KUBE-CLUSTER-IP hash:ip,port family inet\n\
+             add KUBE-CLUSTER-IP 198.19.0.1,tcp:80\n\
+             create KUBE-LOAD-BALANCER-SOURCE-CIDR hash:ip,port,net family inet\n\
+             add KUBE-LOAD-BALANCER-SOURCE-CIDR 198.19.60.1,tcp:80,198.18.0.0/24\n\
+             create EMPTY hash:ip family inet\n",
+        );
+        assert_eq!(sets.len(), 3);
+        assert!(sets["KUBE-CLUSTER-IP"].contains("198.19.0.1,tcp:80"));
+        assert!(sets["EMPTY"].is_empty());
+    }
+
+    #[test]
+    fn kernel_weights_become_probabilities_and_weight_zero_takes_nothing() {
+        let key = VsKey::new(Protocol::Tcp, "198.19.0.1".parse().unwrap(), 80);
+        let dest = |w| KernelDest {
+            weight: w,
+            active: 0,
+            inactive: 0,
+        };
+        let state = KernelState::from([(
+            key,
+            KernelVs {
+                scheduler: "wrr".into(),
+                flags: 0,
+                timeout: 0,
+                dests: BTreeMap::from([
+                    ("198.18.1.1:8080".parse().unwrap(), dest(3)),
+                    ("198.18.1.2:8080".parse().unwrap(), dest(1)),
+                    ("198.18.1.3:8080".parse().unwrap(), dest(0)),
+                ]),
+            },
+        )]);
+        let t = Table::from_kernel(&state);
+        let out = t.schedule(flow("198.18.9.9", "198.19.0.1:80"));
+        let got: Vec<(String, f64)> = out.iter().map(|f| (f.dst.to_string(), f.prob)).collect();
+        assert_eq!(
+            got,
+            [
+                ("198.18.1.1:8080".into(), 0.75),
+                ("198.18.1.2:8080".into(), 0.25)
+            ]
+        );
+        assert!(out[0].trace[0].rule.starts_with("TCP 198.19.0.1:80 wrr"));
+        // Every real server at weight 0 (draining): dropped.
+        let mut s = state.clone();
+        for d in s.values_mut().flat_map(|v| v.dests.values_mut()) {
+            d.weight = 0;
+        }
+        let out = Table::from_kernel(&s).schedule(flow("198.18.9.9", "198.19.0.1:80"));
+        assert_eq!(out[0].verdict, Some(Verdict::Drop));
+        // Not a virtual server: untouched.
+        let out = t.schedule(flow("198.18.9.9", "198.19.0.2:80"));
+        assert!(!out[0].dnat);
+    }
+}

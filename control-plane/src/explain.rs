@@ -6,7 +6,7 @@
 //! traffic to that it should not (from a bounded history of the service's
 //! endpoints that the control plane records as versions are published).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -23,7 +23,7 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 
 use crate::server::Agents;
-use crate::store::Store;
+use crate::store::{Store, StoredEntry};
 
 /// Versions of a service's endpoints remembered (per service).
 const HISTORY: usize = 32;
@@ -83,6 +83,9 @@ pub struct History {
 #[derive(Debug, Default)]
 struct HistoryInner {
     seen: u64,
+    /// slice key -> its service and endpoint `ip:port`s, kept up to date from the
+    /// changed entries only (no full decode per publish).
+    slices: HashMap<Arc<str>, (ServiceName, BTreeSet<String>)>,
     /// service -> (version, publish time, endpoint `ip:port`s), oldest first.
     services: BTreeMap<ServiceName, VecDeque<Recorded>>,
 }
@@ -94,19 +97,80 @@ type Recorded = (u64, Option<SystemTime>, BTreeSet<String>);
 
 impl History {
     /// Records the services changed since the last call (run after each publish).
+    /// Decodes only the resources changed since then.
     pub fn record(&self, store: &Store) {
+        let newest = store.version();
         let entries = store.entries();
         let Ok(mut h) = self.inner.lock() else {
             return;
         };
-        let newest = entries.iter().map(|e| e.0).max().unwrap_or(0);
         if newest <= h.seen {
             return;
         }
+        let h = &mut *h;
         let seen = h.seen;
-        let snap = decode(&entries);
-        for (svc, (version, when)) in changed_services(&entries, seen) {
-            let eps = endpoints_of(&snap, &svc);
+        let mut changed: BTreeMap<ServiceName, (u64, Option<SystemTime>)> = BTreeMap::new();
+        let mut mark = |svc: ServiceName, seq: u64, when: Option<SystemTime>| {
+            let e = changed.entry(svc).or_insert((seq, when));
+            if seq > e.0 {
+                *e = (seq, when);
+            }
+        };
+        for e in entries.iter().filter(|e| e.seq > seen) {
+            let Some(r) = v1::Resource::decode(e.bytes.as_ref())
+                .ok()
+                .and_then(|r| Resource::try_from(&r).ok())
+            else {
+                continue;
+            };
+            match r {
+                Resource::Service(s) => mark(
+                    ServiceName {
+                        namespace: s.namespace,
+                        name: s.name,
+                    },
+                    e.seq,
+                    e.published,
+                ),
+                Resource::EndpointSlice(s) => {
+                    let svc = ServiceName {
+                        namespace: s.namespace.clone(),
+                        name: s.service_name.clone(),
+                    };
+                    let eps = slice_endpoints(&s);
+                    if let Some((old, _)) = h.slices.insert(e.key.clone(), (svc.clone(), eps))
+                        && old != svc
+                    {
+                        mark(old, e.seq, e.published);
+                    }
+                    mark(svc, e.seq, e.published);
+                }
+                Resource::Node(_) => {}
+            }
+        }
+        // Slices gone since: their services changed at (at the latest) `newest`.
+        let live: HashSet<&Arc<str>> = entries.iter().map(|e| &e.key).collect();
+        let gone: Vec<Arc<str>> = h
+            .slices
+            .keys()
+            .filter(|k| !live.contains(k))
+            .cloned()
+            .collect();
+        for k in gone {
+            if let Some((svc, _)) = h.slices.remove(&k) {
+                mark(svc, newest, None);
+            }
+        }
+        let mut now: BTreeMap<ServiceName, BTreeSet<String>> = BTreeMap::new();
+        for (svc, eps) in h.slices.values() {
+            if changed.contains_key(svc) {
+                now.entry(svc.clone())
+                    .or_default()
+                    .extend(eps.iter().cloned());
+            }
+        }
+        for (svc, (version, when)) in changed {
+            let eps = now.remove(&svc).unwrap_or_default();
             let q = h.services.entry(svc).or_default();
             if q.back().map(|b| &b.2) != Some(&eps) {
                 q.push_back((version, when, eps));
@@ -129,6 +193,13 @@ impl History {
         q.iter().rev().find(|e| e.0 <= version).map(|e| e.2.clone())
     }
 
+    /// The newest recorded change (it sees deletions, which the store's live
+    /// entries do not).
+    fn last_change(&self, svc: &ServiceName) -> Option<(u64, Option<SystemTime>)> {
+        let h = self.inner.lock().ok()?;
+        h.services.get(svc)?.back().map(|e| (e.0, e.1))
+    }
+
     /// The first recorded change after `version`.
     fn change_after(&self, svc: &ServiceName, version: u64) -> Option<(u64, Option<SystemTime>)> {
         let h = self.inner.lock().ok()?;
@@ -140,56 +211,20 @@ impl History {
     }
 }
 
-fn decode(entries: &[(u64, Option<SystemTime>, bytes::Bytes)]) -> Snapshot {
-    Snapshot::from_resources(entries.iter().filter_map(|(_, _, b)| {
-        let r = v1::Resource::decode(b.as_ref()).ok()?;
+fn decode(entries: &[StoredEntry]) -> Snapshot {
+    Snapshot::from_resources(entries.iter().filter_map(|e| {
+        let r = v1::Resource::decode(e.bytes.as_ref()).ok()?;
         Resource::try_from(&r).ok()
     }))
 }
 
-/// Services whose object or a slice changed after `seen`, each with the
-/// version (and publish time) of its newest change.
-fn changed_services(
-    entries: &[(u64, Option<SystemTime>, bytes::Bytes)],
-    seen: u64,
-) -> BTreeMap<ServiceName, (u64, Option<SystemTime>)> {
-    let mut out: BTreeMap<ServiceName, (u64, Option<SystemTime>)> = BTreeMap::new();
-    let names = entries
-        .iter()
-        .filter(|e| e.0 > seen)
-        .filter_map(|(seq, when, b)| {
-            let r = v1::Resource::decode(b.as_ref()).ok()?;
-            let name = match Resource::try_from(&r).ok()? {
-                Resource::Service(s) => ServiceName {
-                    namespace: s.namespace,
-                    name: s.name,
-                },
-                Resource::EndpointSlice(s) => ServiceName {
-                    namespace: s.namespace,
-                    name: s.service_name,
-                },
-                _ => return None,
-            };
-            Some((name, *seq, *when))
-        });
-    for (name, seq, when) in names {
-        let e = out.entry(name).or_insert((seq, when));
-        if seq > e.0 {
-            *e = (seq, when);
-        }
-    }
-    out
-}
-
-/// Every endpoint `ip:port` of a service's slices.
-fn endpoints_of(snap: &Snapshot, svc: &ServiceName) -> BTreeSet<String> {
+/// Every endpoint `ip:port` of a slice.
+fn slice_endpoints(s: &meshlite_proto::model::EndpointSlice) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
-    for s in snap.slices_for(svc) {
-        for e in &s.endpoints {
-            for a in &e.addresses {
-                for p in &s.ports {
-                    out.insert(std::net::SocketAddr::new(*a, p.port).to_string());
-                }
+    for e in &s.endpoints {
+        for a in &e.addresses {
+            for p in &s.ports {
+                out.insert(std::net::SocketAddr::new(*a, p.port).to_string());
             }
         }
     }
@@ -210,7 +245,13 @@ pub fn report(
     snap.service(svc)?;
     // The newest change of the service object or one of its slices.
     let mut changed = (0u64, None);
-    for (seq, when, b) in &entries {
+    for StoredEntry {
+        seq,
+        published: when,
+        bytes: b,
+        ..
+    } in &entries
+    {
         let Some(r) = v1::Resource::decode(b.as_ref())
             .ok()
             .and_then(|r| Resource::try_from(&r).ok())
@@ -227,6 +268,9 @@ pub fn report(
         if mine && *seq > changed.0 {
             changed = (*seq, *when);
         }
+    }
+    if let Some(last) = history.last_change(svc).filter(|l| l.0 > changed.0) {
+        changed = last;
     }
     let version = store.version();
     let rows = agents.rows(version);
@@ -522,5 +566,27 @@ mod tests {
             name: "nope".into(),
         };
         assert!(report(&store, &agents, &history, &missing, None).is_none());
+
+        // The slice deleted outright while node2 is stuck at v2: what it still has
+        // is the endpoint it held then.
+        store.apply(vec![Change::Delete {
+            key: meshlite_proto::model::ResourceKey::EndpointSlice {
+                namespace: "default".into(),
+                name: "web-1".into(),
+            },
+            cause: Cause::observed_now(None),
+        }]);
+        let v3 = store.publish();
+        history.record(&store);
+        let r = report(&store, &agents, &history, &svc, Some("node2")).unwrap();
+        let n2 = &r.nodes[0];
+        assert!(n2.behind, "{r:?}");
+        assert!(n2.ports[0].cluster.is_empty());
+        let stale = n2.stale.as_ref().unwrap();
+        assert_eq!(stale.since_version, v3);
+        assert_eq!(
+            stale.endpoints.as_deref(),
+            Some(&["198.18.2.1:8080".to_string()][..])
+        );
     }
 }

@@ -104,6 +104,17 @@ pub struct Delta {
     pub patches: usize,
 }
 
+/// A live resource as [`Store::entries`] lists it.
+#[derive(Debug, Clone)]
+pub struct StoredEntry {
+    pub key: Arc<str>,
+    /// The version that last changed it.
+    pub seq: u64,
+    pub published: Option<SystemTime>,
+    /// The encoded `v1::Resource`.
+    pub bytes: Bytes,
+}
+
 /// What an apply did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Applied {
@@ -413,17 +424,22 @@ impl Store {
         version
     }
 
-    /// Every live resource: the version that last changed it, when that change
-    /// was published, and its encoded `v1::Resource` (read-only; `explain`
+    /// Every live resource: its key, the version that last changed it, when that
+    /// change was published, and its encoded `v1::Resource` (read-only; `explain`
     /// decodes them into a snapshot on demand).
-    pub fn entries(&self) -> Vec<(u64, Option<SystemTime>, Bytes)> {
+    pub fn entries(&self) -> Vec<StoredEntry> {
         let inner = self.read();
         let mut v: Vec<_> = inner
             .entries
-            .values()
-            .map(|e| (e.seq, e.published, e.bytes.clone()))
+            .iter()
+            .map(|(k, e)| StoredEntry {
+                key: k.clone(),
+                seq: e.seq,
+                published: e.published,
+                bytes: e.bytes.clone(),
+            })
             .collect();
-        v.sort_by_key(|e| e.0);
+        v.sort_by_key(|e| e.seq);
         v
     }
 

@@ -36,6 +36,31 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Explains a service: per node, the endpoints its agent programs for each
+    /// port, the version it ACKed against the version that last changed the
+    /// service, and for a node that is behind what it still sends traffic to.
+    Explain {
+        #[command(subcommand)]
+        what: ExplainWhat,
+    },
+}
+
+/// What `explain` explains.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ExplainWhat {
+    /// A service, as NS/NAME.
+    Service {
+        service: String,
+        /// Only this node.
+        #[arg(long)]
+        node: Option<String>,
+        /// The control plane's admin address.
+        #[arg(long, env = "MESHLITE_ADMIN_ADDRESS", default_value = "127.0.0.1:9090")]
+        admin: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// The command line of the server (every flag also reads `MESHLITE_<FLAG>`).

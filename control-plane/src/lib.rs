@@ -17,6 +17,7 @@ use prometheus_client::registry::Registry;
 use tracing::{info, warn};
 
 pub mod config;
+pub mod explain;
 pub mod metrics;
 pub mod server;
 pub mod source;
@@ -213,7 +214,12 @@ pub async fn start_with(
         }
     });
     let router = admin::router(Arc::new(registry), readiness, health)
-        .merge(status::router(agents.clone(), store.clone()));
+        .merge(status::router(agents.clone(), store.clone()))
+        .merge(explain::router(
+            agents.clone(),
+            store.clone(),
+            explain_history(&store),
+        ));
 
     if let Some(path) = &config.addresses_file {
         admin::write_addresses(path, &[("grpc", grpc_addr), ("admin", admin_addr)]).map_err(
@@ -287,4 +293,21 @@ async fn refresh_gauges(store: Arc<Store>, metrics: Metrics) {
             .version
             .set(i64::try_from(store.version()).unwrap_or(i64::MAX));
     }
+}
+
+/// The explain endpoint's history of service endpoints, recorded after every
+/// publish (so a node that falls behind can be told what it still has).
+fn explain_history(store: &Arc<Store>) -> explain::History {
+    let history = explain::History::default();
+    let (h, store) = (history.clone(), store.clone());
+    let mut published = store.subscribe();
+    tokio::spawn(async move {
+        loop {
+            h.record(&store);
+            if published.changed().await.is_err() {
+                break;
+            }
+        }
+    });
+    history
 }

@@ -1,12 +1,13 @@
 //! `meshlite-control-plane`: see the crate docs. Parses and validates the
 //! configuration (exit 64 when invalid; `--check-config` prints it as JSON), then
-//! serves until SIGINT/SIGTERM, or runs `status`.
+//! serves until SIGINT/SIGTERM; or runs `status` or `explain service`.
 
+use std::future::Future;
 use std::process::ExitCode;
 
-use meshlite_control_plane::config::{Cli, Command};
-use meshlite_control_plane::status;
-use meshlite_runtime::process::{self, Main};
+use meshlite_control_plane::config::{Cli, Command, ExplainWhat};
+use meshlite_control_plane::{explain, status};
+use meshlite_runtime::process::{self, EX_USAGE, Main};
 
 const MAIN: Main = Main::new("meshlite-control-plane");
 
@@ -15,8 +16,56 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    if let Some(Command::Status { admin, json }) = cli.command {
-        return status_command(&admin, json);
+    match cli.command {
+        Some(Command::Status { admin, json }) => {
+            return client_command("status", async move {
+                match status::fetch(&admin).await {
+                    Ok(r) if json => {
+                        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                        ExitCode::SUCCESS
+                    }
+                    Ok(r) => {
+                        print!("{}", status::table(&r));
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("meshlite-control-plane status: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            });
+        }
+        Some(Command::Explain {
+            what:
+                ExplainWhat::Service {
+                    service,
+                    node,
+                    admin,
+                    json,
+                },
+        }) => {
+            return client_command("explain", async move {
+                match explain::fetch(&admin, &service, node.as_deref()).await {
+                    Ok(r) if json => {
+                        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                        ExitCode::SUCCESS
+                    }
+                    Ok(r) => {
+                        print!("{}", explain::text(&r));
+                        ExitCode::SUCCESS
+                    }
+                    Err(e @ explain::ExplainError::BadName(_)) => {
+                        eprintln!("meshlite-control-plane explain: {e}");
+                        ExitCode::from(EX_USAGE)
+                    }
+                    Err(e) => {
+                        eprintln!("meshlite-control-plane explain: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            });
+        }
+        None => {}
     }
     let config = match MAIN.check(cli.args.check_config, || cli.args.validate()) {
         Ok(c) => c,
@@ -31,28 +80,15 @@ fn main() -> ExitCode {
     })
 }
 
-fn status_command(admin: &str, json: bool) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
+/// Runs a command that talks to a running control plane's admin endpoint.
+fn client_command(name: &str, f: impl Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
-        Ok(rt) => rt,
+        Ok(rt) => rt.block_on(f),
         Err(e) => {
-            eprintln!("meshlite-control-plane status: tokio runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(status::fetch(admin)) {
-        Ok(r) if json => {
-            println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
-            ExitCode::SUCCESS
-        }
-        Ok(r) => {
-            print!("{}", status::table(&r));
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("meshlite-control-plane status: {e}");
+            eprintln!("meshlite-control-plane {name}: tokio runtime: {e}");
             ExitCode::FAILURE
         }
     }

@@ -104,6 +104,17 @@ pub struct Delta {
     pub patches: usize,
 }
 
+/// A live resource as [`Store::entries`] lists it.
+#[derive(Debug, Clone)]
+pub struct StoredEntry {
+    pub key: Arc<str>,
+    /// The version that last changed it.
+    pub seq: u64,
+    pub published: Option<SystemTime>,
+    /// The encoded `v1::Resource`.
+    pub bytes: Bytes,
+}
+
 /// What an apply did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Applied {
@@ -411,6 +422,25 @@ impl Store {
         span.record("version", version);
         self.published.send_replace(version);
         version
+    }
+
+    /// Every live resource: its key, the version that last changed it, when that
+    /// change was published, and its encoded `v1::Resource` (read-only; `explain`
+    /// decodes them into a snapshot on demand).
+    pub fn entries(&self) -> Vec<StoredEntry> {
+        let inner = self.read();
+        let mut v: Vec<_> = inner
+            .entries
+            .iter()
+            .map(|(k, e)| StoredEntry {
+                key: k.clone(),
+                seq: e.seq,
+                published: e.published,
+                bytes: e.bytes.clone(),
+            })
+            .collect();
+        v.sort_by_key(|e| e.seq);
+        v
     }
 
     /// Everything in the view, replacing what the subscriber has.

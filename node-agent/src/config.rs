@@ -57,6 +57,11 @@ pub enum Command {
     /// interface) and exit, like `kube-proxy --cleanup`. Stop the agent first: it
     /// would put its rules back.
     Cleanup(CleanupArgs),
+    /// Trace one new connection through this node's rules (the live kernel state,
+    /// or with --manifests what `render` would write) and print the rules it
+    /// matches, the verdict, the endpoints with their probability and whether it
+    /// is masqueraded. Exit 0 whatever the verdict; 64 for bad input.
+    Explain(Box<crate::explain::cli::ExplainArgs>),
 }
 
 /// What `cleanup` removes.

@@ -218,6 +218,12 @@ impl IptablesBackend {
         ChainNames::new(&self.cfg.prefix)
     }
 
+    /// The jumps from the built-in chains this backend installs for `family`
+    /// (read-only; `explain` adds them to a rendered rule set).
+    pub fn jumps(&self, family: IpFamily) -> Vec<Jump> {
+        jump_rules(&self.chain_names(), family, self.cfg.localhost_nodeports)
+    }
+
     /// The render configuration for one family and view.
     pub fn render_config(&self, view: &ProxyView) -> RenderConfig {
         render_config(&self.cfg, view)

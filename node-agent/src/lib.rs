@@ -11,11 +11,14 @@ pub mod backend;
 pub mod cleanup;
 pub mod config;
 pub mod exec;
+pub mod explain;
 pub mod health;
 pub mod iptables;
 pub mod ipvs;
 pub mod local;
 pub mod metrics;
 pub mod preview;
-pub mod proxy;
+/// The proxy view and endpoint selection live in `meshlite-proxy`, shared with the
+/// control plane (its `explain`); re-exported so `crate::proxy::...` paths keep working.
+pub use meshlite_proxy as proxy;
 pub mod sync;

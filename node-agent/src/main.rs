@@ -28,8 +28,34 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Render(args)) => render(*args),
         Some(Command::Cleanup(args)) => cleanup(&args),
+        Some(Command::Explain(args)) => explain(&args),
         None => run(cli.run),
     }
+}
+
+fn explain(args: &meshlite_node_agent::explain::cli::ExplainArgs) -> ExitCode {
+    use meshlite_node_agent::explain::cli::ExplainError;
+    let (rules, host) = match args.load() {
+        Ok(v) => v,
+        Err(e @ ExplainError::Input(_)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let packet = args.packet();
+    let x = rules.explain(&packet, &host);
+    let text = if args.json {
+        format!("{}\n", serde_json::to_string_pretty(&x).unwrap_or_default())
+    } else {
+        x.human(&packet)
+    };
+    // A closed stdout (`| head`) is not an error worth a panic.
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
+    ExitCode::SUCCESS
 }
 
 fn cleanup(args: &meshlite_node_agent::config::CleanupArgs) -> ExitCode {

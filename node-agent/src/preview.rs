@@ -27,7 +27,8 @@ pub struct Preview {
     pub warnings: Vec<String>,
 }
 
-fn load(dir: &Path) -> Result<(Snapshot, Vec<String>), PreviewError> {
+/// Loads a directory of manifests into a snapshot, as `render` and `explain` do.
+pub fn load(dir: &Path) -> Result<(Snapshot, Vec<String>), PreviewError> {
     let manifests = meshlite_k8s::manifests::load_dir(dir, &Default::default())?;
     Ok((
         Snapshot::from_resources(manifests.resources()),

@@ -263,3 +263,57 @@ fn render_takes_every_detect_local_mode_in_both_backends() {
         assert!(text.contains(want), "{node}: {text}");
     }
 }
+
+#[test]
+fn explain_exits_0_whatever_the_verdict_and_64_for_bad_input() {
+    let seed = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/seed");
+    let run = |args: &[&str]| {
+        bin()
+            .arg("explain")
+            .args(["--manifests", seed, "--node-name", "node1"])
+            .args(["--cluster-cidr", "198.18.0.0/17"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = run(&[
+        "--from",
+        "198.18.1.10",
+        "--to",
+        "198.19.100.100:80",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["verdict"], "dnat");
+    assert_eq!(v["endpoints"].as_array().unwrap().len(), 3);
+    assert_eq!(v["service"], "default/clusterip-service:http");
+    // No service there: still 0.
+    let o = run(&["--from", "198.18.1.10", "--to", "198.19.100.100:81"]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("verdict:    no_match"));
+    // Bad input: 64 with a message.
+    for bad in [
+        &["--from", "198.18.1.10", "--to", "198.19.100.100"][..],
+        &["--from", "nonsense", "--to", "198.19.100.100:80"],
+        &["--from", "2001:db8::1", "--to", "198.19.100.100:80"],
+        &[
+            "--from",
+            "198.18.1.10",
+            "--to",
+            "198.19.100.100:80",
+            "--protocol",
+            "icmp",
+        ],
+    ] {
+        let o = run(bad);
+        assert_eq!(o.status.code(), Some(64), "{bad:?}: {o:?}");
+        assert!(!o.stderr.is_empty());
+    }
+    let o = bin()
+        .args(["explain", "--manifests", "/nonexistent", "--node-name", "n"])
+        .args(["--from", "198.18.1.10", "--to", "198.19.100.100:80"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(64), "{o:?}");
+}

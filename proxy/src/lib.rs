@@ -1,4 +1,4 @@
-//! The backend-independent proxy view.
+//! meshlite-proxy: the backend-independent proxy view.
 //!
 //! [`ProxyView::build`] turns a [`Snapshot`] into what every backend (iptables,
 //! IPVS) programs: per service port and IP family, the service facts a proxy needs

@@ -21,13 +21,13 @@ use std::collections::BTreeSet;
 use std::fmt::{self, Write as _};
 
 use ipnet::IpNet;
-use tokio::process::Command;
 
 use crate::iptables::{self, ChainNames};
 use crate::ipvs::ipset::{self, SetNames};
 use crate::ipvs::link::Link;
 use crate::ipvs::netlink::{IpvsSocket, NetlinkError};
 use crate::ipvs::{Op, rules};
+use crate::netfilter::{self, Runner};
 use crate::proxy::IpFamily;
 
 /// What cleanup did, one line per part; `errors` non-empty means it is not done.
@@ -241,28 +241,15 @@ fn jump_target(spec: &str) -> Option<&str> {
 /// Runs `program args`; its stdout, `None` when the program is not installed
 /// (then there is nothing of ours for it to hold).
 async fn run_tool(program: &str, args: &[&str]) -> Result<Option<String>, String> {
-    let what = std::iter::once(program)
-        .chain(args.iter().copied())
-        .collect::<Vec<_>>()
-        .join(" ");
-    let out = match Command::new(program)
-        .args(args)
-        .kill_on_drop(true)
-        .output()
-        .await
-    {
-        Ok(out) => out,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("{what}: {e}")),
-    };
-    if !out.status.success() {
-        return Err(format!(
-            "{what} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+    match Runner::System.output(program, args, None).await {
+        Ok(out) => Ok(Some(out)),
+        Err(netfilter::Error::Spawn { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e.to_string()),
     }
-    Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
 }
 
 async fn clean_iptables(family: IpFamily, prefix: &str) -> Result<String, String> {
@@ -273,7 +260,7 @@ async fn clean_iptables(family: IpFamily, prefix: &str) -> Result<String, String
     let Some(plan) = plan_iptables(&save, prefix) else {
         return Ok("nothing to delete".into());
     };
-    iptables::restore(family, &plan.text)
+    iptables::restore(&Runner::System, family, &plan.text)
         .await
         .map_err(|e| e.to_string())?;
     Ok(format!(
@@ -303,7 +290,9 @@ async fn clean_ipsets(prefix: &str) -> Result<String, String> {
         return Ok("nothing to delete".into());
     }
     let text: String = doomed.iter().map(|n| format!("destroy {n}\n")).collect();
-    ipset::restore(&text).await.map_err(|e| e.to_string())?;
+    ipset::restore(&Runner::System, &text)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(format!("destroyed {}", doomed.len()))
 }
 

@@ -6,24 +6,22 @@
 //!   --noflush` per family (atomic per table); a partial sync rewrites the top-level
 //!   chains and only the service chains whose rules changed, and deletes chains of
 //!   removed services. The jumps from the built-in chains are checked and inserted
-//!   one rule at a time with the `iptables` crate. After each sync, stale UDP
-//!   conntrack entries are deleted (see [`conntrack`]).
+//!   one rule at a time ([`jumps`]). After each sync, stale UDP conntrack entries
+//!   are deleted (see [`conntrack`]). Every tool runs through one [`Runner`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use tokio::process::Command;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::backend::{Backend, BackendError, Desired, RejectReason, Rejected, SyncReport};
 use crate::local::DetectLocalMode;
+use crate::netfilter::{self, Runner, conntrack, jumps};
 use crate::proxy::{IpFamily, ProxyView, ServicePortName};
 
 pub mod chains;
-pub mod conntrack;
-pub mod jumps;
 pub mod render;
 
 pub use chains::ChainNames;
@@ -33,18 +31,8 @@ pub use render::{RenderConfig, RuleSet, ServiceRules, render};
 /// Kernel-side failures.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{command}: could not run: {source}")]
-    Spawn {
-        command: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{command} failed ({status}): {stderr}")]
-    Failed {
-        command: String,
-        status: String,
-        stderr: String,
-    },
+    #[error(transparent)]
+    Tool(#[from] netfilter::Error),
     #[error("{family} jump rules: {reason}")]
     Jumps { family: IpFamily, reason: String },
 }
@@ -100,6 +88,7 @@ struct FamilyState {
 pub struct IptablesBackend {
     cfg: IptablesConfig,
     families: Vec<FamilyState>,
+    runner: Runner,
 }
 
 /// The built-in chain jumps kube-proxy installs (table, chain, target, comment, extra).
@@ -211,7 +200,17 @@ impl IptablesBackend {
                 jumps_ensured: false,
             })
             .collect();
-        Self { cfg, families }
+        Self {
+            cfg,
+            families,
+            runner: Runner::System,
+        }
+    }
+
+    /// Runs the tools through `runner` (a fake in tests).
+    pub fn with_runner(mut self, runner: Runner) -> Self {
+        self.runner = runner;
+        self
     }
 
     pub fn chain_names(&self) -> ChainNames {
@@ -224,6 +223,7 @@ impl IptablesBackend {
     }
 
     async fn apply_family(
+        runner: &Runner,
         cfg: &IptablesConfig,
         state: &mut FamilyState,
         view: &ProxyView,
@@ -242,7 +242,7 @@ impl IptablesBackend {
             if family == IpFamily::V4 && cfg.localhost_nodeports {
                 set_route_localnet();
             }
-            ensure_jumps(&names, family, cfg.localhost_nodeports)
+            ensure_jumps(runner, &names, family, cfg.localhost_nodeports)
                 .await
                 .map_err(|e| fail("jump-rules", e))?;
             state.jumps_ensured = true;
@@ -286,7 +286,7 @@ impl IptablesBackend {
         // restarted agent does not know what its predecessor wrote).
         let existing = if full {
             Some(
-                save_chains(family, "nat")
+                save_chains(runner, family, "nat")
                     .await
                     .map_err(|e| fail("save", e))?,
             )
@@ -304,14 +304,14 @@ impl IptablesBackend {
             bytes = planned.text.len(),
             rules = planned.written
         );
-        let first = restore(family, &planned.text)
+        let first = restore(runner, family, &planned.text)
             .instrument(restore_span)
             .await;
         if let Err(e) = first {
             // Find the services whose rules the kernel refuses, keep their last good
             // rules, and program everyone else.
             let refused = match &e {
-                Error::Failed { .. } => {
+                Error::Tool(netfilter::Error::Failed { .. }) => {
                     // The services this sync writes, and those it removes (their
                     // chains' deletion may be what the kernel refuses).
                     let mut candidates: Vec<ServicePortName> =
@@ -325,9 +325,16 @@ impl IptablesBackend {
                                 .cloned(),
                         );
                     }
-                    refused_services(family, &rs, previous.map(|p| &p.rules), candidates, &input)
-                        .instrument(tracing::info_span!("find-refused", %family))
-                        .await
+                    refused_services(
+                        runner,
+                        family,
+                        &rs,
+                        previous.map(|p| &p.rules),
+                        candidates,
+                        &input,
+                    )
+                    .instrument(tracing::info_span!("find-refused", %family))
+                    .await
                 }
                 _ => BTreeMap::new(),
             };
@@ -350,7 +357,7 @@ impl IptablesBackend {
             }
             rs = rs.with_services_from(&keep, previous.map(|p| &p.rules));
             planned = input(&rs);
-            if let Err(e) = restore(family, &planned.text).await {
+            if let Err(e) = restore(runner, family, &planned.text).await {
                 state.applied = None;
                 state.jumps_ensured = false;
                 return Err(fail("restore", e));
@@ -377,7 +384,7 @@ impl IptablesBackend {
                 let span = tracing::info_span!("conntrack-cleanup", %family, jobs = jobs.len());
                 async {
                     for job in jobs {
-                        match conntrack::delete(family, &job).await {
+                        match conntrack::delete(runner, family, &job).await {
                             Ok(n) => deleted += n,
                             Err(e) => warn!(%family, error = %e, "conntrack cleanup failed"),
                         }
@@ -494,6 +501,7 @@ fn restore_input(
 /// services do not refer to each other, so about 2 log2(n) restores find each
 /// refused service.
 async fn refused_services(
+    runner: &Runner,
     family: IpFamily,
     rs: &RuleSet,
     previous: Option<&RuleSet>,
@@ -505,7 +513,7 @@ async fn refused_services(
     let apply = |new: &BTreeSet<ServicePortName>| {
         let keep: BTreeSet<ServicePortName> = all.difference(new).cloned().collect();
         let text = input(&rs.with_services_from(&keep, previous)).text;
-        async move { restore(family, &text).await }
+        async move { restore(runner, family, &text).await }
     };
     let mut refused = BTreeMap::new();
     let mut accepted: BTreeSet<ServicePortName> = BTreeSet::new();
@@ -548,7 +556,7 @@ impl Backend for IptablesBackend {
             let Some(view) = desired.views.iter().find(|v| v.family == state.family) else {
                 continue;
             };
-            let r = Self::apply_family(&self.cfg, state, view, desired.full).await?;
+            let r = Self::apply_family(&self.runner, &self.cfg, state, view, desired.full).await?;
             total.full &= r.full;
             total.rules_written += r.rules_written;
             total.filter_rules += r.filter_rules;
@@ -569,10 +577,7 @@ impl Backend for IptablesBackend {
             .map(|s| s.family)
             .collect();
         for family in applied {
-            let names = names.clone();
-            let ok = tokio::task::spawn_blocking(move || canary_ok(&names, family, localhost))
-                .await
-                .unwrap_or(false);
+            let ok = canary_ok(&self.runner, &names, family, localhost).await;
             if !ok {
                 info!(%family, "canary missing: rules were flushed externally; scheduling a full sync");
                 for s in &mut self.families {
@@ -651,18 +656,15 @@ pub(crate) fn tool(family: IpFamily, what: &str) -> String {
 }
 
 /// Runs `iptables-restore --noflush --counters -w` with `text` on stdin.
-pub async fn restore(family: IpFamily, text: &str) -> Result<()> {
+pub async fn restore(runner: &Runner, family: IpFamily, text: &str) -> Result<()> {
     let command = tool(family, "-restore");
-    let out = crate::exec::with_stdin(&command, &["--noflush", "--counters", "-w"], text)
-        .await
-        .map_err(|source| Error::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    if out.status.success() {
+    let out = runner
+        .run(&command, &["--noflush", "--counters", "-w"], Some(text))
+        .await?;
+    if out.success {
         return Ok(());
     }
-    let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    let mut stderr = out.stderr.trim().to_string();
     // "line N failed": name the line, which is what an operator needs.
     if let Some(n) = stderr
         .split("line ")
@@ -673,33 +675,19 @@ pub async fn restore(family: IpFamily, text: &str) -> Result<()> {
     {
         stderr.push_str(&format!(" [line {n}: {line}]"));
     }
-    Err(Error::Failed {
+    Err(netfilter::Error::Failed {
         command,
-        status: out.status.to_string(),
+        status: out.status,
         stderr,
-    })
+    }
+    .into())
 }
 
 /// The chains of a table, from `iptables-save -t <table>`.
-pub async fn save_chains(family: IpFamily, table: &str) -> Result<Vec<String>> {
+pub async fn save_chains(runner: &Runner, family: IpFamily, table: &str) -> Result<Vec<String>> {
     let command = tool(family, "-save");
-    let out = Command::new(&command)
-        .args(["-t", table])
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|source| Error::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(Error::Failed {
-            command,
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
+    let out = runner.output(&command, &["-t", table], None).await?;
+    Ok(out
         .lines()
         .filter_map(|l| l.strip_prefix(':'))
         .filter_map(|l| l.split(' ').next())
@@ -711,6 +699,7 @@ pub async fn save_chains(family: IpFamily, table: &str) -> Result<Vec<String>> {
 /// chains first in them (kube-proxy's `EnsureChain` + `EnsureRule(Prepend)`), one
 /// rule at a time with the `iptables` crate. Also creates the mangle canary chain.
 async fn ensure_jumps(
+    runner: &Runner,
     names: &ChainNames,
     family: IpFamily,
     localhost_nodeports: bool,
@@ -718,20 +707,24 @@ async fn ensure_jumps(
     let jumps = jump_rules(names, family, localhost_nodeports);
     let canary = &names.canary;
     let chains = ["mangle", "nat", "filter"].map(|table| (table, canary.clone()));
-    jumps::ensure(family, chains.to_vec(), jumps)
+    jumps::ensure(runner, family, chains.to_vec(), jumps)
         .await
         .map_err(|reason| Error::Jumps { family, reason })
 }
 
 /// The canary: our canary chain in mangle, nat and filter, and the tail rule of
 /// `KUBE-SERVICES` (gone when someone flushes that chain).
-fn canary_ok(names: &ChainNames, family: IpFamily, localhost_nodeports: bool) -> bool {
-    let Ok(mut ipt) = iptables::new(family == IpFamily::V6) else {
-        return false;
-    };
-    ipt.set_numeric(true);
+async fn canary_ok(
+    runner: &Runner,
+    names: &ChainNames,
+    family: IpFamily,
+    localhost_nodeports: bool,
+) -> bool {
     for table in ["mangle", "nat", "filter"] {
-        if !ipt.chain_exists(table, &names.canary).unwrap_or(false) {
+        if !jumps::chain_exists(runner, family, table, &names.canary)
+            .await
+            .unwrap_or(false)
+        {
             return false;
         }
     }
@@ -744,7 +737,9 @@ fn canary_ok(names: &ChainNames, family: IpFamily, localhost_nodeports: bool) ->
         "-m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL{exclude} -j {}",
         names.nodeports
     );
-    ipt.exists("nat", &names.services, &tail).unwrap_or(false)
+    jumps::rule_exists(runner, family, "nat", &names.services, &tail)
+        .await
+        .unwrap_or(false)
 }
 
 /// NodePorts on 127.0.0.1 need `route_localnet` (kube-proxy sets it too).

@@ -22,6 +22,8 @@ use std::fmt::{self, Write as _};
 
 use ipnet::IpNet;
 
+use crate::backends::CleanupTarget;
+use crate::config::BackendKind;
 use crate::iptables::{self, ChainNames};
 use crate::ipvs::ipset::{self, SetNames};
 use crate::ipvs::link::Link;
@@ -46,10 +48,24 @@ pub struct IptablesPlan {
     pub jumps: usize,
 }
 
-/// Runs every part of the cleanup for chain prefix `prefix` and the IPVS mode's
-/// dummy interface `interface`, keeping virtual servers in `exclude`.
+/// Runs every mode's cleanup (see [`crate::backends::cleanup`]) for chain prefix
+/// `prefix` and the IPVS mode's dummy interface `interface`, keeping virtual
+/// servers in `exclude`.
 pub async fn run(prefix: &str, interface: &str, exclude: &[IpNet]) -> Report {
     let mut report = Report::default();
+    let target = CleanupTarget {
+        prefix,
+        ipvs_interface: interface,
+        ipvs_exclude: exclude,
+    };
+    for kind in BackendKind::ALL {
+        crate::backends::cleanup(kind, &target, &mut report).await;
+    }
+    report
+}
+
+/// The iptables part, both families: our chains of every iptables-based mode.
+pub(crate) async fn iptables(prefix: &str, report: &mut Report) {
     for family in [IpFamily::V4, IpFamily::V6] {
         let part = format!("{family} iptables");
         match clean_iptables(family, prefix).await {
@@ -57,16 +73,21 @@ pub async fn run(prefix: &str, interface: &str, exclude: &[IpNet]) -> Report {
             Err(e) => report.errors.push(format!("{part}: {e}")),
         }
     }
-    match clean_ipsets(prefix).await {
+}
+
+/// The IPVS part: ipsets, the IPVS table, the dummy interface. Runs after the
+/// iptables part (the rules that match the sets must be gone first).
+pub(crate) async fn ipvs(target: &CleanupTarget<'_>, report: &mut Report) {
+    match clean_ipsets(target.prefix).await {
         Ok(line) => report.lines.push(format!("ipsets: {line}")),
         Err(e) => report.errors.push(format!("ipsets: {e}")),
     }
-    match clean_ipvs(exclude) {
+    match clean_ipvs(target.ipvs_exclude) {
         Ok(line) => report.lines.push(format!("ipvs: {line}")),
         Err(e) => report.errors.push(format!("ipvs: {e}")),
     }
-    let part = format!("interface {interface}");
-    match Link::new(interface) {
+    let part = format!("interface {}", target.ipvs_interface);
+    match Link::new(target.ipvs_interface) {
         Ok(link) => match link.delete().await {
             Ok(true) => report.lines.push(format!("{part}: deleted")),
             Ok(false) => report.lines.push(format!("{part}: not present")),
@@ -74,7 +95,6 @@ pub async fn run(prefix: &str, interface: &str, exclude: &[IpNet]) -> Report {
         },
         Err(e) => report.errors.push(format!("{part}: {e}")),
     }
-    report
 }
 
 impl fmt::Display for Report {

@@ -276,6 +276,14 @@ pub enum BackendKind {
     Ipvs,
 }
 
+// === impl BackendKind ===
+
+impl BackendKind {
+    /// Every mode, in the order `cleanup` removes them (rules before the ipsets
+    /// they match).
+    pub const ALL: [Self; 2] = [Self::Iptables, Self::Ipvs];
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum FamilyArg {
     Ipv4,

@@ -16,7 +16,9 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::backend::{Backend, BackendError, Desired, RejectReason, Rejected, SyncReport};
+use crate::backend::{
+    Backend, BackendError, Desired, RejectReason, Rejected, SyncReport, TableRules,
+};
 use crate::local::DetectLocalMode;
 use crate::netfilter::{self, Runner, conntrack, jumps};
 use crate::proxy::{IpFamily, ProxyView, ServicePortName};
@@ -397,8 +399,7 @@ impl IptablesBackend {
         let report = SyncReport {
             full,
             rules_written: planned.written as u64,
-            filter_rules: rs.filter_rule_count as u64,
-            nat_rules: rs.nat_rule_count as u64,
+            tables: TableRules::iptables(rs.filter_rule_count as u64, rs.nat_rule_count as u64),
             conntrack_deleted: deleted,
             rejected,
         };
@@ -559,8 +560,7 @@ impl Backend for IptablesBackend {
             let r = Self::apply_family(&self.runner, &self.cfg, state, view, desired.full).await?;
             total.full &= r.full;
             total.rules_written += r.rules_written;
-            total.filter_rules += r.filter_rules;
-            total.nat_rules += r.nat_rules;
+            TableRules::add(&mut total.tables, &r.tables);
             total.conntrack_deleted += r.conntrack_deleted;
             total.rejected.extend(r.rejected);
         }

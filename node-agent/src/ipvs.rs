@@ -26,7 +26,7 @@ use ipnet::IpNet;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::backend::{Backend, BackendError, Desired, SyncReport};
+use crate::backend::{Backend, BackendError, Desired, SyncReport, TableRules};
 use crate::netfilter::{Runner, conntrack};
 use crate::proxy::{IpFamily, ProxyView, ServicePortName};
 
@@ -547,8 +547,7 @@ impl IpvsBackend {
         Ok(SyncReport {
             full,
             rules_written: (total_ops + set_changes + nat_rules + filter_rules) as u64,
-            filter_rules: filter_rules as u64,
-            nat_rules: nat_rules as u64,
+            tables: TableRules::iptables(filter_rules as u64, nat_rules as u64),
             conntrack_deleted,
             rejected: Vec::new(),
         })

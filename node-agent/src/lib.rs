@@ -8,6 +8,7 @@
 
 pub mod app;
 pub mod backend;
+pub mod backends;
 pub mod cleanup;
 pub mod config;
 pub mod health;

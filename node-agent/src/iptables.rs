@@ -9,8 +9,8 @@
 //!   one rule at a time ([`jumps`]). After each sync, stale UDP conntrack entries
 //!   are deleted (see [`conntrack`]). Every tool runs through one [`Runner`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::collections::{BTreeMap, BTreeSet};
+
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -24,10 +24,12 @@ use crate::netfilter::{self, Runner, conntrack, jumps};
 use crate::proxy::{IpFamily, ProxyView, ServicePortName};
 
 pub mod chains;
+pub mod plan;
 pub mod render;
 
 pub use chains::ChainNames;
 use jumps::Jump;
+use plan::{Planned, Written, hash_of};
 pub use render::{RenderConfig, RuleSet, ServiceRules, render};
 
 /// Kernel-side failures.
@@ -69,9 +71,8 @@ pub struct IptablesConfig {
 /// One family's applied state, for partial syncs and conntrack cleanup.
 #[derive(Debug, Default)]
 struct Applied {
-    /// Hash of each service port's rules.
-    services: HashMap<ServicePortName, u64>,
-    active_chains: BTreeSet<String>,
+    /// What the last restore left in the kernel.
+    written: Written,
     /// What is in the kernel, so rejected services can keep their rules.
     rules: RuleSet,
     /// What conntrack cleanup needs to know about each UDP service port.
@@ -235,7 +236,7 @@ impl IptablesBackend {
         let names = ChainNames::new(&cfg.prefix);
         let rendered = tracing::info_span!("render", %family, service_ports = view.ports.len())
             .in_scope(|| render(view, &render_config(cfg, view)));
-        let full = want_full || state.applied.is_none();
+        let full = plan::is_full(want_full, state.applied.is_some());
 
         // The jumps are checked one rule at a time (each check reads the table), so
         // only at start, after a failure and when the canary saw a flush; the
@@ -257,7 +258,7 @@ impl IptablesBackend {
         // rather than make the kernel refuse everyone's. Services whose rules are
         // what was last applied were checked then.
         let checked = |k: &ServicePortName, s: &ServiceRules| {
-            previous.is_some_and(|p| p.services.get(k) == Some(&hash_of(s)))
+            previous.is_some_and(|p| p.written.services.get(k) == Some(&hash_of(s)))
         };
         let mut rs = match rendered.check_services(|k, s| !checked(k, s)) {
             Ok(()) => rendered,
@@ -295,7 +296,14 @@ impl IptablesBackend {
         } else {
             None
         };
-        let input = |rs: &RuleSet| restore_input(rs, previous, existing.as_deref(), &names);
+        let input = |rs: &RuleSet| {
+            plan::plan(
+                rs,
+                previous.map(|p| &p.written),
+                existing.as_deref(),
+                &names,
+            )
+        };
 
         let mut planned = input(&rs);
         debug!(%family, full, changed = planned.changed.len(), stale = planned.stale, "sync");
@@ -404,87 +412,14 @@ impl IptablesBackend {
             rejected,
         };
         state.applied = Some(Applied {
-            services: planned.hashes,
-            active_chains: planned.active,
+            written: Written {
+                services: planned.hashes,
+                active_chains: planned.active,
+            },
             udp,
             rules: rs,
         });
         Ok(report)
-    }
-}
-
-/// One restore input and what it leaves in the kernel.
-struct Planned {
-    text: String,
-    /// Rules it writes.
-    written: usize,
-    /// The service ports whose chains it writes.
-    changed: BTreeSet<ServicePortName>,
-    stale: usize,
-    hashes: HashMap<ServicePortName, u64>,
-    active: BTreeSet<String>,
-}
-
-/// The restore input that takes the kernel from `previous` to `rs`: everything on
-/// a full sync (`existing` holds the kernel's nat chains, to delete stale ones),
-/// else the top-level chains and the changed services' chains.
-fn restore_input(
-    rs: &RuleSet,
-    previous: Option<&Applied>,
-    existing: Option<&[String]>,
-    names: &ChainNames,
-) -> Planned {
-    let hashes: HashMap<ServicePortName, u64> = rs
-        .services
-        .iter()
-        .map(|(k, v)| (k.clone(), hash_of(v)))
-        .collect();
-    let active: BTreeSet<String> = rs
-        .active_nat_chains()
-        .into_iter()
-        .map(String::from)
-        .collect();
-    match (existing, previous) {
-        (existing, None) | (existing @ Some(_), Some(_)) => {
-            let stale: Vec<String> = existing
-                .unwrap_or_default()
-                .iter()
-                .filter(|c| names.is_service_chain(c) && !active.contains(c.as_str()))
-                .cloned()
-                .collect();
-            Planned {
-                text: rs.full_text(&stale),
-                written: rs.filter_rule_count + rs.nat_rule_count,
-                changed: rs.services.keys().cloned().collect(),
-                stale: stale.len(),
-                hashes,
-                active,
-            }
-        }
-        (None, Some(prev)) => {
-            let changed: BTreeSet<ServicePortName> = hashes
-                .iter()
-                .filter(|(k, h)| prev.services.get(*k) != Some(*h))
-                .map(|(k, _)| k.clone())
-                .collect();
-            let stale: Vec<String> = prev.active_chains.difference(&active).cloned().collect();
-            let top = rs.filter_rule_count + rs.nat_rule_count
-                - rs.services.values().map(|s| s.rule_count).sum::<usize>();
-            let written = top
-                + changed
-                    .iter()
-                    .filter_map(|k| rs.services.get(k))
-                    .map(|s| s.rule_count)
-                    .sum::<usize>();
-            Planned {
-                text: rs.partial_text(&changed, &stale),
-                written,
-                changed,
-                stale: stale.len(),
-                hashes,
-                active,
-            }
-        }
     }
 }
 
@@ -631,13 +566,6 @@ fn render_config(cfg: &IptablesConfig, view: &ProxyView) -> RenderConfig {
             ips
         },
     }
-}
-
-fn hash_of(s: &ServiceRules) -> u64 {
-    let mut h = DefaultHasher::new();
-    s.chains.hash(&mut h);
-    s.rules.hash(&mut h);
-    h.finish()
 }
 
 fn fail(stage: &'static str, e: Error) -> BackendError {

@@ -11,6 +11,8 @@ use crate::cleanup::{self, Report};
 use crate::config::{BackendKind, Config, RenderArgs};
 use crate::iptables::IptablesBackend;
 use crate::ipvs::IpvsBackend;
+use crate::netfilter::Runner;
+use crate::nftables::{self, NftablesBackend, NftablesConfig};
 use crate::preview::{self, Preview, PreviewError};
 
 /// A backend could not start.
@@ -35,6 +37,7 @@ pub enum RenderError {
 pub enum AnyBackend {
     Iptables(IptablesBackend),
     Ipvs(Box<IpvsBackend>),
+    Nftables(NftablesBackend),
 }
 
 // === impl AnyBackend ===
@@ -52,6 +55,9 @@ impl AnyBackend {
             // Checks the kernel (modules, sysctls) before anything listens, so a node
             // without IPVS fails at once with the missing modules named.
             BackendKind::Ipvs => Self::Ipvs(Box::new(IpvsBackend::start(cfg.ipvs()).await?)),
+            BackendKind::Nftables => {
+                Self::Nftables(NftablesBackend::new(nftables_config(cfg.iptables())))
+            }
         })
     }
 }
@@ -61,6 +67,7 @@ impl Backend for AnyBackend {
         match self {
             Self::Iptables(b) => b.apply(desired).await,
             Self::Ipvs(b) => b.apply(desired).await,
+            Self::Nftables(b) => b.apply(desired).await,
         }
     }
 
@@ -68,6 +75,7 @@ impl Backend for AnyBackend {
         match self {
             Self::Iptables(b) => b.check().await,
             Self::Ipvs(b) => b.check().await,
+            Self::Nftables(b) => b.check().await,
         }
     }
 
@@ -75,6 +83,7 @@ impl Backend for AnyBackend {
         match self {
             Self::Iptables(b) => b.housekeeping().await,
             Self::Ipvs(b) => b.housekeeping().await,
+            Self::Nftables(b) => b.housekeeping().await,
         }
     }
 }
@@ -103,6 +112,10 @@ pub fn render(args: &RenderArgs) -> Result<Preview, RenderError> {
                 .map_err(|e| RenderError::Config(e.to_string()))?;
             preview::render_dir_ipvs(&args.manifests, &args.node_name, family, &cfg)?
         }
+        BackendKind::Nftables => {
+            let cfg = nftables_config(args.rules.iptables(vec![family], false));
+            preview::render_dir_nftables(&args.manifests, &args.node_name, family, &cfg)?
+        }
     })
 }
 
@@ -120,5 +133,28 @@ pub async fn cleanup(kind: BackendKind, target: &CleanupTarget<'_>, report: &mut
         // Both iptables-based modes' chains and jumps (the IPVS mode's too).
         BackendKind::Iptables => cleanup::iptables(target.prefix, report).await,
         BackendKind::Ipvs => cleanup::ipvs(target, report).await,
+        BackendKind::Nftables => {
+            match nftables::cleanup(&Runner::System, nftables::DEFAULT_TABLE).await {
+                Ok(lines) => report
+                    .lines
+                    .extend(lines.into_iter().map(|l| format!("nftables: {l}"))),
+                Err(e) => report.errors.push(format!("nftables: {e}")),
+            }
+        }
+    }
+}
+
+/// The nftables mode shares the iptables mode's rule flags.
+fn nftables_config(c: crate::iptables::IptablesConfig) -> NftablesConfig {
+    NftablesConfig {
+        table: nftables::DEFAULT_TABLE.to_string(),
+        families: c.families,
+        cluster_cidrs: c.cluster_cidrs,
+        detect_local: c.detect_local,
+        masquerade_all: c.masquerade_all,
+        masquerade_bit: c.masquerade_bit,
+        node_ips: c.node_ips,
+        nodeport_addresses: c.nodeport_addresses,
+        conntrack_cleanup: c.conntrack_cleanup,
     }
 }

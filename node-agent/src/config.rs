@@ -274,6 +274,7 @@ pub struct RenderArgs {
 pub enum BackendKind {
     Iptables,
     Ipvs,
+    Nftables,
 }
 
 // === impl BackendKind ===
@@ -281,7 +282,7 @@ pub enum BackendKind {
 impl BackendKind {
     /// Every mode, in the order `cleanup` removes them (rules before the ipsets
     /// they match).
-    pub const ALL: [Self; 2] = [Self::Iptables, Self::Ipvs];
+    pub const ALL: [Self; 3] = [Self::Iptables, Self::Ipvs, Self::Nftables];
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

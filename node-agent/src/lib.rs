@@ -17,6 +17,7 @@ pub mod ipvs;
 pub mod local;
 pub mod metrics;
 pub mod netfilter;
+pub mod nftables;
 pub mod preview;
 pub mod proxy;
 pub mod sync;

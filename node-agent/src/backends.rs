@@ -55,9 +55,9 @@ impl AnyBackend {
             // Checks the kernel (modules, sysctls) before anything listens, so a node
             // without IPVS fails at once with the missing modules named.
             BackendKind::Ipvs => Self::Ipvs(Box::new(IpvsBackend::start(cfg.ipvs()).await?)),
-            BackendKind::Nftables => {
-                Self::Nftables(NftablesBackend::new(nftables_config(cfg.iptables())))
-            }
+            BackendKind::Nftables => Self::Nftables(NftablesBackend::new(
+                NftablesConfig::from_rules(cfg.iptables()),
+            )),
         })
     }
 }
@@ -113,7 +113,7 @@ pub fn render(args: &RenderArgs) -> Result<Preview, RenderError> {
             preview::render_dir_ipvs(&args.manifests, &args.node_name, family, &cfg)?
         }
         BackendKind::Nftables => {
-            let cfg = nftables_config(args.rules.iptables(vec![family], false));
+            let cfg = NftablesConfig::from_rules(args.rules.iptables(vec![family], false));
             preview::render_dir_nftables(&args.manifests, &args.node_name, family, &cfg)?
         }
     })
@@ -141,20 +141,5 @@ pub async fn cleanup(kind: BackendKind, target: &CleanupTarget<'_>, report: &mut
                 Err(e) => report.errors.push(format!("nftables: {e}")),
             }
         }
-    }
-}
-
-/// The nftables mode shares the iptables mode's rule flags.
-fn nftables_config(c: crate::iptables::IptablesConfig) -> NftablesConfig {
-    NftablesConfig {
-        table: nftables::DEFAULT_TABLE.to_string(),
-        families: c.families,
-        cluster_cidrs: c.cluster_cidrs,
-        detect_local: c.detect_local,
-        masquerade_all: c.masquerade_all,
-        masquerade_bit: c.masquerade_bit,
-        node_ips: c.node_ips,
-        nodeport_addresses: c.nodeport_addresses,
-        conntrack_cleanup: c.conntrack_cleanup,
     }
 }

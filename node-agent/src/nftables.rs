@@ -77,6 +77,22 @@ pub struct NftablesBackend {
 // === impl NftablesConfig ===
 
 impl NftablesConfig {
+    /// The nftables mode takes the iptables mode's rule flags; the table is
+    /// kube-proxy's.
+    pub fn from_rules(c: crate::iptables::IptablesConfig) -> Self {
+        Self {
+            table: DEFAULT_TABLE.to_string(),
+            families: c.families,
+            cluster_cidrs: c.cluster_cidrs,
+            detect_local: c.detect_local,
+            masquerade_all: c.masquerade_all,
+            masquerade_bit: c.masquerade_bit,
+            node_ips: c.node_ips,
+            nodeport_addresses: c.nodeport_addresses,
+            conntrack_cleanup: c.conntrack_cleanup,
+        }
+    }
+
     /// The render configuration for one view.
     pub fn render_config(&self, view: &ProxyView) -> RenderConfig {
         let family = view.family;

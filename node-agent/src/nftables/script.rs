@@ -30,8 +30,15 @@ fn element(key: &str, value: &str) -> String {
     }
 }
 
+/// Chains are all declared first, then filled: a rule may jump to a chain whose
+/// name sorts after its own.
+fn declare_chains<'a>(s: &mut String, t: &str, names: impl Iterator<Item = &'a String>) {
+    for name in names {
+        let _ = writeln!(s, "add chain {t} {name}");
+    }
+}
+
 fn write_chain(s: &mut String, t: &str, name: &str, rules: &[String]) {
-    let _ = writeln!(s, "add chain {t} {name}");
     let _ = writeln!(s, "flush chain {t} {name}");
     for r in rules {
         let _ = writeln!(s, "add rule {t} {name} {r}");
@@ -81,6 +88,7 @@ pub fn full(family: IpFamily, cfg: &RenderConfig, rs: &Ruleset, stale: &[String]
     for (name, timeout) in &rs.affinity_sets {
         write_affinity_set(&mut s, family, &t, name, *timeout);
     }
+    declare_chains(&mut s, &t, rs.chains.keys());
     for (name, rules) in &rs.chains {
         write_chain(&mut s, &t, name, rules);
     }
@@ -127,13 +135,16 @@ pub fn diff(family: IpFamily, cfg: &RenderConfig, old: &Ruleset, new: &Ruleset) 
             write_affinity_set(&mut s, family, &t, name, *timeout);
         }
     }
-    let mut chains = 0;
-    for (name, rules) in &new.chains {
-        if old.chains.get(name) != Some(rules) {
-            write_chain(&mut s, &t, name, rules);
-            chains += 1;
-        }
+    let changed: Vec<(&String, &Vec<String>)> = new
+        .chains
+        .iter()
+        .filter(|(name, rules)| old.chains.get(*name) != Some(*rules))
+        .collect();
+    declare_chains(&mut s, &t, changed.iter().map(|(n, _)| *n));
+    for (name, rules) in &changed {
+        write_chain(&mut s, &t, name, rules);
     }
+    let chains = changed.len();
     for (set, items) in &new.elements {
         let before = old.elements.get(set).unwrap_or(&empty);
         let added = items

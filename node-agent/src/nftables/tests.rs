@@ -77,7 +77,10 @@ fn chain_names_are_kube_proxys() {
         "endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80"
     );
     let svc = render::hashed("service", "ns/svc0/tcp/p80");
-    assert!(text.contains(&format!("add chain ip kube-proxy {svc}\n")), "{text}");
+    assert!(
+        text.contains(&format!("add chain ip kube-proxy {svc}\n")),
+        "{text}"
+    );
     assert!(
         text.contains(
             "add element ip kube-proxy service-ips { 198.19.0.1 . tcp . 80 : goto service-"

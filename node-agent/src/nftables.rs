@@ -207,6 +207,7 @@ impl NftablesBackend {
             .get(&family)
             .is_none_or(|s| s.written.is_none());
         let full = want_full || restart;
+        let rules: u64 = rs.chains.values().map(|r| r.len() as u64).sum();
         let tx = if full {
             let known: BTreeSet<String> = if restart {
                 self.kernel_chains(family)
@@ -231,13 +232,12 @@ impl NftablesBackend {
             script::diff(family, &rcfg, old.unwrap_or(&Ruleset::default()), &rs)
         };
         if !tx.text.is_empty() {
-            debug!(%family, full, bytes = tx.text.len(), chains = tx.chains_written, elements = tx.elements_written, "nft transaction");
+            debug!(%family, full, rules, bytes = tx.text.len(), chains = tx.chains_written, elements = tx.elements_written, "nft transaction");
             self.nft(&tx.text)
                 .await
                 .map_err(|m| fail("transaction", m))?;
         }
         let now = Instant::now();
-        let rules: u64 = rs.chains.values().map(|r| r.len() as u64).sum();
         let state = self.families.entry(family).or_default();
         for c in &tx.flushed {
             state.stale.entry(c.clone()).or_insert(now);
@@ -259,10 +259,8 @@ impl NftablesBackend {
         Ok(SyncReport {
             full,
             rules_written: (tx.chains_written + tx.elements_written) as u64,
-            tables: vec![TableRules {
-                table: "nftables",
-                rules,
-            }],
+            // kube-proxy has no rule-count metric for this mode; `rules` is logged.
+            tables: Vec::new(),
             conntrack_deleted: deleted,
             rejected: Vec::new(),
         })

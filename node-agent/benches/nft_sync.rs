@@ -215,8 +215,25 @@ async fn size(services: usize, endpoints: usize, runs: usize) {
                 .unwrap();
         }
     }
-    for (what, _, times) in &steps {
+    for (what, views, times) in &steps {
+        // The same change as a bare transaction (computed here, not timed).
+        let old = render::render(&base[0], &rcfg);
+        let new = render::render(&views[0], &rcfg);
+        let fwd = script::diff(IpFamily::V4, &rcfg, &old, &new).text;
+        let back = script::diff(IpFamily::V4, &rcfg, &new, &old).text;
+        let mut bare = Vec::new();
+        for _ in 0..runs {
+            let t = Instant::now();
+            nft(&fwd).await;
+            bare.push(t.elapsed());
+            nft(&back).await;
+        }
         println!("  (3) {what}: {}", range(times));
+        println!(
+            "      its transaction alone ({} lines) through nft -f: {}",
+            fwd.lines().count(),
+            range(&bare)
+        );
     }
     println!("  (4) RSS of this process: {:.0} MiB", rss_mib());
 }

@@ -36,7 +36,7 @@ INVALID_CONFIG = 64
 # A value each binary must refuse, to prove --check-config validates rather than ignores.
 REFUSED = {
     "meshlite-control-plane": "--source=bogus",
-    "meshlite-node-agent": "--mode=nftables",
+    "meshlite-node-agent": "--mode=userspace",
     "meshlite-dns-agent": "--pod-records=bogus",
 }
 

@@ -17,7 +17,7 @@ VALUES_TEXT = (chart.CHART / "values.yaml").read_text()
 
 BAD = [
     # (--set arguments, text the error must contain)
-    (["nodeAgent.mode=nftables"], "/nodeAgent/mode"),
+    (["nodeAgent.mode=userspace"], "/nodeAgent/mode"),
     (["identity.mode=spiffe"], "/identity/mode"),
     (["dns.kind=StatefulSet"], "/dns/kind"),
     (["dns.podRecords=all"], "/dns/podRecords"),

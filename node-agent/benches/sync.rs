@@ -211,7 +211,7 @@ fn main() {
                         .unwrap();
                     fulls.push(t.elapsed());
                     let t = Instant::now();
-                    iptables::restore(IpFamily::V4, &text).await.unwrap();
+                    iptables::restore(&Default::default(), IpFamily::V4, &text).await.unwrap();
                     bare_full.push(t.elapsed());
                 }
                 for _ in 0..runs {
@@ -227,7 +227,7 @@ fn main() {
                         .unwrap();
                     partials.push(t.elapsed());
                     let t = Instant::now();
-                    iptables::restore(IpFamily::V4, &partial).await.unwrap();
+                    iptables::restore(&Default::default(), IpFamily::V4, &partial).await.unwrap();
                     bare_partial.push(t.elapsed());
                 }
                 (first, fulls, bare_full, partials, bare_partial)

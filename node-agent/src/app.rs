@@ -12,11 +12,9 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::backend::{Backend, BackendError, Desired, SyncReport};
-use crate::config::{BackendKind, Config};
+use crate::backends::{AnyBackend, StartError};
+use crate::config::Config;
 use crate::health::{HealthCheckServers, ProxyHealth};
-use crate::iptables::IptablesBackend;
-use crate::ipvs::IpvsBackend;
 use crate::metrics::ProxyMetrics;
 use crate::sync::{NodeHandler, Proxier, SyncConfig};
 
@@ -31,37 +29,8 @@ pub enum AppError {
         #[source]
         source: std::io::Error,
     },
-    #[error("IPVS mode: {0}")]
-    Ipvs(#[from] crate::ipvs::Error),
-}
-
-/// The backend `--mode` selects.
-enum AnyBackend {
-    Iptables(IptablesBackend),
-    Ipvs(Box<IpvsBackend>),
-}
-
-impl Backend for AnyBackend {
-    async fn apply(&mut self, desired: Desired<'_>) -> Result<SyncReport, BackendError> {
-        match self {
-            Self::Iptables(b) => b.apply(desired).await,
-            Self::Ipvs(b) => b.apply(desired).await,
-        }
-    }
-
-    async fn check(&mut self) -> bool {
-        match self {
-            Self::Iptables(b) => b.check().await,
-            Self::Ipvs(b) => b.check().await,
-        }
-    }
-
-    async fn housekeeping(&mut self) {
-        match self {
-            Self::Iptables(b) => b.housekeeping().await,
-            Self::Ipvs(b) => b.housekeeping().await,
-        }
-    }
+    #[error(transparent)]
+    Backend(#[from] StartError),
 }
 
 /// Runs the agent until `shutdown` resolves.
@@ -93,12 +62,9 @@ pub async fn run(
     let health = ProxyHealth::new(cfg.sync_period * 2);
 
     let hc = HealthCheckServers::new(cfg.health_check_address, health.clone());
-    let backend = match cfg.backend {
-        BackendKind::Iptables => AnyBackend::Iptables(IptablesBackend::new(cfg.iptables())),
-        // Checks the kernel (modules, sysctls) before anything listens, so a node
-        // without IPVS fails at once with the missing modules named.
-        BackendKind::Ipvs => AnyBackend::Ipvs(Box::new(IpvsBackend::start(cfg.ipvs()).await?)),
-    };
+    // Checks the kernel before anything listens, so a node without what the mode
+    // needs fails at once, naming it.
+    let backend = AnyBackend::start(&cfg).await?;
     let proxier = Proxier::new(
         SyncConfig {
             node_name: cfg.node_name.clone(),

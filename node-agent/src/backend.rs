@@ -27,15 +27,21 @@ pub struct SyncReport {
     pub full: bool,
     /// Rules (or real servers) written to the kernel by this sync.
     pub rules_written: u64,
-    /// Total rules now programmed, `filter` table.
-    pub filter_rules: u64,
-    /// Total rules now programmed, `nat` table.
-    pub nat_rules: u64,
+    /// Total rules now programmed, per table as the backend names its tables
+    /// (`filter` and `nat` for iptables), in a fixed order.
+    pub tables: Vec<TableRules>,
     /// Stale conntrack entries deleted (UDP).
     pub conntrack_deleted: u64,
     /// Service ports whose new rules were not programmed (the others were): they
     /// keep their last good rules and are tried again on the next sync.
     pub rejected: Vec<Rejected>,
+}
+
+/// How many rules one table holds after a sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableRules {
+    pub table: &'static str,
+    pub rules: u64,
 }
 
 /// A service port whose new rules a sync could not program.
@@ -56,6 +62,34 @@ pub enum RejectReason {
     /// They broke the renderer's invariant (a jump to an undeclared chain) and were
     /// never sent to the kernel.
     Invariant,
+}
+
+// === impl TableRules ===
+
+impl TableRules {
+    /// The iptables backends' two tables.
+    pub fn iptables(filter: u64, nat: u64) -> Vec<Self> {
+        vec![
+            Self {
+                table: "filter",
+                rules: filter,
+            },
+            Self {
+                table: "nat",
+                rules: nat,
+            },
+        ]
+    }
+
+    /// Adds `other`'s counts into `into`, table by table.
+    pub fn add(into: &mut Vec<Self>, other: &[Self]) {
+        for o in other {
+            match into.iter_mut().find(|t| t.table == o.table) {
+                Some(t) => t.rules += o.rules,
+                None => into.push(*o),
+            }
+        }
+    }
 }
 
 // === impl RejectReason ===
@@ -176,8 +210,7 @@ impl Backend for RecordingBackend {
         Ok(SyncReport {
             full: desired.full,
             rules_written: rules,
-            filter_rules: 0,
-            nat_rules: rules,
+            tables: TableRules::iptables(0, rules),
             conntrack_deleted: 0,
             rejected: lock(&self.rejected).clone(),
         })

@@ -21,13 +21,15 @@ use std::collections::BTreeSet;
 use std::fmt::{self, Write as _};
 
 use ipnet::IpNet;
-use tokio::process::Command;
 
+use crate::backends::CleanupTarget;
+use crate::config::BackendKind;
 use crate::iptables::{self, ChainNames};
 use crate::ipvs::ipset::{self, SetNames};
 use crate::ipvs::link::Link;
 use crate::ipvs::netlink::{IpvsSocket, NetlinkError};
 use crate::ipvs::{Op, rules};
+use crate::netfilter::{self, Runner};
 use crate::proxy::IpFamily;
 
 /// What cleanup did, one line per part; `errors` non-empty means it is not done.
@@ -46,10 +48,24 @@ pub struct IptablesPlan {
     pub jumps: usize,
 }
 
-/// Runs every part of the cleanup for chain prefix `prefix` and the IPVS mode's
-/// dummy interface `interface`, keeping virtual servers in `exclude`.
+/// Runs every mode's cleanup (see [`crate::backends::cleanup`]) for chain prefix
+/// `prefix` and the IPVS mode's dummy interface `interface`, keeping virtual
+/// servers in `exclude`.
 pub async fn run(prefix: &str, interface: &str, exclude: &[IpNet]) -> Report {
     let mut report = Report::default();
+    let target = CleanupTarget {
+        prefix,
+        ipvs_interface: interface,
+        ipvs_exclude: exclude,
+    };
+    for kind in BackendKind::ALL {
+        crate::backends::cleanup(kind, &target, &mut report).await;
+    }
+    report
+}
+
+/// The iptables part, both families: our chains of every iptables-based mode.
+pub(crate) async fn iptables(prefix: &str, report: &mut Report) {
     for family in [IpFamily::V4, IpFamily::V6] {
         let part = format!("{family} iptables");
         match clean_iptables(family, prefix).await {
@@ -57,16 +73,21 @@ pub async fn run(prefix: &str, interface: &str, exclude: &[IpNet]) -> Report {
             Err(e) => report.errors.push(format!("{part}: {e}")),
         }
     }
-    match clean_ipsets(prefix).await {
+}
+
+/// The IPVS part: ipsets, the IPVS table, the dummy interface. Runs after the
+/// iptables part (the rules that match the sets must be gone first).
+pub(crate) async fn ipvs(target: &CleanupTarget<'_>, report: &mut Report) {
+    match clean_ipsets(target.prefix).await {
         Ok(line) => report.lines.push(format!("ipsets: {line}")),
         Err(e) => report.errors.push(format!("ipsets: {e}")),
     }
-    match clean_ipvs(exclude) {
+    match clean_ipvs(target.ipvs_exclude) {
         Ok(line) => report.lines.push(format!("ipvs: {line}")),
         Err(e) => report.errors.push(format!("ipvs: {e}")),
     }
-    let part = format!("interface {interface}");
-    match Link::new(interface) {
+    let part = format!("interface {}", target.ipvs_interface);
+    match Link::new(target.ipvs_interface) {
         Ok(link) => match link.delete().await {
             Ok(true) => report.lines.push(format!("{part}: deleted")),
             Ok(false) => report.lines.push(format!("{part}: not present")),
@@ -74,7 +95,6 @@ pub async fn run(prefix: &str, interface: &str, exclude: &[IpNet]) -> Report {
         },
         Err(e) => report.errors.push(format!("{part}: {e}")),
     }
-    report
 }
 
 impl fmt::Display for Report {
@@ -241,28 +261,15 @@ fn jump_target(spec: &str) -> Option<&str> {
 /// Runs `program args`; its stdout, `None` when the program is not installed
 /// (then there is nothing of ours for it to hold).
 async fn run_tool(program: &str, args: &[&str]) -> Result<Option<String>, String> {
-    let what = std::iter::once(program)
-        .chain(args.iter().copied())
-        .collect::<Vec<_>>()
-        .join(" ");
-    let out = match Command::new(program)
-        .args(args)
-        .kill_on_drop(true)
-        .output()
-        .await
-    {
-        Ok(out) => out,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("{what}: {e}")),
-    };
-    if !out.status.success() {
-        return Err(format!(
-            "{what} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+    match Runner::System.output(program, args, None).await {
+        Ok(out) => Ok(Some(out)),
+        Err(netfilter::Error::Spawn { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e.to_string()),
     }
-    Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
 }
 
 async fn clean_iptables(family: IpFamily, prefix: &str) -> Result<String, String> {
@@ -273,7 +280,7 @@ async fn clean_iptables(family: IpFamily, prefix: &str) -> Result<String, String
     let Some(plan) = plan_iptables(&save, prefix) else {
         return Ok("nothing to delete".into());
     };
-    iptables::restore(family, &plan.text)
+    iptables::restore(&Runner::System, family, &plan.text)
         .await
         .map_err(|e| e.to_string())?;
     Ok(format!(
@@ -303,7 +310,9 @@ async fn clean_ipsets(prefix: &str) -> Result<String, String> {
         return Ok("nothing to delete".into());
     }
     let text: String = doomed.iter().map(|n| format!("destroy {n}\n")).collect();
-    ipset::restore(&text).await.map_err(|e| e.to_string())?;
+    ipset::restore(&Runner::System, &text)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(format!("destroyed {}", doomed.len()))
 }
 

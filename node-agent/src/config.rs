@@ -279,6 +279,15 @@ pub struct RenderArgs {
 pub enum BackendKind {
     Iptables,
     Ipvs,
+    Nftables,
+}
+
+// === impl BackendKind ===
+
+impl BackendKind {
+    /// Every mode, in the order `cleanup` removes them (rules before the ipsets
+    /// they match).
+    pub const ALL: [Self; 3] = [Self::Iptables, Self::Ipvs, Self::Nftables];
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

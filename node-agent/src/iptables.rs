@@ -6,45 +6,37 @@
 //!   --noflush` per family (atomic per table); a partial sync rewrites the top-level
 //!   chains and only the service chains whose rules changed, and deletes chains of
 //!   removed services. The jumps from the built-in chains are checked and inserted
-//!   one rule at a time with the `iptables` crate. After each sync, stale UDP
-//!   conntrack entries are deleted (see [`conntrack`]).
+//!   one rule at a time ([`jumps`]). After each sync, stale UDP conntrack entries
+//!   are deleted (see [`conntrack`]). Every tool runs through one [`Runner`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::collections::{BTreeMap, BTreeSet};
+
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use tokio::process::Command;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::backend::{Backend, BackendError, Desired, RejectReason, Rejected, SyncReport};
+use crate::backend::{
+    Backend, BackendError, Desired, RejectReason, Rejected, SyncReport, TableRules,
+};
 use crate::local::DetectLocalMode;
+use crate::netfilter::{self, Runner, conntrack, jumps};
 use crate::proxy::{IpFamily, ProxyView, ServicePortName};
 
 pub mod chains;
-pub mod conntrack;
-pub mod jumps;
+pub mod plan;
 pub mod render;
 
 pub use chains::ChainNames;
 use jumps::Jump;
+use plan::{Planned, Written, hash_of};
 pub use render::{RenderConfig, RuleSet, ServiceRules, render};
 
 /// Kernel-side failures.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{command}: could not run: {source}")]
-    Spawn {
-        command: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{command} failed ({status}): {stderr}")]
-    Failed {
-        command: String,
-        status: String,
-        stderr: String,
-    },
+    #[error(transparent)]
+    Tool(#[from] netfilter::Error),
     #[error("{family} jump rules: {reason}")]
     Jumps { family: IpFamily, reason: String },
 }
@@ -79,9 +71,8 @@ pub struct IptablesConfig {
 /// One family's applied state, for partial syncs and conntrack cleanup.
 #[derive(Debug, Default)]
 struct Applied {
-    /// Hash of each service port's rules.
-    services: HashMap<ServicePortName, u64>,
-    active_chains: BTreeSet<String>,
+    /// What the last restore left in the kernel.
+    written: Written,
     /// What is in the kernel, so rejected services can keep their rules.
     rules: RuleSet,
     /// What conntrack cleanup needs to know about each UDP service port.
@@ -100,6 +91,7 @@ struct FamilyState {
 pub struct IptablesBackend {
     cfg: IptablesConfig,
     families: Vec<FamilyState>,
+    runner: Runner,
 }
 
 /// The built-in chain jumps kube-proxy installs (table, chain, target, comment, extra).
@@ -211,7 +203,17 @@ impl IptablesBackend {
                 jumps_ensured: false,
             })
             .collect();
-        Self { cfg, families }
+        Self {
+            cfg,
+            families,
+            runner: Runner::System,
+        }
+    }
+
+    /// Runs the tools through `runner` (a fake in tests).
+    pub fn with_runner(mut self, runner: Runner) -> Self {
+        self.runner = runner;
+        self
     }
 
     pub fn chain_names(&self) -> ChainNames {
@@ -230,6 +232,7 @@ impl IptablesBackend {
     }
 
     async fn apply_family(
+        runner: &Runner,
         cfg: &IptablesConfig,
         state: &mut FamilyState,
         view: &ProxyView,
@@ -239,7 +242,7 @@ impl IptablesBackend {
         let names = ChainNames::new(&cfg.prefix);
         let rendered = tracing::info_span!("render", %family, service_ports = view.ports.len())
             .in_scope(|| render(view, &render_config(cfg, view)));
-        let full = want_full || state.applied.is_none();
+        let full = plan::is_full(want_full, state.applied.is_some());
 
         // The jumps are checked one rule at a time (each check reads the table), so
         // only at start, after a failure and when the canary saw a flush; the
@@ -248,7 +251,7 @@ impl IptablesBackend {
             if family == IpFamily::V4 && cfg.localhost_nodeports {
                 set_route_localnet();
             }
-            ensure_jumps(&names, family, cfg.localhost_nodeports)
+            ensure_jumps(runner, &names, family, cfg.localhost_nodeports)
                 .await
                 .map_err(|e| fail("jump-rules", e))?;
             state.jumps_ensured = true;
@@ -261,7 +264,7 @@ impl IptablesBackend {
         // rather than make the kernel refuse everyone's. Services whose rules are
         // what was last applied were checked then.
         let checked = |k: &ServicePortName, s: &ServiceRules| {
-            previous.is_some_and(|p| p.services.get(k) == Some(&hash_of(s)))
+            previous.is_some_and(|p| p.written.services.get(k) == Some(&hash_of(s)))
         };
         let mut rs = match rendered.check_services(|k, s| !checked(k, s)) {
             Ok(()) => rendered,
@@ -292,14 +295,21 @@ impl IptablesBackend {
         // restarted agent does not know what its predecessor wrote).
         let existing = if full {
             Some(
-                save_chains(family, "nat")
+                save_chains(runner, family, "nat")
                     .await
                     .map_err(|e| fail("save", e))?,
             )
         } else {
             None
         };
-        let input = |rs: &RuleSet| restore_input(rs, previous, existing.as_deref(), &names);
+        let input = |rs: &RuleSet| {
+            plan::plan(
+                rs,
+                previous.map(|p| &p.written),
+                existing.as_deref(),
+                &names,
+            )
+        };
 
         let mut planned = input(&rs);
         debug!(%family, full, changed = planned.changed.len(), stale = planned.stale, "sync");
@@ -310,14 +320,14 @@ impl IptablesBackend {
             bytes = planned.text.len(),
             rules = planned.written
         );
-        let first = restore(family, &planned.text)
+        let first = restore(runner, family, &planned.text)
             .instrument(restore_span)
             .await;
         if let Err(e) = first {
             // Find the services whose rules the kernel refuses, keep their last good
             // rules, and program everyone else.
             let refused = match &e {
-                Error::Failed { .. } => {
+                Error::Tool(netfilter::Error::Failed { .. }) => {
                     // The services this sync writes, and those it removes (their
                     // chains' deletion may be what the kernel refuses).
                     let mut candidates: Vec<ServicePortName> =
@@ -331,9 +341,16 @@ impl IptablesBackend {
                                 .cloned(),
                         );
                     }
-                    refused_services(family, &rs, previous.map(|p| &p.rules), candidates, &input)
-                        .instrument(tracing::info_span!("find-refused", %family))
-                        .await
+                    refused_services(
+                        runner,
+                        family,
+                        &rs,
+                        previous.map(|p| &p.rules),
+                        candidates,
+                        &input,
+                    )
+                    .instrument(tracing::info_span!("find-refused", %family))
+                    .await
                 }
                 _ => BTreeMap::new(),
             };
@@ -356,7 +373,7 @@ impl IptablesBackend {
             }
             rs = rs.with_services_from(&keep, previous.map(|p| &p.rules));
             planned = input(&rs);
-            if let Err(e) = restore(family, &planned.text).await {
+            if let Err(e) = restore(runner, family, &planned.text).await {
                 state.applied = None;
                 state.jumps_ensured = false;
                 return Err(fail("restore", e));
@@ -383,7 +400,7 @@ impl IptablesBackend {
                 let span = tracing::info_span!("conntrack-cleanup", %family, jobs = jobs.len());
                 async {
                     for job in jobs {
-                        match conntrack::delete(family, &job).await {
+                        match conntrack::delete(runner, family, &job).await {
                             Ok(n) => deleted += n,
                             Err(e) => warn!(%family, error = %e, "conntrack cleanup failed"),
                         }
@@ -396,93 +413,19 @@ impl IptablesBackend {
         let report = SyncReport {
             full,
             rules_written: planned.written as u64,
-            filter_rules: rs.filter_rule_count as u64,
-            nat_rules: rs.nat_rule_count as u64,
+            tables: TableRules::iptables(rs.filter_rule_count as u64, rs.nat_rule_count as u64),
             conntrack_deleted: deleted,
             rejected,
         };
         state.applied = Some(Applied {
-            services: planned.hashes,
-            active_chains: planned.active,
+            written: Written {
+                services: planned.hashes,
+                active_chains: planned.active,
+            },
             udp,
             rules: rs,
         });
         Ok(report)
-    }
-}
-
-/// One restore input and what it leaves in the kernel.
-struct Planned {
-    text: String,
-    /// Rules it writes.
-    written: usize,
-    /// The service ports whose chains it writes.
-    changed: BTreeSet<ServicePortName>,
-    stale: usize,
-    hashes: HashMap<ServicePortName, u64>,
-    active: BTreeSet<String>,
-}
-
-/// The restore input that takes the kernel from `previous` to `rs`: everything on
-/// a full sync (`existing` holds the kernel's nat chains, to delete stale ones),
-/// else the top-level chains and the changed services' chains.
-fn restore_input(
-    rs: &RuleSet,
-    previous: Option<&Applied>,
-    existing: Option<&[String]>,
-    names: &ChainNames,
-) -> Planned {
-    let hashes: HashMap<ServicePortName, u64> = rs
-        .services
-        .iter()
-        .map(|(k, v)| (k.clone(), hash_of(v)))
-        .collect();
-    let active: BTreeSet<String> = rs
-        .active_nat_chains()
-        .into_iter()
-        .map(String::from)
-        .collect();
-    match (existing, previous) {
-        (existing, None) | (existing @ Some(_), Some(_)) => {
-            let stale: Vec<String> = existing
-                .unwrap_or_default()
-                .iter()
-                .filter(|c| names.is_service_chain(c) && !active.contains(c.as_str()))
-                .cloned()
-                .collect();
-            Planned {
-                text: rs.full_text(&stale),
-                written: rs.filter_rule_count + rs.nat_rule_count,
-                changed: rs.services.keys().cloned().collect(),
-                stale: stale.len(),
-                hashes,
-                active,
-            }
-        }
-        (None, Some(prev)) => {
-            let changed: BTreeSet<ServicePortName> = hashes
-                .iter()
-                .filter(|(k, h)| prev.services.get(*k) != Some(*h))
-                .map(|(k, _)| k.clone())
-                .collect();
-            let stale: Vec<String> = prev.active_chains.difference(&active).cloned().collect();
-            let top = rs.filter_rule_count + rs.nat_rule_count
-                - rs.services.values().map(|s| s.rule_count).sum::<usize>();
-            let written = top
-                + changed
-                    .iter()
-                    .filter_map(|k| rs.services.get(k))
-                    .map(|s| s.rule_count)
-                    .sum::<usize>();
-            Planned {
-                text: rs.partial_text(&changed, &stale),
-                written,
-                changed,
-                stale: stale.len(),
-                hashes,
-                active,
-            }
-        }
     }
 }
 
@@ -500,6 +443,7 @@ fn restore_input(
 /// services do not refer to each other, so about 2 log2(n) restores find each
 /// refused service.
 async fn refused_services(
+    runner: &Runner,
     family: IpFamily,
     rs: &RuleSet,
     previous: Option<&RuleSet>,
@@ -511,7 +455,7 @@ async fn refused_services(
     let apply = |new: &BTreeSet<ServicePortName>| {
         let keep: BTreeSet<ServicePortName> = all.difference(new).cloned().collect();
         let text = input(&rs.with_services_from(&keep, previous)).text;
-        async move { restore(family, &text).await }
+        async move { restore(runner, family, &text).await }
     };
     let mut refused = BTreeMap::new();
     let mut accepted: BTreeSet<ServicePortName> = BTreeSet::new();
@@ -554,11 +498,10 @@ impl Backend for IptablesBackend {
             let Some(view) = desired.views.iter().find(|v| v.family == state.family) else {
                 continue;
             };
-            let r = Self::apply_family(&self.cfg, state, view, desired.full).await?;
+            let r = Self::apply_family(&self.runner, &self.cfg, state, view, desired.full).await?;
             total.full &= r.full;
             total.rules_written += r.rules_written;
-            total.filter_rules += r.filter_rules;
-            total.nat_rules += r.nat_rules;
+            TableRules::add(&mut total.tables, &r.tables);
             total.conntrack_deleted += r.conntrack_deleted;
             total.rejected.extend(r.rejected);
         }
@@ -575,10 +518,7 @@ impl Backend for IptablesBackend {
             .map(|s| s.family)
             .collect();
         for family in applied {
-            let names = names.clone();
-            let ok = tokio::task::spawn_blocking(move || canary_ok(&names, family, localhost))
-                .await
-                .unwrap_or(false);
+            let ok = canary_ok(&self.runner, &names, family, localhost).await;
             if !ok {
                 info!(%family, "canary missing: rules were flushed externally; scheduling a full sync");
                 for s in &mut self.families {
@@ -634,13 +574,6 @@ fn render_config(cfg: &IptablesConfig, view: &ProxyView) -> RenderConfig {
     }
 }
 
-fn hash_of(s: &ServiceRules) -> u64 {
-    let mut h = DefaultHasher::new();
-    s.chains.hash(&mut h);
-    s.rules.hash(&mut h);
-    h.finish()
-}
-
 fn fail(stage: &'static str, e: Error) -> BackendError {
     BackendError {
         backend: "iptables",
@@ -657,18 +590,15 @@ pub(crate) fn tool(family: IpFamily, what: &str) -> String {
 }
 
 /// Runs `iptables-restore --noflush --counters -w` with `text` on stdin.
-pub async fn restore(family: IpFamily, text: &str) -> Result<()> {
+pub async fn restore(runner: &Runner, family: IpFamily, text: &str) -> Result<()> {
     let command = tool(family, "-restore");
-    let out = crate::exec::with_stdin(&command, &["--noflush", "--counters", "-w"], text)
-        .await
-        .map_err(|source| Error::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    if out.status.success() {
+    let out = runner
+        .run(&command, &["--noflush", "--counters", "-w"], Some(text))
+        .await?;
+    if out.success {
         return Ok(());
     }
-    let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    let mut stderr = out.stderr.trim().to_string();
     // "line N failed": name the line, which is what an operator needs.
     if let Some(n) = stderr
         .split("line ")
@@ -679,33 +609,19 @@ pub async fn restore(family: IpFamily, text: &str) -> Result<()> {
     {
         stderr.push_str(&format!(" [line {n}: {line}]"));
     }
-    Err(Error::Failed {
+    Err(netfilter::Error::Failed {
         command,
-        status: out.status.to_string(),
+        status: out.status,
         stderr,
-    })
+    }
+    .into())
 }
 
 /// The chains of a table, from `iptables-save -t <table>`.
-pub async fn save_chains(family: IpFamily, table: &str) -> Result<Vec<String>> {
+pub async fn save_chains(runner: &Runner, family: IpFamily, table: &str) -> Result<Vec<String>> {
     let command = tool(family, "-save");
-    let out = Command::new(&command)
-        .args(["-t", table])
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|source| Error::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(Error::Failed {
-            command,
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
+    let out = runner.output(&command, &["-t", table], None).await?;
+    Ok(out
         .lines()
         .filter_map(|l| l.strip_prefix(':'))
         .filter_map(|l| l.split(' ').next())
@@ -717,6 +633,7 @@ pub async fn save_chains(family: IpFamily, table: &str) -> Result<Vec<String>> {
 /// chains first in them (kube-proxy's `EnsureChain` + `EnsureRule(Prepend)`), one
 /// rule at a time with the `iptables` crate. Also creates the mangle canary chain.
 async fn ensure_jumps(
+    runner: &Runner,
     names: &ChainNames,
     family: IpFamily,
     localhost_nodeports: bool,
@@ -724,20 +641,24 @@ async fn ensure_jumps(
     let jumps = jump_rules(names, family, localhost_nodeports);
     let canary = &names.canary;
     let chains = ["mangle", "nat", "filter"].map(|table| (table, canary.clone()));
-    jumps::ensure(family, chains.to_vec(), jumps)
+    jumps::ensure(runner, family, chains.to_vec(), jumps)
         .await
         .map_err(|reason| Error::Jumps { family, reason })
 }
 
 /// The canary: our canary chain in mangle, nat and filter, and the tail rule of
 /// `KUBE-SERVICES` (gone when someone flushes that chain).
-fn canary_ok(names: &ChainNames, family: IpFamily, localhost_nodeports: bool) -> bool {
-    let Ok(mut ipt) = iptables::new(family == IpFamily::V6) else {
-        return false;
-    };
-    ipt.set_numeric(true);
+async fn canary_ok(
+    runner: &Runner,
+    names: &ChainNames,
+    family: IpFamily,
+    localhost_nodeports: bool,
+) -> bool {
     for table in ["mangle", "nat", "filter"] {
-        if !ipt.chain_exists(table, &names.canary).unwrap_or(false) {
+        if !jumps::chain_exists(runner, family, table, &names.canary)
+            .await
+            .unwrap_or(false)
+        {
             return false;
         }
     }
@@ -750,7 +671,9 @@ fn canary_ok(names: &ChainNames, family: IpFamily, localhost_nodeports: bool) ->
         "-m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL{exclude} -j {}",
         names.nodeports
     );
-    ipt.exists("nat", &names.services, &tail).unwrap_or(false)
+    jumps::rule_exists(runner, family, "nat", &names.services, &tail)
+        .await
+        .unwrap_or(false)
 }
 
 /// NodePorts on 127.0.0.1 need `route_localnet` (kube-proxy sets it too).

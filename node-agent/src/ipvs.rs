@@ -26,8 +26,8 @@ use ipnet::IpNet;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::backend::{Backend, BackendError, Desired, SyncReport};
-use crate::iptables::conntrack;
+use crate::backend::{Backend, BackendError, Desired, SyncReport, TableRules};
+use crate::netfilter::{Runner, conntrack};
 use crate::proxy::{IpFamily, ProxyView, ServicePortName};
 
 pub mod diff;
@@ -63,18 +63,8 @@ pub enum Error {
     Netlink(#[from] netlink::NetlinkError),
     #[error(transparent)]
     Link(#[from] link::LinkError),
-    #[error("{command}: could not run: {source}")]
-    Spawn {
-        command: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{command} failed ({status}): {stderr}")]
-    Failed {
-        command: String,
-        status: String,
-        stderr: String,
-    },
+    #[error(transparent)]
+    Tool(#[from] crate::netfilter::Error),
     #[error("{failed} of {total} IPVS operations failed, first: {first}")]
     Operations {
         failed: usize,
@@ -153,6 +143,7 @@ pub struct IpvsBackend {
     last_drain_check: Option<Instant>,
     /// How long each stage of the last sync took.
     stages: Vec<(&'static str, Duration)>,
+    runner: Runner,
 }
 
 /// rtnetlink address requests in flight at once.
@@ -323,6 +314,7 @@ impl IpvsBackend {
             jumps_ensured: false,
             last_drain_check: None,
             stages: Vec::new(),
+            runner: Runner::System,
         })
     }
 
@@ -449,7 +441,7 @@ impl IpvsBackend {
                     .iter()
                     .flat_map(|f| f.ipsets.keys().cloned())
                     .collect();
-                let ipsets = ipset::parse_save(&ipset::save().await?, &ours);
+                let ipsets = ipset::parse_save(&ipset::save(&self.runner).await?, &ours);
                 let udp = old.map(|c| c.udp).unwrap_or_default();
                 Cache { ipvs, ipsets, udp }
             }
@@ -491,7 +483,7 @@ impl IpvsBackend {
             .collect();
         let (text, set_changes) = ipset::restore_text(&desired_sets, &cache.ipsets);
         if !text.is_empty() {
-            ipset::restore(&text).await?;
+            ipset::restore(&self.runner, &text).await?;
         }
         cache.ipsets = desired_sets
             .values()
@@ -504,9 +496,9 @@ impl IpvsBackend {
         let mut filter_rules = 0;
         for f in &plan.families {
             if !self.jumps_ensured {
-                ensure_jumps(&names, f.family).await?;
+                ensure_jumps(&self.runner, &names, f.family).await?;
             }
-            crate::iptables::restore(f.family, &f.rules)
+            crate::iptables::restore(&self.runner, f.family, &f.rules)
                 .await
                 .map_err(|e| Error::Other(e.to_string()))?;
             nat_rules += f.nat_rule_count;
@@ -533,7 +525,7 @@ impl IpvsBackend {
             if self.cfg.conntrack_cleanup {
                 let previous = cache.udp.get(&view.family);
                 for job in conntrack::stale(previous, &udp) {
-                    match conntrack::delete(view.family, &job).await {
+                    match conntrack::delete(&self.runner, view.family, &job).await {
                         Ok(n) => conntrack_deleted += n,
                         Err(e) => {
                             warn!(family = %view.family, error = %e, "conntrack cleanup failed")
@@ -555,8 +547,7 @@ impl IpvsBackend {
         Ok(SyncReport {
             full,
             rules_written: (total_ops + set_changes + nat_rules + filter_rules) as u64,
-            filter_rules: filter_rules as u64,
-            nat_rules: nat_rules as u64,
+            tables: TableRules::iptables(filter_rules as u64, nat_rules as u64),
             conntrack_deleted,
             rejected: Vec::new(),
         })
@@ -602,19 +593,12 @@ impl IpvsBackend {
     async fn canary(&mut self) -> Result<bool> {
         let names = rules::ChainNames::new(&self.cfg.prefix);
         for family in self.cfg.families.clone() {
-            let canary = names.canary.clone();
-            let services = names.services.clone();
-            let ok = tokio::task::spawn_blocking(move || {
-                let Ok(ipt) = iptables::new(family == IpFamily::V6) else {
-                    return false;
-                };
-                ["nat", "filter"]
-                    .iter()
-                    .all(|t| ipt.chain_exists(t, &canary).unwrap_or(false))
-                    && ipt.chain_exists("nat", &services).unwrap_or(false)
-            })
-            .await
-            .unwrap_or(false);
+            let r = &self.runner;
+            let exists =
+                |table, chain| crate::netfilter::jumps::chain_exists(r, family, table, chain);
+            let ok = exists("nat", &names.canary).await.unwrap_or(false)
+                && exists("filter", &names.canary).await.unwrap_or(false)
+                && exists("nat", &names.services).await.unwrap_or(false);
             if !ok {
                 info!(%family, "iptables canary missing: rules were flushed externally");
                 return Ok(false);
@@ -688,8 +672,8 @@ impl Backend for IpvsBackend {
 
 /// Creates our chains if missing and puts the jumps from the built-in chains
 /// first in them (kube-proxy's `EnsureChain` + `EnsureRule(Prepend)`).
-async fn ensure_jumps(names: &rules::ChainNames, family: IpFamily) -> Result<()> {
-    crate::iptables::jumps::ensure(family, Vec::new(), names.jumps())
+async fn ensure_jumps(runner: &Runner, names: &rules::ChainNames, family: IpFamily) -> Result<()> {
+    crate::netfilter::jumps::ensure(runner, family, Vec::new(), names.jumps())
         .await
         .map_err(|reason| Error::Other(format!("{family} jump rules: {reason}")))
 }

@@ -8,15 +8,17 @@
 
 pub mod app;
 pub mod backend;
+pub mod backends;
 pub mod cleanup;
 pub mod config;
-pub mod exec;
 pub mod explain;
 pub mod health;
 pub mod iptables;
 pub mod ipvs;
 pub mod local;
 pub mod metrics;
+pub mod netfilter;
+pub mod nftables;
 pub mod preview;
 /// The proxy view and endpoint selection live in `meshlite-proxy`, shared with the
 /// control plane (its `explain`); re-exported so `crate::proxy::...` paths keep working.

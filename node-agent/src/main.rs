@@ -6,9 +6,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use clap::error::ErrorKind;
-use meshlite_node_agent::config::{BackendKind, Cli, Command};
+use meshlite_node_agent::backends::{self, RenderError};
+use meshlite_node_agent::config::{Cli, Command};
 use meshlite_node_agent::iptables::chains;
-use meshlite_node_agent::{app, cleanup, preview};
+use meshlite_node_agent::{app, cleanup};
 
 /// sysexits' EX_USAGE: the configuration is invalid.
 const EXIT_CONFIG: u8 = 64;
@@ -37,7 +38,7 @@ fn explain(args: &meshlite_node_agent::explain::cli::ExplainArgs) -> ExitCode {
     use meshlite_node_agent::explain::cli::ExplainError;
     let (rules, host) = match args.load() {
         Ok(v) => v,
-        Err(e @ ExplainError::Input(_)) => {
+        Err(e @ (ExplainError::Input(_) | ExplainError::Unsupported(_))) => {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
@@ -90,25 +91,7 @@ fn cleanup(args: &meshlite_node_agent::config::CleanupArgs) -> ExitCode {
 }
 
 fn render(args: meshlite_node_agent::config::RenderArgs) -> ExitCode {
-    if let Err(e) = args.rules.validate().and_then(|()| args.ipvs.validate()) {
-        eprintln!("error: {e}");
-        return ExitCode::from(EXIT_CONFIG);
-    }
-    let family = args.ip_family.into();
-    let result = match args.backend {
-        BackendKind::Iptables => {
-            let cfg = args.rules.iptables(vec![family], false);
-            preview::render_dir(&args.manifests, &args.node_name, family, &cfg)
-        }
-        BackendKind::Ipvs => match args.ipvs.config(&args.rules, vec![family], false) {
-            Ok(cfg) => preview::render_dir_ipvs(&args.manifests, &args.node_name, family, &cfg),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-        },
-    };
-    match result {
+    match backends::render(&args) {
         Ok(p) => {
             for w in &p.warnings {
                 eprintln!("warning: {w}");
@@ -116,6 +99,10 @@ fn render(args: meshlite_node_agent::config::RenderArgs) -> ExitCode {
             // A closed stdout (`| head`) is not an error worth a panic.
             let _ = std::io::Write::write_all(&mut std::io::stdout(), p.text.as_bytes());
             ExitCode::SUCCESS
+        }
+        Err(e @ RenderError::Config(_)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_CONFIG)
         }
         Err(e) => {
             eprintln!("error: {e}");

@@ -184,12 +184,11 @@ impl ProxyMetrics {
             self.sync_partial.observe(s);
         }
         self.last_sync.set(unix_now());
-        self.rules_total
-            .get_or_create(&Table { table: "filter" })
-            .set(i64::try_from(report.filter_rules).unwrap_or(i64::MAX));
-        self.rules_total
-            .get_or_create(&Table { table: "nat" })
-            .set(i64::try_from(report.nat_rules).unwrap_or(i64::MAX));
+        for t in &report.tables {
+            self.rules_total
+                .get_or_create(&Table { table: t.table })
+                .set(i64::try_from(t.rules).unwrap_or(i64::MAX));
+        }
         self.rules_last
             .get_or_create(&Table { table: "all" })
             .set(i64::try_from(report.rules_written).unwrap_or(i64::MAX));

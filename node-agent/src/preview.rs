@@ -77,6 +77,23 @@ pub fn render_dir(
     })
 }
 
+/// nftables mode: the `nft -f` transaction a first sync writes (no stale chains).
+pub fn render_dir_nftables(
+    dir: &Path,
+    node_name: &str,
+    family: IpFamily,
+    cfg: &crate::nftables::NftablesConfig,
+) -> Result<Preview, PreviewError> {
+    let (snapshot, warnings) = load(dir)?;
+    let view = ProxyView::build(&snapshot, node_name, family);
+    let rcfg = cfg.render_config(&view);
+    let rs = crate::nftables::render::render(&view, &rcfg);
+    Ok(Preview {
+        text: crate::nftables::script::full(family, &rcfg, &rs, &[]).text,
+        warnings,
+    })
+}
+
 fn render_config(cfg: &IptablesConfig, view: &ProxyView) -> RenderConfig {
     crate::iptables::IptablesBackend::new(cfg.clone()).render_config(view)
 }

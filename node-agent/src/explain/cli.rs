@@ -65,7 +65,15 @@ pub enum ExplainError {
     /// Reading the kernel failed.
     #[error("{0}")]
     Kernel(String),
+    /// The mode asked for cannot be traced (exit 64).
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
+
+/// The tracer reads iptables and IPVS rules; nftables rules are not parsed yet.
+const NFTABLES_NOT_YET: ExplainError = ExplainError::Unsupported(
+    "explain does not trace nftables rules yet: use `nft list table ip kube-proxy`, or explain the same manifests with --mode iptables",
+);
 
 impl From<ProtocolArg> for Protocol {
     fn from(p: ProtocolArg) -> Self {
@@ -176,6 +184,7 @@ impl ExplainArgs {
                     host,
                 ))
             }
+            BackendKind::Nftables => Err(NFTABLES_NOT_YET),
         }
     }
 
@@ -205,6 +214,7 @@ impl ExplainArgs {
                     host,
                 ))
             }
+            BackendKind::Nftables => Err(NFTABLES_NOT_YET),
         }
     }
 }

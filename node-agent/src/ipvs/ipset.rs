@@ -9,9 +9,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::IpNet;
-use tokio::process::Command;
 
 use super::Error;
+use crate::netfilter::Runner;
 use crate::proxy::IpFamily;
 
 /// ipset's longest set name.
@@ -317,43 +317,16 @@ pub fn parse_save(text: &str, ours: &BTreeSet<String>) -> BTreeMap<String, BTree
 }
 
 /// Reads every set with `ipset save`.
-pub async fn save() -> Result<String, Error> {
-    let out = Command::new("ipset")
-        .arg("save")
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|source| Error::Spawn {
-            command: "ipset save".into(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(Error::Failed {
-            command: "ipset save".into(),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+pub async fn save(runner: &Runner) -> Result<String, Error> {
+    Ok(runner.output("ipset", &["save"], None).await?)
 }
 
 /// Runs `ipset restore -exist` with `text` on stdin.
-pub async fn restore(text: &str) -> Result<(), Error> {
-    let command = "ipset restore -exist".to_string();
-    let out = crate::exec::with_stdin("ipset", &["restore", "-exist"], text)
-        .await
-        .map_err(|source| Error::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    if out.status.success() {
-        return Ok(());
-    }
-    Err(Error::Failed {
-        command,
-        status: out.status.to_string(),
-        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-    })
+pub async fn restore(runner: &Runner, text: &str) -> Result<(), Error> {
+    runner
+        .output("ipset", &["restore", "-exist"], Some(text))
+        .await?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use meshlite_proto::model::Protocol;
 
 use super::ipset::{SetNames, Sets};
-pub use crate::iptables::jumps::Jump;
+pub use crate::netfilter::jumps::Jump;
 use crate::proxy::IpFamily;
 
 /// Chain names of the IPVS mode.

@@ -11,11 +11,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use meshlite_proto::model::Protocol;
-use tokio::process::Command;
-
-use super::Error;
+use super::{Error, Runner};
 use crate::proxy::{IpFamily, ProxyView, ServicePortName};
+use meshlite_proto::model::Protocol;
 
 /// What cleanup needs to know about one UDP service port.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,17 +161,11 @@ pub fn args(family: IpFamily, job: &Job) -> Vec<String> {
 }
 
 /// Runs one deletion; returns the number of entries deleted.
-pub async fn delete(family: IpFamily, job: &Job) -> Result<u64, Error> {
-    let out = Command::new("conntrack")
-        .args(args(family, job))
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|source| Error::Spawn {
-            command: "conntrack".into(),
-            source,
-        })?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
+pub async fn delete(runner: &Runner, family: IpFamily, job: &Job) -> Result<u64, Error> {
+    let args = args(family, job);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = runner.run("conntrack", &argv, None).await?;
+    let stderr = &out.stderr;
     // "conntrack v1.4.7 (conntrack-tools): N flow entries have been deleted."
     // (exit status 1 when N is 0).
     let count = stderr
@@ -183,10 +175,10 @@ pub async fn delete(family: IpFamily, job: &Job) -> Result<u64, Error> {
         .and_then(|n| n.parse::<u64>().ok());
     match count {
         Some(n) => Ok(n),
-        None if out.status.success() => Ok(0),
+        None if out.success => Ok(0),
         None => Err(Error::Failed {
-            command: format!("conntrack {}", args(family, job).join(" ")),
-            status: out.status.to_string(),
+            command: format!("conntrack {}", args.join(" ")),
+            status: out.status,
             stderr: stderr.trim().to_string(),
         }),
     }

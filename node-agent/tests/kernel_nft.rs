@@ -1,0 +1,424 @@
+//! Real packets through the nftables mode's rules, on the iptables mode's lab
+//! (`support/netns.rs`): the agent's sync loop with the nftables backend runs in
+//! the "node" namespace; requests come from the off-cluster client or from pods.
+//! Needs root, `ip`, `nft`, `iptables` and `conntrack`; fails naming what is
+//! missing otherwise.
+
+#![cfg(target_os = "linux")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "support/netns.rs"]
+mod netns;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshlite_node_agent::backend::SyncReport;
+use meshlite_node_agent::health::{HealthCheckServers, ProxyHealth};
+use meshlite_node_agent::metrics::ProxyMetrics;
+use meshlite_node_agent::nftables::{DEFAULT_TABLE, NftablesBackend, NftablesConfig};
+use meshlite_node_agent::proxy::IpFamily;
+use meshlite_node_agent::sync::{Proxier, SyncConfig};
+use meshlite_proto::model::{
+    AddressFamily, Endpoint, EndpointPort, EndpointSlice, Node, Protocol, Resource, Service,
+    ServiceType,
+};
+use meshlite_runtime::{ChangeSet, Snapshot};
+use netns::{CLUSTER_CIDR, Lab, NODE_IP, Outcome, get};
+use prometheus_client::registry::Registry;
+use tokio::sync::oneshot;
+
+const NODE: &str = "node1";
+const T: Duration = Duration::from_secs(2);
+
+struct Agent {
+    proxier: Arc<Proxier<NftablesBackend>>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Agent {
+    fn start(lab: &Lab) -> Self {
+        if let Err(e) = netns::require_root_and_tools(&["nft"]) {
+            panic!("{e:#}");
+        }
+        let cfg = NftablesConfig {
+            table: DEFAULT_TABLE.into(),
+            families: vec![IpFamily::V4],
+            cluster_cidrs: vec![CLUSTER_CIDR.parse().unwrap()],
+            detect_local: Default::default(),
+            masquerade_all: false,
+            masquerade_bit: 14,
+            node_ips: vec![NODE_IP.parse().unwrap()],
+            nodeport_addresses: vec![],
+            conntrack_cleanup: true,
+        };
+        let mut registry = Registry::default();
+        let health = ProxyHealth::new(Duration::from_secs(60));
+        let proxier = Proxier::new(
+            SyncConfig {
+                node_name: NODE.into(),
+                families: vec![IpFamily::V4],
+                sync_period: Duration::from_secs(30),
+                min_sync_period: Duration::from_millis(50),
+                canary_period: Duration::from_millis(300),
+                needs_pod_cidrs: false,
+            },
+            NftablesBackend::new(cfg),
+            health.clone(),
+            Arc::new(ProxyMetrics::register(&mut registry)),
+            Some(HealthCheckServers::new("0.0.0.0".parse().unwrap(), health)),
+        );
+        let (stop, stopped) = oneshot::channel::<()>();
+        lab.node_rt
+            .spawn(proxier.clone().run(Duration::from_millis(100), async {
+                let _ = stopped.await;
+            }));
+        Self {
+            proxier,
+            stop: Some(stop),
+        }
+    }
+
+    async fn apply(&self, lab: &Lab, resources: Vec<Resource>) -> SyncReport {
+        let p = self.proxier.clone();
+        lab.node_rt
+            .run(async move {
+                p.update(&Snapshot::from_resources(resources), &ChangeSet::default())
+                    .await
+            })
+            .await
+            .expect("sync")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn service(name: &str, cluster_ip: &str) -> Service {
+    Service::cluster_ip("default", name, ip(cluster_ip)).with_port("http", Protocol::Tcp, 80)
+}
+
+fn node_port(name: &str, cluster_ip: &str, port: u16) -> Service {
+    let mut s = service(name, cluster_ip);
+    s.kind = ServiceType::NodePort;
+    s.ports[0].node_port = Some(port);
+    s
+}
+
+fn slice(svc: &str, eps: Vec<Endpoint>) -> Resource {
+    Resource::EndpointSlice(EndpointSlice {
+        namespace: "default".into(),
+        name: format!("{svc}-abc"),
+        service_name: svc.into(),
+        address_family: AddressFamily::Ipv4,
+        ports: vec![EndpointPort {
+            name: "http".into(),
+            protocol: Protocol::Tcp,
+            port: 80,
+            app_protocol: None,
+        }],
+        endpoints: eps,
+        ignored_by_proxy: false,
+    })
+}
+
+fn ep(lab: &Lab, i: usize, node: &str) -> Endpoint {
+    Endpoint::ready(lab.pods[i].ip).on_node(node)
+}
+
+fn node_object() -> Resource {
+    Resource::Node(Node {
+        name: NODE.into(),
+        zone: Some("zone-a".into()),
+        addresses: vec![ip(NODE_IP)],
+        pod_cidrs: vec![],
+    })
+}
+
+fn addr(ip_s: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip(ip_s), port)
+}
+
+async fn spread(lab: &Lab, to: SocketAddr, n: usize) -> (BTreeMap<String, usize>, Vec<Outcome>) {
+    lab.client_rt
+        .run(async move {
+            let mut seen = BTreeMap::new();
+            let mut failed = Vec::new();
+            for _ in 0..n {
+                let o = get(to, "/", T).await;
+                match o.served() {
+                    Some((pod, _)) => *seen.entry(pod).or_insert(0) += 1,
+                    None => failed.push(o),
+                }
+            }
+            (seen, failed)
+        })
+        .await
+}
+
+async fn from_client(lab: &Lab, to: SocketAddr, timeout: Duration) -> Outcome {
+    lab.client_rt.run(get(to, "/", timeout)).await
+}
+
+async fn from_pod(lab: &Lab, i: usize, to: SocketAddr) -> Outcome {
+    lab.pods[i].rt.run(get(to, "/", T)).await
+}
+
+#[tokio::test]
+async fn nft_cluster_ip_reaches_all_endpoints_evenly() {
+    let lab = Lab::new(3).await.unwrap();
+    let agent = Agent::start(&lab);
+    agent
+        .apply(
+            &lab,
+            vec![
+                Resource::Service(service("web", "198.19.0.10")),
+                slice(
+                    "web",
+                    vec![
+                        ep(&lab, 0, NODE),
+                        ep(&lab, 1, "node2"),
+                        ep(&lab, 2, "node2"),
+                    ],
+                ),
+                node_object(),
+            ],
+        )
+        .await;
+    let (seen, failed) = spread(&lab, addr("198.19.0.10", 80), 300).await;
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    assert_eq!(seen.len(), 3, "every endpoint serves: {seen:?}");
+    for (pod, n) in &seen {
+        assert!((55..=145).contains(n), "{pod} got {n} of 300: {seen:?}");
+    }
+}
+
+#[tokio::test]
+async fn nft_session_affinity_sticks() {
+    let lab = Lab::new(3).await.unwrap();
+    let agent = Agent::start(&lab);
+    let mut svc = service("sticky", "198.19.0.11");
+    svc.session_affinity_timeout = Some(600);
+    agent
+        .apply(
+            &lab,
+            vec![
+                Resource::Service(svc),
+                slice(
+                    "sticky",
+                    vec![ep(&lab, 0, NODE), ep(&lab, 1, NODE), ep(&lab, 2, NODE)],
+                ),
+            ],
+        )
+        .await;
+    let (seen, failed) = spread(&lab, addr("198.19.0.11", 80), 40).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(seen.len(), 1, "one client sticks to one endpoint: {seen:?}");
+}
+
+#[tokio::test]
+async fn nft_service_without_endpoints_is_rejected_not_dropped() {
+    let lab = Lab::new(1).await.unwrap();
+    let agent = Agent::start(&lab);
+    agent
+        .apply(
+            &lab,
+            vec![Resource::Service(service("empty", "198.19.0.12"))],
+        )
+        .await;
+    let o = from_client(&lab, addr("198.19.0.12", 80), T).await;
+    assert_eq!(o, Outcome::Refused, "connection refused, not a timeout");
+}
+
+#[tokio::test]
+async fn nft_node_port_and_masquerade() {
+    let lab = Lab::new(2).await.unwrap();
+    let agent = Agent::start(&lab);
+    agent
+        .apply(
+            &lab,
+            vec![
+                Resource::Service(node_port("np", "198.19.0.13", 30080)),
+                slice("np", vec![ep(&lab, 0, "node2")]),
+                node_object(),
+            ],
+        )
+        .await;
+    let o = from_client(&lab, addr(NODE_IP, 30080), T).await;
+    assert_eq!(
+        o.served(),
+        Some(("pod1".into(), "198.18.1.1".into())),
+        "{o:?}"
+    );
+    let o = from_client(&lab, addr("198.19.0.13", 80), T).await;
+    assert_eq!(
+        o.served(),
+        Some(("pod1".into(), "198.18.1.1".into())),
+        "{o:?}"
+    );
+    let o = from_pod(&lab, 1, addr("198.19.0.13", 80)).await;
+    assert_eq!(
+        o.served(),
+        Some(("pod1".into(), "198.18.2.2".into())),
+        "{o:?}"
+    );
+}
+
+#[tokio::test]
+async fn nft_hairpin_to_self_through_the_service() {
+    let lab = Lab::new(1).await.unwrap();
+    let agent = Agent::start(&lab);
+    agent
+        .apply(
+            &lab,
+            vec![
+                Resource::Service(service("self", "198.19.0.14")),
+                slice("self", vec![ep(&lab, 0, NODE)]),
+            ],
+        )
+        .await;
+    let o = from_pod(&lab, 0, addr("198.19.0.14", 80)).await;
+    assert_eq!(
+        o.served(),
+        Some(("pod1".into(), "198.18.1.1".into())),
+        "{o:?}"
+    );
+}
+
+#[tokio::test]
+async fn nft_removed_endpoint_gets_no_more_traffic() {
+    let lab = Lab::new(2).await.unwrap();
+    let agent = Agent::start(&lab);
+    let both = vec![
+        Resource::Service(service("rm", "198.19.0.17")),
+        slice("rm", vec![ep(&lab, 0, NODE), ep(&lab, 1, NODE)]),
+    ];
+    agent.apply(&lab, both).await;
+    let report = agent
+        .apply(
+            &lab,
+            vec![
+                Resource::Service(service("rm", "198.19.0.17")),
+                slice("rm", vec![ep(&lab, 1, NODE)]),
+            ],
+        )
+        .await;
+    assert!(!report.full, "an endpoint change is a partial sync");
+    let (seen, failed) = spread(&lab, addr("198.19.0.17", 80), 40).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["pod2"], "{seen:?}");
+}
+
+#[tokio::test]
+async fn nft_external_flush_is_repaired() {
+    let lab = Lab::new(1).await.unwrap();
+    let agent = Agent::start(&lab);
+    agent
+        .apply(
+            &lab,
+            vec![
+                Resource::Service(service("fl", "198.19.0.18")),
+                slice("fl", vec![ep(&lab, 0, NODE)]),
+            ],
+        )
+        .await;
+    assert!(
+        from_client(&lab, addr("198.19.0.18", 80), T)
+            .await
+            .served()
+            .is_some()
+    );
+    lab.node
+        .exec(&["nft", "flush", "table", "ip", DEFAULT_TABLE])
+        .unwrap();
+    let o = from_client(&lab, addr("198.19.0.18", 80), Duration::from_millis(500)).await;
+    assert!(o.served().is_none(), "{o:?}");
+    let mut repaired = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if from_client(&lab, addr("198.19.0.18", 80), Duration::from_millis(500))
+            .await
+            .served()
+            .is_some()
+        {
+            repaired = true;
+            break;
+        }
+    }
+    assert!(repaired, "rules were not restored within 5 s");
+}
+
+#[tokio::test]
+async fn nft_restart_under_a_request_loop_loses_no_requests() {
+    let lab = Lab::new(2).await.unwrap();
+    let resources = vec![
+        Resource::Service(service("rs", "198.19.0.19")),
+        slice("rs", vec![ep(&lab, 0, NODE), ep(&lab, 1, NODE)]),
+        node_object(),
+    ];
+    let agent = Agent::start(&lab);
+    agent.apply(&lab, resources.clone()).await;
+    let to = addr("198.19.0.19", 80);
+    let load = lab.client_rt.spawn(async move {
+        let mut failed = Vec::new();
+        for _ in 0..400 {
+            let o = get(to, "/", T).await;
+            if o.served().is_none() {
+                failed.push(o);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        failed
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(agent);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let agent = Agent::start(&lab);
+    agent.apply(&lab, resources).await;
+    let failed = load.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} requests failed: {failed:?}",
+        failed.len()
+    );
+}
+
+/// `cleanup` after the nftables mode leaves no table; after the iptables mode it
+/// leaves no chain (what a mode switch relies on).
+#[tokio::test]
+async fn nft_cleanup_leaves_nothing_of_either_mode() {
+    let lab = Lab::new(1).await.unwrap();
+    let agent = Agent::start(&lab);
+    agent
+        .apply(
+            &lab,
+            vec![
+                Resource::Service(service("cl", "198.19.0.20")),
+                slice("cl", vec![ep(&lab, 0, NODE)]),
+            ],
+        )
+        .await;
+    drop(agent);
+    let report = lab
+        .node_rt
+        .run(meshlite_node_agent::cleanup::run("KUBE", "kube-ipvs0", &[]))
+        .await;
+    assert!(report.errors.is_empty(), "{report}");
+    let tables = lab.node.exec(&["nft", "list", "tables"]).unwrap();
+    assert!(!tables.contains(DEFAULT_TABLE), "{tables}");
+    let nat = lab.node_iptables(&["-t", "nat", "-S"]).unwrap();
+    assert!(!nat.contains("KUBE-"), "{nat}");
+    let o = from_client(&lab, addr("198.19.0.20", 80), Duration::from_millis(500)).await;
+    assert!(o.served().is_none(), "{o:?}");
+}

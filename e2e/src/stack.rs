@@ -227,7 +227,7 @@ impl Stack {
                 s("--healthz-bind-address=0.0.0.0:10256"),
                 format!("--tls-cert={}", cert.display()),
                 format!("--tls-key={}", key.display()),
-                format!("--ca={}", ca.display()),
+                format!("--tls-ca={}", ca.display()),
                 s("--cluster-cidr=198.18.0.0/17"),
                 format!("--node-ip={}", node.ip),
                 s("--ip-families=ipv4"),
@@ -277,7 +277,7 @@ impl Stack {
                 format!("--node-name={pod_name}"),
                 format!("--tls-cert={}", cert.display()),
                 format!("--tls-key={}", key.display()),
-                format!("--ca={}", ca.display()),
+                format!("--tls-ca={}", ca.display()),
             ];
             dns_agents.insert(
                 pod_name.clone(),

@@ -333,7 +333,7 @@ def test_every_mounted_secret_comes_from_the_chosen_tls_source(case):
         assert {i["key"] for i in tls["secret"]["items"]} == {"tls.crt", "tls.key", "ca.crt"}
         (c,) = spec["containers"]
         args = chart.arg_map(c)
-        ca_flag = "ca" if comp == "node-agent" else "tls-ca"
+        ca_flag = "tls-ca"
         assert (args["tls-cert"], args["tls-key"], args[ca_flag]) == (
             "/etc/meshlite/tls/tls.crt", "/etc/meshlite/tls/tls.key", "/etc/meshlite/tls/ca.crt")
         assert "insecure" not in args

@@ -13,6 +13,8 @@ use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use serde::Serialize;
 
+use meshlite_runtime::process::args::{AgentConnectArgs, LogArgs};
+
 use crate::iptables::{IptablesConfig, chains};
 use crate::ipvs::netlink::Timeouts;
 use crate::ipvs::{IpvsConfig, Scheduler};
@@ -81,32 +83,18 @@ pub struct CleanupArgs {
 /// The node agent (default command).
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Control plane endpoint: https://host:port (mTLS) or http://host:port with --insecure.
-    #[arg(long, env = "MESHLITE_CONTROL_PLANE")]
-    pub control_plane: Option<String>,
+    /// `--control-plane` (https://host:port with mTLS, or http://host:port with
+    /// --insecure) and the TLS flags. The client certificate has SAN
+    /// `<node>.nodes.meshlite`, or `node-agent` with --identity-token-file.
+    #[command(flatten)]
+    pub connect: AgentConnectArgs,
     /// This node's name (the Node object and endpoints' nodeName).
     #[arg(long, env = "MESHLITE_NODE_NAME")]
     pub node_name: Option<String>,
-    /// Plaintext to the control plane. For local demos only.
-    #[arg(long, env = "MESHLITE_INSECURE")]
-    pub insecure: bool,
-    /// CA bundle that signs the control plane's certificate.
-    #[arg(long, env = "MESHLITE_CA")]
-    pub ca: Option<PathBuf>,
-    /// This node's client certificate (SAN `<node>.nodes.meshlite`, or `node-agent`
-    /// with --identity-token-file).
-    #[arg(long = "tls-cert", alias = "cert", env = "MESHLITE_TLS_CERT")]
-    pub cert: Option<PathBuf>,
-    /// The client certificate's private key.
-    #[arg(long = "tls-key", alias = "key", env = "MESHLITE_TLS_KEY")]
-    pub key: Option<PathBuf>,
     /// The pod's projected ServiceAccount token (audience `meshlite`), sent to prove
     /// which node this is when the control plane runs --node-identity token.
     #[arg(long, env = "MESHLITE_IDENTITY_TOKEN_FILE")]
     pub identity_token_file: Option<PathBuf>,
-    /// TLS server name to verify (default: the endpoint's host).
-    #[arg(long, env = "MESHLITE_SERVER_NAME")]
-    pub server_name: Option<String>,
     /// /metrics, /healthz, /livez, /readyz.
     #[arg(long, env = "MESHLITE_ADMIN_LISTEN", default_value = "127.0.0.1:10249")]
     pub admin_listen: String,
@@ -161,10 +149,9 @@ pub struct RunArgs {
     /// Delete stale UDP conntrack entries after syncs (needs the conntrack tool).
     #[arg(long, env = "MESHLITE_CONNTRACK_CLEANUP", default_value_t = true, action = ArgAction::Set)]
     pub conntrack_cleanup: bool,
-    /// JSON log lines.
-    #[arg(long, env = "MESHLITE_LOG_JSON")]
-    pub log_json: bool,
-    /// Validate the configuration, print it and exit.
+    #[command(flatten)]
+    pub log: LogArgs,
+    /// Validate the configuration, print it as JSON and exit.
     #[arg(long, env = "MESHLITE_CHECK_CONFIG")]
     pub check_config: bool,
 }
@@ -545,18 +532,27 @@ impl RunArgs {
             .node_name
             .filter(|n| !n.is_empty())
             .ok_or(ConfigError::Missing { flag: "node-name" })?;
-        let control_plane =
-            self.control_plane
-                .filter(|n| !n.is_empty())
-                .ok_or(ConfigError::Missing {
-                    flag: "control-plane",
-                })?;
+        let connect = &self.connect;
+        let control_plane = connect
+            .control_plane
+            .clone()
+            .filter(|n| !n.is_empty())
+            .ok_or(ConfigError::Missing {
+                flag: "control-plane",
+            })?;
+        // The new spellings win over the old ones (kept, hidden, for one release).
+        let ca = connect.tls_ca.clone().or_else(|| connect.ca.clone());
+        let server_name = connect
+            .tls_server_name
+            .clone()
+            .or_else(|| connect.server_name.clone());
+        let insecure = connect.insecure;
         let invalid = |flag, value: &str, reason: &str| ConfigError::Invalid {
             flag,
             value: value.to_string(),
             reason: reason.to_string(),
         };
-        if self.insecure {
+        if insecure {
             if !control_plane.starts_with("http://") {
                 return Err(invalid(
                     "control-plane",
@@ -573,9 +569,9 @@ impl RunArgs {
                 ));
             }
             for (flag, v) in [
-                ("ca", &self.ca),
-                ("tls-cert", &self.cert),
-                ("tls-key", &self.key),
+                ("tls-ca", &ca),
+                ("tls-cert", &connect.tls_cert),
+                ("tls-key", &connect.tls_key),
             ] {
                 if v.is_none() {
                     return Err(ConfigError::Missing { flag });
@@ -624,11 +620,11 @@ impl RunArgs {
         Ok(Config {
             control_plane,
             node_name,
-            insecure: self.insecure,
-            ca: self.ca,
-            cert: self.cert,
-            key: self.key,
-            server_name: self.server_name,
+            insecure,
+            ca,
+            cert: self.connect.tls_cert,
+            key: self.connect.tls_key,
+            server_name,
             identity_token_file: self.identity_token_file,
             admin_listen: self.admin_listen,
             metrics_bind_address: self.metrics_bind_address,
@@ -660,7 +656,7 @@ impl RunArgs {
             canary_period: self.canary_period,
             health_check_address: self.health_check_address,
             conntrack_cleanup: self.conntrack_cleanup,
-            log_json: self.log_json,
+            log_json: self.log.json(),
             families,
         })
     }

@@ -4,27 +4,19 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use clap::error::ErrorKind;
 use meshlite_node_agent::backends::{self, RenderError};
 use meshlite_node_agent::config::{Cli, Command};
 use meshlite_node_agent::iptables::chains;
 use meshlite_node_agent::{app, cleanup};
+use meshlite_runtime::process::{self, Main};
 
-/// sysexits' EX_USAGE: the configuration is invalid.
-const EXIT_CONFIG: u8 = 64;
+const MAIN: Main = Main::new("meshlite-node-agent");
+const EXIT_CONFIG: u8 = process::EX_USAGE;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match process::parse() {
         Ok(cli) => cli,
-        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(code) => return code,
     };
     match cli.command {
         Some(Command::Render(args)) => render(*args),
@@ -113,53 +105,11 @@ fn render(args: meshlite_node_agent::config::RenderArgs) -> ExitCode {
 
 fn run(args: meshlite_node_agent::config::RunArgs) -> ExitCode {
     let check = args.check_config;
-    let cfg = match args.validate() {
+    let cfg = match MAIN.check(check, || args.validate()) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: invalid configuration: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(code) => return code,
     };
-    if check {
-        let json = serde_json::to_string_pretty(&cfg).unwrap_or_default();
-        let _ = std::io::Write::write_all(&mut std::io::stdout(), format!("{json}\n").as_bytes());
-        return ExitCode::SUCCESS;
-    }
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: tokio runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    // OTLP export (when OTEL_* asks for it) runs on the runtime.
-    let telemetry = {
-        let _enter = rt.enter();
-        meshlite_runtime::telemetry::init("meshlite-node-agent", cfg.log_json)
-    };
-    tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "effective configuration");
-    let code = match rt.block_on(app::run(cfg, telemetry.clone(), shutdown_signal())) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "node agent failed");
-            ExitCode::FAILURE
-        }
-    };
-    telemetry.shutdown();
-    code
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = ctrl_c.await;
-        }
-    }
+    MAIN.run(cfg.log_json, cfg, |cfg, telemetry, drain| {
+        app::run(cfg, telemetry, drain.wait())
+    })
 }

@@ -820,7 +820,7 @@ mod tests {
     fn invalid_configurations_are_rejected_with_the_flag_named() {
         let base = ["--node-name=n1", "--control-plane=https://cp:8443"];
         let err = parse(&base).unwrap_err();
-        assert!(err.contains("--ca"), "{err}");
+        assert!(err.contains("--tls-ca"), "{err}");
         let err = parse(&["--control-plane=http://x:1", "--insecure"]).unwrap_err();
         assert!(err.contains("--node-name"), "{err}");
         let err =

@@ -12,6 +12,7 @@ pub mod backends;
 pub mod cleanup;
 pub mod config;
 pub mod explain;
+pub mod handler;
 pub mod health;
 pub mod iptables;
 pub mod ipvs;

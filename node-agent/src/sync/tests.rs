@@ -7,6 +7,8 @@ use meshlite_proto::model::{
 use meshlite_runtime::admin::Readiness;
 use prometheus_client::registry::Registry;
 
+use meshlite_runtime::{Handler, UpdateInfo};
+
 use super::*;
 use crate::backend::{RecordingBackend, RejectReason, Rejected};
 use crate::proxy::ServicePortName;

@@ -7,14 +7,17 @@
 #![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/fixtures.rs"]
+mod fixtures;
 #[path = "support/netns.rs"]
 mod netns;
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fixtures::*;
 use meshlite_node_agent::backend::{RejectReason, SyncReport};
 use meshlite_node_agent::health::{HealthCheckServers, ProxyHealth};
 use meshlite_node_agent::iptables::ChainNames;
@@ -23,17 +26,11 @@ use meshlite_node_agent::local::DetectLocalMode;
 use meshlite_node_agent::metrics::ProxyMetrics;
 use meshlite_node_agent::proxy::{IpFamily, ServicePortName};
 use meshlite_node_agent::sync::{Proxier, SyncConfig};
-use meshlite_proto::model::{
-    AddressFamily, Endpoint, EndpointPort, EndpointSlice, Node, Protocol, Resource, Service,
-    ServiceType, TrafficPolicy,
-};
+use meshlite_proto::model::{Protocol, Resource, ServiceType, TrafficPolicy};
 use meshlite_runtime::{ChangeSet, Snapshot};
 use netns::{CLIENT_IP, CLUSTER_CIDR, Lab, NODE_IP, Outcome, get};
 use prometheus_client::registry::Registry;
 use tokio::sync::oneshot;
-
-const NODE: &str = "node1";
-const T: Duration = Duration::from_secs(2);
 
 /// The node agent's sync loop running inside the lab's node namespace.
 struct Agent {
@@ -115,82 +112,6 @@ impl Drop for Agent {
             let _ = s.send(());
         }
     }
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
-fn service(name: &str, cluster_ip: &str) -> Service {
-    Service::cluster_ip("default", name, ip(cluster_ip)).with_port("http", Protocol::Tcp, 80)
-}
-
-fn node_port(name: &str, cluster_ip: &str, port: u16) -> Service {
-    let mut s = service(name, cluster_ip);
-    s.kind = ServiceType::NodePort;
-    s.ports[0].node_port = Some(port);
-    s
-}
-
-/// A slice of `lab` pods (by index, 0-based) with the given node names.
-fn slice(svc: &str, eps: Vec<Endpoint>) -> Resource {
-    Resource::EndpointSlice(EndpointSlice {
-        namespace: "default".into(),
-        name: format!("{svc}-abc"),
-        service_name: svc.into(),
-        address_family: AddressFamily::Ipv4,
-        ports: vec![EndpointPort {
-            name: "http".into(),
-            protocol: Protocol::Tcp,
-            port: 80,
-            app_protocol: None,
-        }],
-        endpoints: eps,
-        ignored_by_proxy: false,
-    })
-}
-
-fn ep(lab: &Lab, i: usize, node: &str) -> Endpoint {
-    Endpoint::ready(lab.pods[i].ip).on_node(node)
-}
-
-fn node_object() -> Resource {
-    Resource::Node(Node {
-        name: NODE.into(),
-        zone: Some("zone-a".into()),
-        addresses: vec![ip(NODE_IP)],
-        pod_cidrs: vec![],
-    })
-}
-
-fn addr(ip_s: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(ip(ip_s), port)
-}
-
-/// `n` requests from the client namespace; pod name -> count, plus failures.
-async fn spread(lab: &Lab, to: SocketAddr, n: usize) -> (BTreeMap<String, usize>, Vec<Outcome>) {
-    lab.client_rt
-        .run(async move {
-            let mut seen = BTreeMap::new();
-            let mut failed = Vec::new();
-            for _ in 0..n {
-                let o = get(to, "/", T).await;
-                match o.served() {
-                    Some((pod, _)) => *seen.entry(pod).or_insert(0) += 1,
-                    None => failed.push(o),
-                }
-            }
-            (seen, failed)
-        })
-        .await
-}
-
-async fn from_client(lab: &Lab, to: SocketAddr, timeout: Duration) -> Outcome {
-    lab.client_rt.run(get(to, "/", timeout)).await
-}
-
-async fn from_pod(lab: &Lab, i: usize, to: SocketAddr) -> Outcome {
-    lab.pods[i].rt.run(get(to, "/", T)).await
 }
 
 #[tokio::test]

@@ -20,9 +20,10 @@ use meshlite_node_agent::netfilter::Runner;
 use meshlite_node_agent::nftables::{NftablesBackend, NftablesConfig, Written, render, script};
 use meshlite_node_agent::proxy::{IpFamily, ProxyView};
 use meshlite_proto::model::{
-    AddressFamily, Endpoint, EndpointPort, EndpointSlice, Node, Protocol, Resource, Service,
+    AddressFamily, Endpoint, EndpointPort, EndpointSlice, Node, Protocol, Resource, ResourceKey,
+    Service, ServiceName,
 };
-use meshlite_runtime::Snapshot;
+use meshlite_runtime::{ChangeSet, Snapshot};
 
 fn addr(n: usize, base: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(
@@ -35,7 +36,7 @@ fn addr(n: usize, base: u8) -> IpAddr {
 
 /// `services` ClusterIP services (from `first`) with `endpoints` endpoints each;
 /// service `shrink` has one endpoint fewer.
-fn view(first: usize, services: usize, endpoints: usize, shrink: Option<usize>) -> ProxyView {
+fn snapshot(first: usize, services: usize, endpoints: usize, shrink: Option<usize>) -> Snapshot {
     let mut r = vec![Resource::Node(Node {
         name: "node1".into(),
         zone: None,
@@ -69,7 +70,24 @@ fn view(first: usize, services: usize, endpoints: usize, shrink: Option<usize>) 
             ignored_by_proxy: false,
         }));
     }
-    ProxyView::build(&Snapshot::from_resources(r), "node1", IpFamily::V4)
+    Snapshot::from_resources(r)
+}
+
+/// The agent's view after a change to `services`, rebuilt from `base` as the
+/// agent does (the other ports shared).
+fn rebuilt(base: &ProxyView, snap: &Snapshot, services: &[usize]) -> ProxyView {
+    let changes = ChangeSet {
+        services: services
+            .iter()
+            .map(|i| ServiceName::new("bench", format!("svc-{i}")))
+            .collect(),
+        upserted: vec![ResourceKey::Service {
+            namespace: "bench".into(),
+            name: "changed".into(),
+        }],
+        ..ChangeSet::default()
+    };
+    base.rebuild(snap, &changes)
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -126,10 +144,31 @@ async fn nft(text: &str) {
 
 async fn size(services: usize, endpoints: usize, runs: usize) {
     println!("== {services} services x {endpoints} endpoints");
-    let base = vec![view(0, services, endpoints, None)];
-    let changed = vec![view(0, services, endpoints, Some(services / 2))];
-    let added = vec![view(0, services + 1, endpoints, None)];
-    let removed = vec![view(1, services - 1, endpoints, None)];
+    let snap = snapshot(0, services, endpoints, None);
+    let t = Instant::now();
+    let base = vec![ProxyView::build(&snap, "node1", IpFamily::V4)];
+    let build = t.elapsed();
+    let t = Instant::now();
+    let changed = vec![rebuilt(
+        &base[0],
+        &snapshot(0, services, endpoints, Some(services / 2)),
+        &[services / 2],
+    )];
+    println!(
+        "  (0) the view: built whole {}, rebuilt for one changed service {}",
+        ms(build),
+        ms(t.elapsed())
+    );
+    let added = vec![rebuilt(
+        &base[0],
+        &snapshot(0, services + 1, endpoints, None),
+        &[services],
+    )];
+    let removed = vec![rebuilt(
+        &base[0],
+        &snapshot(1, services - 1, endpoints, None),
+        &[0],
+    )];
     let rcfg = cfg().render_config(&base[0]);
     let text = script::full(IpFamily::V4, &rcfg, &render::render(&base[0], &rcfg), &[]).text;
     println!("  script: {} bytes", text.len());

@@ -96,13 +96,24 @@ impl<B: Backend> Proxier<B> {
         self.health.queued();
         let (services, slices) = count_changes(changes);
         self.metrics.queued(services, slices);
+        let mut st = self.state.lock().await;
+        // Only the changed services are rebuilt, from the last applied views,
+        // unless that base is not trustworthy (a failed sync, or no change list).
+        let base = st
+            .views
+            .as_ref()
+            .filter(|_| !st.force_full && !changes.is_empty());
         let mut views: Vec<ProxyView> = self
             .cfg
             .families
             .iter()
-            .map(|f| ProxyView::build(snapshot, &self.cfg.node_name, *f))
+            .map(
+                |f| match base.and_then(|old| old.iter().find(|v| v.family == *f)) {
+                    Some(old) => old.rebuild(snapshot, changes),
+                    None => ProxyView::build(snapshot, &self.cfg.node_name, *f),
+                },
+            )
             .collect();
-        let mut st = self.state.lock().await;
         if self.cfg.needs_pod_cidrs && views.iter().all(|v| v.node_pod_cidrs.is_empty()) {
             let last = st
                 .views

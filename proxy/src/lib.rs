@@ -15,7 +15,7 @@ use ipnet::IpNet;
 use meshlite_proto::model::{
     AddressFamily, Protocol, Service, ServiceName, ServiceType, TrafficPolicy,
 };
-use meshlite_runtime::Snapshot;
+use meshlite_runtime::{ChangeSet, Snapshot};
 
 pub mod select;
 
@@ -97,7 +97,9 @@ pub struct ProxyView {
     /// The node's pod CIDRs of this family (`spec.podCIDRs`), for
     /// `--detect-local-mode NodeCIDR`.
     pub node_pod_cidrs: Vec<IpNet>,
-    pub ports: BTreeMap<ServicePortName, ServicePortView>,
+    /// Shared, so a view rebuilt for a few changed services shares every other
+    /// port with the previous one (and a backend can tell them apart by pointer).
+    pub ports: BTreeMap<ServicePortName, Arc<ServicePortView>>,
 }
 
 // === impl IpFamily ===
@@ -143,6 +145,15 @@ impl fmt::Display for IpFamily {
 // === impl ServicePortName ===
 
 impl ServicePortName {
+    /// The smallest name of `service`'s ports, to range over them.
+    pub fn first_of(service: &ServiceName) -> Self {
+        Self {
+            service: service.clone(),
+            port: String::new(),
+            protocol: Protocol::Tcp,
+        }
+    }
+
     pub fn new(namespace: &str, name: &str, port: &str, protocol: Protocol) -> Self {
         Self {
             service: ServiceName::new(namespace, name),
@@ -222,6 +233,15 @@ impl ProxyView {
     /// services without a cluster IP of this family, and services and slices the
     /// control plane marked as not ours (labelled for another proxy, or headless).
     pub fn build(snapshot: &Snapshot, node_name: &str, family: IpFamily) -> Self {
+        let mut view = Self::empty(snapshot, node_name, family);
+        for service in snapshot.services() {
+            view.add_service(snapshot, service);
+        }
+        view
+    }
+
+    /// A view without ports: the node's own fields.
+    fn empty(snapshot: &Snapshot, node_name: &str, family: IpFamily) -> Self {
         let node = snapshot.node(node_name);
         let node_zone = node.and_then(|n| n.zone.clone()).filter(|z| !z.is_empty());
         let node_ips = node
@@ -242,16 +262,46 @@ impl ProxyView {
                     .collect()
             })
             .unwrap_or_default();
-        let mut view = Self {
+        Self {
             family,
             node_name: node_name.to_string(),
             node_zone,
             node_ips,
             node_pod_cidrs,
             ports: BTreeMap::new(),
-        };
-        for service in snapshot.services() {
-            view.add_service(snapshot, service);
+        }
+    }
+
+    /// The view after `changes`, computed from this one: only the changed
+    /// services' ports are rebuilt, every other port is shared. A full update, or
+    /// a change to this node's zone, addresses or pod CIDRs (they feed every
+    /// port), rebuilds everything.
+    pub fn rebuild(&self, snapshot: &Snapshot, changes: &ChangeSet) -> Self {
+        if changes.full {
+            return Self::build(snapshot, &self.node_name, self.family);
+        }
+        if changes.nodes {
+            let node = Self::empty(snapshot, &self.node_name, self.family);
+            if (&node.node_zone, &node.node_ips, &node.node_pod_cidrs)
+                != (&self.node_zone, &self.node_ips, &self.node_pod_cidrs)
+            {
+                return Self::build(snapshot, &self.node_name, self.family);
+            }
+        }
+        let mut view = self.clone();
+        for name in &changes.services {
+            let gone: Vec<ServicePortName> = view
+                .ports
+                .range(ServicePortName::first_of(name)..)
+                .take_while(|(k, _)| &k.service == name)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in gone {
+                view.ports.remove(&k);
+            }
+            if let Some(service) = snapshot.service(name) {
+                view.add_service(snapshot, service);
+            }
         }
         view
     }
@@ -277,11 +327,11 @@ impl ProxyView {
             let selection = categorize(&eps, &info, &self.node_name, self.node_zone.as_deref());
             self.ports.insert(
                 spn,
-                ServicePortView {
+                Arc::new(ServicePortView {
                     info,
                     endpoints: eps,
                     selection,
-                },
+                }),
             );
         }
     }

@@ -1,5 +1,5 @@
 use meshlite_proto::model::{
-    Endpoint, EndpointPort, EndpointSlice, Node, Resource, ServicePort, TargetPort,
+    Endpoint, EndpointPort, EndpointSlice, Node, Resource, ResourceKey, ServicePort, TargetPort,
 };
 
 use super::*;
@@ -57,7 +57,7 @@ fn view_with(service: Service, slices: Vec<EndpointSlice>, zone: Option<&str>) -
     resources.extend(slices.into_iter().map(Resource::EndpointSlice));
     let v = ProxyView::build(&Snapshot::from_resources(resources), NODE, IpFamily::V4);
     assert_eq!(v.ports.len(), 1, "one port expected: {:?}", v.ports.keys());
-    v.ports.into_values().next().unwrap()
+    (*v.ports.into_values().next().unwrap()).clone()
 }
 
 fn ips(eps: &[EndpointInfo]) -> Vec<String> {
@@ -488,4 +488,90 @@ fn services_and_slices_ignored_by_the_proxy_are_not_programmed() {
     // as kube-proxy's does (its informer never sees such slices).
     let web = &v.ports[&ServicePortName::new("ns", "web", "p80", Protocol::Tcp)];
     assert!(!web.has_endpoints());
+}
+
+/// A cluster of `n` services (`svc0`..), service `i` with endpoints from `eps(i)`.
+fn cluster(n: usize, zone: Option<&str>, eps: impl Fn(usize) -> Vec<Endpoint>) -> Snapshot {
+    let mut r = vec![
+        Resource::Node(node(zone)),
+        Resource::Node(Node {
+            name: "node2".into(),
+            zone: None,
+            addresses: vec![ip("198.18.0.2")],
+            pod_cidrs: vec![],
+        }),
+    ];
+    for i in 0..n {
+        let name = format!("svc{i}");
+        r.push(Resource::Service(
+            Service::cluster_ip("ns", &name, ip(&format!("198.19.0.{}", i + 1))).with_port(
+                "p80",
+                Protocol::Tcp,
+                80,
+            ),
+        ));
+        r.push(Resource::EndpointSlice(slice(
+            &format!("{name}-1"),
+            &name,
+            eps(i),
+        )));
+    }
+    Snapshot::from_resources(r)
+}
+
+fn changed(services: &[&str], nodes: bool) -> ChangeSet {
+    ChangeSet {
+        services: services
+            .iter()
+            .map(|s| ServiceName::new("ns", *s))
+            .collect(),
+        nodes,
+        upserted: vec![ResourceKey::Service {
+            namespace: "ns".into(),
+            name: "placeholder".into(),
+        }],
+        ..ChangeSet::default()
+    }
+}
+
+#[test]
+fn a_rebuild_equals_a_build_and_shares_the_unchanged_ports() {
+    let before = cluster(5, None, |i| vec![ep(&format!("198.18.1.{}", i + 2))]);
+    let v1 = ProxyView::build(&before, NODE, IpFamily::V4);
+    // svc2 gains an endpoint, svc4 goes away.
+    let mut after = cluster(4, None, |i| vec![ep(&format!("198.18.1.{}", i + 2))]);
+    after.upsert(
+        1,
+        Resource::EndpointSlice(slice(
+            "svc2-1",
+            "svc2",
+            vec![ep("198.18.1.4"), ep("198.18.1.99")],
+        )),
+    );
+    let v2 = v1.rebuild(&after, &changed(&["svc2", "svc4"], false));
+    assert_eq!(v2, ProxyView::build(&after, NODE, IpFamily::V4));
+    for (k, p) in &v2.ports {
+        let same = Arc::ptr_eq(p, &v1.ports[k]);
+        assert_eq!(same, k.service.name != "svc2", "{k}");
+    }
+}
+
+#[test]
+fn a_change_to_this_node_rebuilds_every_port_and_to_another_node_none() {
+    let before = cluster(3, Some("zone-a"), |i| {
+        vec![ep(&format!("198.18.1.{}", i + 2))]
+    });
+    let v1 = ProxyView::build(&before, NODE, IpFamily::V4);
+    let other = cluster(3, Some("zone-a"), |i| {
+        vec![ep(&format!("198.18.1.{}", i + 2))]
+    });
+    let v2 = v1.rebuild(&other, &changed(&[], true));
+    assert!(v2.ports.iter().all(|(k, p)| Arc::ptr_eq(p, &v1.ports[k])));
+    let moved = cluster(3, Some("zone-b"), |i| {
+        vec![ep(&format!("198.18.1.{}", i + 2))]
+    });
+    let v3 = v1.rebuild(&moved, &changed(&[], true));
+    assert_eq!(v3, ProxyView::build(&moved, NODE, IpFamily::V4));
+    assert_eq!(v3.node_zone.as_deref(), Some("zone-b"));
+    assert!(v3.ports.iter().all(|(k, p)| !Arc::ptr_eq(p, &v1.ports[k])));
 }

@@ -9,6 +9,7 @@
 //! hairpin set), so each element counts its owners and is deleted with the last.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use super::digest::{self, DIGESTS};
 use super::render::{self, Fragment, RenderConfig, Ruleset};
@@ -34,7 +35,7 @@ pub struct Changes {
 
 #[derive(Debug, Clone)]
 struct Port {
-    view: ServicePortView,
+    view: Arc<ServicePortView>,
     fragment: Fragment,
 }
 
@@ -128,7 +129,9 @@ impl Written {
         }
         for (name, sp) in &view.ports {
             let old = self.ports.get(name);
-            if !all && old.is_some_and(|o| o.view == *sp) {
+            // A view rebuilt for a few services shares the other ports: most
+            // are the same allocation and compare in O(1).
+            if !all && old.is_some_and(|o| Arc::ptr_eq(&o.view, sp) || *o.view == **sp) {
                 continue;
             }
             let fragment = render::render_port(self.family, sp, cfg);

@@ -20,6 +20,7 @@ use serde::Serialize;
 pub mod cli;
 pub mod iptables;
 pub mod ipvs;
+pub mod nftables;
 
 /// One rule on the path, in its tool's own syntax.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -109,7 +110,7 @@ pub struct Explanation {
     pub notes: Vec<String>,
 }
 
-/// A backend's rules, parsed. nftables joins as a variant of its own.
+/// A backend's rules, parsed.
 #[derive(Debug, Clone)]
 pub enum RuleSet {
     /// iptables mode: `iptables-save` of the family.
@@ -119,6 +120,8 @@ pub enum RuleSet {
         rules: iptables::Tables,
         table: ipvs::Table,
     },
+    /// nftables mode: the family's `kube-proxy` table.
+    Nftables(nftables::Table),
 }
 
 // === impl Host ===
@@ -172,19 +175,17 @@ impl Flow {
 // === impl RuleSet ===
 
 impl RuleSet {
-    fn tables(&self) -> &iptables::Tables {
-        match self {
-            RuleSet::Iptables(t) => t,
-            RuleSet::Ipvs { rules, .. } => rules,
-        }
-    }
-
     /// Traces `packet` through the rules on `host`.
     pub fn explain(&self, packet: &Packet, host: &Host) -> Explanation {
+        let t = match self {
+            RuleSet::Iptables(t) => t,
+            RuleSet::Ipvs { rules, .. } => rules,
+            RuleSet::Nftables(t) => return summarize(t.trace(Flow::new(packet), host)),
+        };
         let local_src = host.is_local(packet.src);
         let mut flows = vec![Flow::new(packet)];
         let first = if local_src { "OUTPUT" } else { "PREROUTING" };
-        flows = self.stage(flows, "nat", first, host);
+        flows = Self::stage(t, flows, "nat", first, host);
         let mut done = Vec::new();
         let mut next = Vec::new();
         for f in flows {
@@ -201,7 +202,7 @@ impl RuleSet {
             };
             let mut f = f;
             f.stage = 1;
-            next.extend(self.stage(vec![f], "filter", chain, host));
+            next.extend(Self::stage(t, vec![f], "filter", chain, host));
         }
         let mut post = Vec::new();
         for mut f in next {
@@ -226,14 +227,19 @@ impl RuleSet {
         for f in &mut post {
             f.stage = 3;
         }
-        done.extend(self.stage(post, "nat", "POSTROUTING", host));
+        done.extend(Self::stage(t, post, "nat", "POSTROUTING", host));
         summarize(done)
     }
 
     /// Walks each flow through one built-in chain; a flow that is dropped,
     /// rejected or accepted by a rule gets its verdict.
-    fn stage(&self, flows: Vec<Flow>, table: &str, chain: &str, host: &Host) -> Vec<Flow> {
-        let t = self.tables();
+    fn stage(
+        t: &iptables::Tables,
+        flows: Vec<Flow>,
+        table: &str,
+        chain: &str,
+        host: &Host,
+    ) -> Vec<Flow> {
         let mut out = Vec::new();
         for f in flows {
             for (mut f, end) in t.walk(table, chain, f, host) {
@@ -371,12 +377,26 @@ impl Explanation {
         }
         let _ = writeln!(o, "rules matched:");
         let mut last = "";
+        let mut last_chain = "";
         for s in &self.trace {
             if s.table != last {
                 let _ = writeln!(o, "  [{}]", s.table);
                 last = &s.table;
+                last_chain = "";
             }
-            let _ = writeln!(o, "    {}", s.rule);
+            // nft rules do not name their chain: a header per chain (or map).
+            if s.table.starts_with("ip ") || s.table.starts_with("ip6 ") {
+                if s.chain != last_chain {
+                    let _ = match s.chain.strip_prefix('@') {
+                        Some(map) => writeln!(o, "    element of @{map}:"),
+                        None => writeln!(o, "    chain {}:", s.chain),
+                    };
+                    last_chain = &s.chain;
+                }
+                let _ = writeln!(o, "      {}", s.rule);
+            } else {
+                let _ = writeln!(o, "    {}", s.rule);
+            }
         }
         for n in &self.notes {
             let _ = writeln!(o, "note: {n}");

@@ -8,9 +8,11 @@ use std::process::Command;
 use clap::{Args, ValueEnum};
 use meshlite_proto::model::Protocol;
 
-use super::{Host, Packet, RuleSet, iptables::Tables, ipvs};
+use super::{Host, Packet, RuleSet, iptables::Tables, ipvs, nftables};
 use crate::config::{BackendKind, IpvsArgs, RuleArgs};
 use crate::iptables::IptablesBackend;
+use crate::nftables::render::family_name;
+use crate::nftables::{DEFAULT_TABLE, NftablesConfig};
 use crate::proxy::{IpFamily, ProxyView};
 
 /// `meshlite-node-agent explain`.
@@ -69,11 +71,6 @@ pub enum ExplainError {
     #[error("{0}")]
     Unsupported(&'static str),
 }
-
-/// The tracer reads iptables and IPVS rules; nftables rules are not parsed yet.
-const NFTABLES_NOT_YET: ExplainError = ExplainError::Unsupported(
-    "explain does not trace nftables rules yet: use `nft list table ip kube-proxy`, or explain the same manifests with --mode iptables",
-);
 
 impl From<ProtocolArg> for Protocol {
     fn from(p: ProtocolArg) -> Self {
@@ -184,11 +181,26 @@ impl ExplainArgs {
                     host,
                 ))
             }
-            BackendKind::Nftables => Err(NFTABLES_NOT_YET),
+            BackendKind::Nftables => {
+                let cfg = NftablesConfig::from_rules(self.rules.iptables(vec![family], false));
+                let script = crate::preview::render_dir_nftables(dir, node, family, &cfg)
+                    .map_err(|e| ExplainError::Input(e.to_string()))?;
+                let table = format!("{} {}", family_name(family), cfg.table);
+                let t = nftables::Table::parse_script(&script.text, &table)
+                    .map_err(|e| ExplainError::Input(format!("rendered rules: {e}")))?;
+                Ok((RuleSet::Nftables(t), host))
+            }
         }
     }
 
     fn load_kernel(&self, family: IpFamily) -> Result<(RuleSet, Host), ExplainError> {
+        if self.backend == BackendKind::Nftables {
+            let host = Host {
+                local: local_addresses()?,
+                ..Host::default()
+            };
+            return Ok((RuleSet::Nftables(kernel_nftables(family)?), host));
+        }
         let save = match family {
             IpFamily::V4 => "iptables-save",
             IpFamily::V6 => "ip6tables-save",
@@ -214,9 +226,37 @@ impl ExplainArgs {
                     host,
                 ))
             }
-            BackendKind::Nftables => Err(NFTABLES_NOT_YET),
+            BackendKind::Nftables => Ok((RuleSet::Nftables(kernel_nftables(family)?), host)),
         }
     }
+}
+
+/// The family's `kube-proxy` table as the kernel lists it, with a note naming
+/// the other tables that also see the packet (not traced).
+fn kernel_nftables(family: IpFamily) -> Result<nftables::Table, ExplainError> {
+    let f = family_name(family);
+    let text = run("nft", &["list", "table", f, DEFAULT_TABLE]).map_err(|e| {
+        ExplainError::Kernel(format!(
+            "{e} (reading table {f} {DEFAULT_TABLE}: is the nftables mode running in this network namespace?)"
+        ))
+    })?;
+    let mut t = nftables::Table::parse_listing(&text)
+        .map_err(|e| ExplainError::Kernel(format!("nft list table {f} {DEFAULT_TABLE}: {e}")))?;
+    let others: Vec<String> = run("nft", &["list", "tables"])?
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("table "))
+        .filter(|name| {
+            (name.starts_with(&format!("{f} ")) || name.starts_with("inet ")) && *name != t.name()
+        })
+        .map(str::to_string)
+        .collect();
+    if !others.is_empty() {
+        t = t.with_note(format!(
+            "other nftables tables see the packet too and were not traced: {}",
+            others.join(", ")
+        ));
+    }
+    Ok(t)
 }
 
 fn run(cmd: &str, args: &[&str]) -> Result<String, ExplainError> {

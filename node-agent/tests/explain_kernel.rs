@@ -249,6 +249,7 @@ async fn explain_from_the_live_nftables_table_matches_real_packets() {
         ])
         .unwrap();
     shows_the_hand_made_rule(&lab, "nftables").await;
+    shows_an_edited_nft_rule(&lab).await;
 }
 
 /// After a hand-made DNAT of 198.19.1.1:80 to pod1: explain names the rule and
@@ -309,87 +310,13 @@ async fn matches_real_packets<B: Backend>(lab: &Lab, backend: B, mode: &str) {
         .await
         .expect("sync");
 
-    let pod_by_ip: BTreeMap<String, String> = lab
-        .pods
-        .iter()
-        .map(|p| (p.ip.to_string(), p.name.clone()))
-        .collect();
     let client_pod = &lab.pods[SERVING];
     let started = Instant::now();
     let mut checked: BTreeMap<String, usize> = BTreeMap::new();
     for to in destinations(&resources) {
-        for from in [
-            CLIENT_IP.to_string(),
-            client_pod.ip.to_string(),
-            NODE_IP.to_string(),
-        ] {
-            let x = explain(lab, mode, &from, to);
+        for from in [CLIENT_IP, &client_pod.ip.to_string(), NODE_IP] {
+            let x = check(lab, mode, from, to).await;
             let verdict = x["verdict"].as_str().unwrap().to_string();
-            // The node itself: locally generated (the OUTPUT path).
-            let rt = if from == CLIENT_IP {
-                &lab.client_rt
-            } else if from == NODE_IP {
-                &lab.node_rt
-            } else {
-                &client_pod.rt
-            };
-            let ctx = format!("{mode}: {from} -> {to}: {x:#}");
-            match verdict.as_str() {
-                "dnat" => {
-                    let predicted: BTreeSet<String> = x["endpoints"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|e| {
-                            let a: SocketAddr = e["address"].as_str().unwrap().parse().unwrap();
-                            pod_by_ip[&a.ip().to_string()].clone()
-                        })
-                        .collect();
-                    let n = (predicted.len() * 16).min(64);
-                    let (seen, peers, failed) = rt
-                        .run(async move {
-                            let mut seen = BTreeSet::new();
-                            let mut peers = BTreeSet::new();
-                            let mut failed = Vec::new();
-                            for _ in 0..n {
-                                let o = get(to, "/", Duration::from_secs(2)).await;
-                                match o.served() {
-                                    Some((pod, peer)) => {
-                                        seen.insert(pod);
-                                        peers.insert(peer);
-                                    }
-                                    None => failed.push(o),
-                                }
-                            }
-                            (seen, peers, failed)
-                        })
-                        .await;
-                    assert!(failed.is_empty(), "{ctx}\nfailed: {failed:?}");
-                    assert_eq!(seen, predicted, "{ctx}");
-                    let masq = x["masquerade"].as_bool().unwrap();
-                    let kept = peers.iter().all(|p| *p == from);
-                    assert_eq!(masq, !kept, "{ctx}\npeers seen: {peers:?}");
-                }
-                "reject" => {
-                    let o = rt.run(get(to, "/", Duration::from_secs(2))).await;
-                    assert!(matches!(o, Outcome::Refused), "{ctx}\n{o:?}");
-                }
-                "drop" => {
-                    let o = rt.run(get(to, "/", Duration::from_millis(400))).await;
-                    assert!(matches!(o, Outcome::Timeout), "{ctx}\n{o:?}");
-                }
-                "no_match" if to.ip() == ip(NODE_IP) => {
-                    // No rule: delivered to the node, where nothing listens there.
-                    let o = rt.run(get(to, "/", Duration::from_secs(2))).await;
-                    assert!(matches!(o, Outcome::Refused), "{ctx}\n{o:?}");
-                }
-                "no_match" => {
-                    // Routed on unchanged: no pod may answer.
-                    let o = rt.run(get(to, "/", Duration::from_millis(400))).await;
-                    assert!(o.served().is_none(), "{ctx}\n{o:?}");
-                }
-                other => panic!("unexpected verdict {other}: {ctx}"),
-            }
             *checked.entry(verdict).or_default() += 1;
         }
     }
@@ -401,4 +328,155 @@ async fn matches_real_packets<B: Backend>(lab: &Lab, backend: B, mode: &str) {
             "no {v} case: {checked:?}"
         );
     }
+}
+
+/// Explains `from -> to` from the live kernel and checks the answer against real
+/// requests from that source; returns the explanation.
+async fn check(lab: &Lab, mode: &str, from: &str, to: SocketAddr) -> Value {
+    let pod_by_ip: BTreeMap<String, String> = lab
+        .pods
+        .iter()
+        .map(|p| (p.ip.to_string(), p.name.clone()))
+        .collect();
+    let client_pod = &lab.pods[SERVING];
+    let x = explain(lab, mode, from, to);
+    let verdict = x["verdict"].as_str().unwrap().to_string();
+    // The node itself: locally generated (the OUTPUT path).
+    let rt = if from == CLIENT_IP {
+        &lab.client_rt
+    } else if from == NODE_IP {
+        &lab.node_rt
+    } else {
+        assert_eq!(from, client_pod.ip.to_string());
+        &client_pod.rt
+    };
+    let ctx = format!("{mode}: {from} -> {to}: {x:#}");
+    match verdict.as_str() {
+        "dnat" => {
+            let predicted: BTreeSet<String> = x["endpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    let a: SocketAddr = e["address"].as_str().unwrap().parse().unwrap();
+                    pod_by_ip[&a.ip().to_string()].clone()
+                })
+                .collect();
+            let n = (predicted.len() * 16).min(64);
+            let (seen, peers, failed) = rt
+                .run(async move {
+                    let mut seen = BTreeSet::new();
+                    let mut peers = BTreeSet::new();
+                    let mut failed = Vec::new();
+                    for _ in 0..n {
+                        let o = get(to, "/", Duration::from_secs(2)).await;
+                        match o.served() {
+                            Some((pod, peer)) => {
+                                seen.insert(pod);
+                                peers.insert(peer);
+                            }
+                            None => failed.push(o),
+                        }
+                    }
+                    (seen, peers, failed)
+                })
+                .await;
+            assert!(failed.is_empty(), "{ctx}\nfailed: {failed:?}");
+            assert_eq!(seen, predicted, "{ctx}");
+            let masq = x["masquerade"].as_bool().unwrap();
+            let kept = peers.iter().all(|p| *p == from);
+            assert_eq!(masq, !kept, "{ctx}\npeers seen: {peers:?}");
+        }
+        "reject" => {
+            let o = rt.run(get(to, "/", Duration::from_secs(2))).await;
+            assert!(matches!(o, Outcome::Refused), "{ctx}\n{o:?}");
+        }
+        "drop" => {
+            let o = rt.run(get(to, "/", Duration::from_millis(400))).await;
+            assert!(matches!(o, Outcome::Timeout), "{ctx}\n{o:?}");
+        }
+        "no_match" if to.ip() == ip(NODE_IP) => {
+            // No rule: delivered to the node, where nothing listens there.
+            let o = rt.run(get(to, "/", Duration::from_secs(2))).await;
+            assert!(matches!(o, Outcome::Refused), "{ctx}\n{o:?}");
+        }
+        "no_match" => {
+            // Routed on unchanged: no pod may answer.
+            let o = rt.run(get(to, "/", Duration::from_millis(400))).await;
+            assert!(o.served().is_none(), "{ctx}\n{o:?}");
+        }
+        other => panic!("unexpected verdict {other}: {ctx}"),
+    }
+    x
+}
+
+/// Edits a rule the agent wrote: the last (catch-all) DNAT of a ClusterIP's
+/// service chain, replaced by hand with one to the client-only pod. explain
+/// shows the edited rule and the new endpoint set, and requests agree.
+async fn shows_an_edited_nft_rule(lab: &Lab) {
+    let target = lab.pods[SERVING].ip;
+    for i in 2..=SERVICES {
+        let to = SocketAddr::new(ip(&format!("198.19.1.{i}")), 80);
+        let x = explain(lab, "nftables", CLIENT_IP, to);
+        if x["verdict"] != "dnat" || x["endpoints"].as_array().unwrap().len() < 2 {
+            continue;
+        }
+        let chain = x["trace"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["chain"].as_str().unwrap().to_string())
+            .find(|c| c.starts_with("service-"))
+            .expect("a service chain in the trace");
+        let listing = lab
+            .node
+            .exec(&["nft", "-a", "list", "chain", "ip", "kube-proxy", &chain])
+            .unwrap();
+        let handle = listing
+            .lines()
+            .rfind(|l| l.contains(" dnat to "))
+            .and_then(|l| l.rsplit("# handle ").next())
+            .map(|h| h.trim().to_string())
+            .expect("a dnat rule with its handle");
+        let dnat = format!("{target}:80");
+        lab.node
+            .exec(&[
+                "nft",
+                "replace",
+                "rule",
+                "ip",
+                "kube-proxy",
+                &chain,
+                "handle",
+                &handle,
+                "meta",
+                "l4proto",
+                "tcp",
+                "dnat",
+                "to",
+                &dnat,
+                "comment",
+                "\"edited\"",
+            ])
+            .unwrap();
+        let x = check(lab, "nftables", CLIENT_IP, to).await;
+        let addrs: Vec<&str> = x["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["address"].as_str().unwrap())
+            .collect();
+        assert!(addrs.contains(&dnat.as_str()), "{x:#}");
+        assert!(
+            x["trace"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["chain"] == chain.as_str()
+                    && s["rule"].as_str().unwrap().contains("edited")),
+            "{x:#}"
+        );
+        return;
+    }
+    panic!("no ClusterIP with two endpoints to edit");
 }

@@ -67,6 +67,8 @@ struct Element {
     /// One literal per part of a concatenated key.
     key: Vec<String>,
     verdict: Option<Stmt>,
+    /// `comment "..."` (kube-proxy names the service port there).
+    comment: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -180,6 +182,7 @@ struct Branch {
     verdict: Stmt,
     map: String,
     element: String,
+    comment: Option<String>,
 }
 
 /// How a chain walk ended for one flow.
@@ -597,6 +600,7 @@ impl Table {
                 t.trace.push(self.step(chain, &rule.text, t.stage));
                 let stmts: Vec<Stmt> = match via {
                     Some(b) => {
+                        t.comments.extend(b.comment);
                         if !b.map.is_empty() {
                             t.trace
                                 .push(self.step(&format!("@{}", b.map), &b.element, t.stage));
@@ -746,6 +750,7 @@ impl Table {
                                 verdict: v.clone(),
                                 map: name.clone(),
                                 element: e.text.clone(),
+                                comment: e.comment.clone(),
                             });
                         }
                         if left <= 1e-12 {
@@ -1201,13 +1206,17 @@ fn parse_element(item: &[String]) -> Result<Element, String> {
             None => return Err(format!("not a verdict: {}", v.join(" "))),
         },
     };
-    let text = item
+    let comment = item
         .iter()
-        .take_while(|t| !matches!(t.as_str(), "comment" | "counter"))
-        .cloned()
-        .collect::<Vec<_>>()
-        .join(" ");
-    Ok(Element { text, key, verdict })
+        .position(|t| t == "comment")
+        .and_then(|i| item.get(i + 1))
+        .map(|c| c.trim_matches('"').to_string());
+    Ok(Element {
+        text: item.join(" "),
+        key,
+        verdict,
+        comment,
+    })
 }
 
 /// Parses one rule body (the part after `add rule TABLE CHAIN`, or one line of

@@ -498,6 +498,29 @@ fn hand_made_spellings_are_understood() {
 }
 
 #[test]
+fn a_map_element_comment_names_the_service() {
+    // kube-proxy comments its map elements with the service port; a table with
+    // such elements names the service even where no per-service chain is entered.
+    let t = Table::parse_script(
+        "add chain ip t nat-prerouting { type nat hook prerouting priority -100 ; }\n\
+         add chain ip t filter-forward { type filter hook forward priority 0 ; }\n\
+         add map ip t no-endpoint-services { type ipv4_addr . inet_proto . inet_service : verdict ; }\n\
+         add rule ip t filter-forward ip daddr . meta l4proto . th dport vmap @no-endpoint-services\n\
+         add element ip t no-endpoint-services { 198.19.1.1 . tcp . 80 comment \"default/empty:http\" : drop }\n",
+        "ip t",
+    )
+    .unwrap();
+    let x = run(&t, "198.19.1.1:80");
+    assert_eq!(x.verdict, Verdict::Drop, "{x:#?}");
+    assert_eq!(x.service.as_deref(), Some("default/empty:http"));
+    assert!(has_rule(
+        &x,
+        "@no-endpoint-services",
+        "comment \"default/empty:http\" : drop"
+    ));
+}
+
+#[test]
 fn base_chains_run_in_priority_order_and_a_drop_policy_drops() {
     let t = Table::parse_script(
         "add chain ip t late { type nat hook prerouting priority 10 ; }\n\

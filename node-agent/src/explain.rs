@@ -6,9 +6,11 @@
 //! The tracer walks a [`RuleSet`] (one variant per backend) the way the kernel's
 //! hooks see a packet: nat PREROUTING (or OUTPUT for a locally generated packet),
 //! routing, filter INPUT/FORWARD (or OUTPUT), IPVS on local delivery, nat
-//! POSTROUTING. Branches of `-m statistic` rules and IPVS weights become
-//! probabilities. Conntrack state and session affinity are not modelled: every
-//! packet is the first of a new connection from a client never seen before.
+//! POSTROUTING; in nftables mode the same hooks through the table's base chains in
+//! priority order ([`nftables`]). Branches of `-m statistic` rules, `numgen` rules
+//! and IPVS weights become probabilities. Conntrack state and session affinity are
+//! not modelled: every packet is the first of a new connection from a client never
+//! seen before.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;

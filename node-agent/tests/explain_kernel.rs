@@ -6,6 +6,7 @@
 //! refused, DROP times out, masquerading shows as the source the pod saw. Also:
 //! a rule edited by hand shows in the trace (drift). The same for the iptables
 //! mode and the nftables mode (`--mode nftables`, read with `nft list table`).
+//! Also: every golden nftables script read back from the kernel explains alike.
 //! Needs root, `ip`, `iptables`, `nft` and `conntrack`.
 
 #![cfg(target_os = "linux")]
@@ -20,6 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshlite_node_agent::backend::Backend;
+use meshlite_node_agent::explain::nftables::Table;
+use meshlite_node_agent::explain::{Host, Packet, RuleSet};
 use meshlite_node_agent::health::ProxyHealth;
 use meshlite_node_agent::iptables::{IptablesBackend, IptablesConfig};
 use meshlite_node_agent::metrics::ProxyMetrics;
@@ -479,4 +482,135 @@ async fn shows_an_edited_nft_rule(lab: &Lab) {
         return;
     }
     panic!("no ClusterIP with two endpoints to edit");
+}
+
+/// Every golden nftables script loaded into a kernel and listed back (`nft list
+/// table`, the kernel's spelling) gives the same answers as the script itself, for
+/// every address in its maps from every kind of source.
+#[test]
+fn every_golden_nft_case_reads_back_from_the_kernel_with_the_same_answers() {
+    if let Err(e) = netns::require_root_and_tools(&["nft"]) {
+        panic!("{e:#}");
+    }
+    meshlite_runtime::testing::netns::set_prefix("mlna");
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/render");
+    let mut compared = 0;
+    let mut cases: Vec<_> = std::fs::read_dir(root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    cases.sort();
+    for case in cases {
+        for (file, fam, node, sources) in [
+            (
+                "expected.nft",
+                "ip",
+                "198.18.0.1",
+                &[
+                    "203.0.113.9",
+                    "198.18.1.50",
+                    "198.18.1.2",
+                    "198.18.0.1",
+                    "198.18.200.7",
+                ][..],
+            ),
+            (
+                "expected.v6.nft",
+                "ip6",
+                "2001:db8::1",
+                &[
+                    "2001:db8:ff::9",
+                    "2001:db8:1::5",
+                    "2001:db8:1::2",
+                    "2001:db8::1",
+                ][..],
+            ),
+        ] {
+            let path = case.join(file);
+            let Ok(script) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            let ns = netns::Netns::new("golden").unwrap();
+            ns.exec(&["nft", "-f", path.to_str().unwrap()]).unwrap();
+            let listing = ns
+                .exec(&["nft", "list", "table", fam, "kube-proxy"])
+                .unwrap();
+            let table = format!("{fam} kube-proxy");
+            let kernel = Table::parse_listing(&listing)
+                .unwrap_or_else(|e| panic!("{}: {e}\n{listing}", path.display()));
+            let ours = Table::parse_script(&script, &table).unwrap();
+            let host = Host {
+                local: [ip(node)].into(),
+                ..Host::default()
+            };
+            for (to, protocol) in map_destinations(&script, &table, ip(node)) {
+                for from in sources {
+                    let p = Packet {
+                        src: ip(from),
+                        dst: to,
+                        protocol,
+                    };
+                    let a = RuleSet::Nftables(kernel.clone()).explain(&p, &host);
+                    let b = RuleSet::Nftables(ours.clone()).explain(&p, &host);
+                    let ctx = format!(
+                        "{}: {from} -> {to}\nkernel: {a:#?}\nscript: {b:#?}",
+                        path.display()
+                    );
+                    assert_eq!(a.verdict, b.verdict, "{ctx}");
+                    assert_eq!(a.endpoints, b.endpoints, "{ctx}");
+                    assert_eq!(a.masquerade, b.masquerade, "{ctx}");
+                    assert_eq!(a.service, b.service, "{ctx}");
+                    assert_eq!(a.affinity, b.affinity, "{ctx}");
+                    assert_eq!(a.trace.len(), b.trace.len(), "{ctx}");
+                    assert!(a.notes.iter().all(|n| n.contains("affinity")), "{ctx}");
+                    compared += 1;
+                }
+            }
+        }
+    }
+    eprintln!("{compared} packets explained alike from the kernel's listing and the script");
+    assert!(compared > 100, "{compared}");
+}
+
+/// Every destination in a script's maps: `ip . proto . port` keys, and NodePorts
+/// (`proto . port`) on `node`; each also one port up (a port no service has).
+fn map_destinations(
+    script: &str,
+    table: &str,
+    node: IpAddr,
+) -> Vec<(SocketAddr, meshlite_proto::model::Protocol)> {
+    use meshlite_proto::model::Protocol;
+    let mut out = Vec::new();
+    for line in script.lines() {
+        let Some(rest) = line.strip_prefix(&format!("add element {table} ")) else {
+            continue;
+        };
+        let Some((_, body)) = rest.split_once(" { ") else {
+            continue;
+        };
+        for el in body.trim_end_matches(" }").split(", ") {
+            let key = el.split(" : ").next().unwrap();
+            let parts: Vec<&str> = key.split(" . ").collect();
+            let (addr, proto, port) = match parts[..] {
+                [a, pr, po] => match a.parse::<IpAddr>() {
+                    Ok(a) => (a, pr, po),
+                    Err(_) => continue,
+                },
+                [pr @ ("tcp" | "udp" | "sctp"), po] => (node, pr, po),
+                _ => continue,
+            };
+            let proto = match proto {
+                "tcp" => Protocol::Tcp,
+                "udp" => Protocol::Udp,
+                _ => Protocol::Sctp,
+            };
+            let port: u16 = port.parse().unwrap();
+            out.push((SocketAddr::new(addr, port), proto));
+            out.push((SocketAddr::new(addr, port + 1), proto));
+        }
+    }
+    out.sort_by_key(|(a, p)| (*a, p.as_lower()));
+    out.dedup();
+    out
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use meshlite_node_agent::backend::{Backend, Desired};
 use meshlite_node_agent::netfilter::Runner;
-use meshlite_node_agent::nftables::{NftablesBackend, NftablesConfig, render, script};
+use meshlite_node_agent::nftables::{NftablesBackend, NftablesConfig, Written, render, script};
 use meshlite_node_agent::proxy::{IpFamily, ProxyView};
 use meshlite_proto::model::{
     AddressFamily, Endpoint, EndpointPort, EndpointSlice, Node, Protocol, Resource, Service,
@@ -215,12 +215,36 @@ async fn size(services: usize, endpoints: usize, runs: usize) {
                 .unwrap();
         }
     }
-    for (what, views, times) in &steps {
+    // The same steps by an agent that writes every transaction with nft -f.
+    let mut by_nft = NftablesBackend::new(cfg()).without_netlink();
+    by_nft
+        .apply(Desired {
+            views: &base,
+            full: true,
+        })
+        .await
+        .unwrap();
+    let mut nft_times: Vec<Vec<Duration>> = vec![Vec::new(); steps.len()];
+    for _ in 0..runs {
+        for ((_, views, _), times) in steps.iter().zip(&mut nft_times) {
+            let t = Instant::now();
+            by_nft.apply(Desired { views, full: false }).await.unwrap();
+            times.push(t.elapsed());
+            by_nft
+                .apply(Desired {
+                    views: &base,
+                    full: false,
+                })
+                .await
+                .unwrap();
+        }
+    }
+    for ((what, views, times), nft_times) in steps.iter().zip(&nft_times) {
         // The same change as a bare transaction (computed here, not timed).
-        let old = render::render(&base[0], &rcfg);
-        let new = render::render(&views[0], &rcfg);
-        let fwd = script::diff(IpFamily::V4, &rcfg, &old, &new).text;
-        let back = script::diff(IpFamily::V4, &rcfg, &new, &old).text;
+        let mut w = Written::new(IpFamily::V4);
+        let _ = w.update(&base[0], &rcfg);
+        let fwd = script::changes(IpFamily::V4, &rcfg, &w.update(&views[0], &rcfg)).text;
+        let back = script::changes(IpFamily::V4, &rcfg, &w.update(&base[0], &rcfg)).text;
         let mut bare = Vec::new();
         for _ in 0..runs {
             let t = Instant::now();
@@ -228,9 +252,13 @@ async fn size(services: usize, endpoints: usize, runs: usize) {
             bare.push(t.elapsed());
             nft(&back).await;
         }
-        println!("  (3) {what}: {}", range(times));
+        println!("  (3) {what}: {} (netlink batch)", range(times));
         println!(
-            "      its transaction alone ({} lines) through nft -f: {}",
+            "      the agent writing it with nft -f: {}",
+            range(nft_times)
+        );
+        println!(
+            "      its transaction alone ({} lines) through a bare nft -f: {}",
             fwd.lines().count(),
             range(&bare)
         );

@@ -27,10 +27,13 @@ use crate::local::DetectLocalMode;
 use crate::netfilter::{Runner, conntrack};
 use crate::proxy::{IpFamily, ProxyView, ServicePortName};
 
+pub mod netlink;
 pub mod render;
 pub mod script;
+pub mod state;
 
 pub use render::{RenderConfig, Ruleset};
+pub use state::{Changes, Written};
 
 /// kube-proxy's table name.
 pub const DEFAULT_TABLE: &str = "kube-proxy";
@@ -60,10 +63,17 @@ pub struct NftablesConfig {
 
 #[derive(Debug, Default)]
 struct FamilyState {
-    written: Option<Ruleset>,
+    written: Option<Written>,
     udp: BTreeMap<ServicePortName, conntrack::UdpPort>,
     /// Flushed chains and when.
     stale: BTreeMap<String, Instant>,
+}
+
+/// How many transactions went which way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WrittenBy {
+    pub netlink: u64,
+    pub nft: u64,
 }
 
 /// The nftables [`Backend`].
@@ -71,6 +81,10 @@ struct FamilyState {
 pub struct NftablesBackend {
     cfg: NftablesConfig,
     runner: Runner,
+    /// Incremental syncs go over netlink (off with a fake runner).
+    netlink: bool,
+    /// Transactions written as netlink batches and with `nft -f`.
+    written_by: WrittenBy,
     families: BTreeMap<IpFamily, FamilyState>,
 }
 
@@ -153,13 +167,27 @@ impl NftablesBackend {
         Self {
             cfg,
             runner: Runner::System,
+            netlink: true,
+            written_by: WrittenBy::default(),
             families,
         }
     }
 
     /// Runs `nft` through `runner` (a fake in tests).
     pub fn with_runner(mut self, runner: Runner) -> Self {
+        self.netlink = matches!(runner, Runner::System);
         self.runner = runner;
+        self
+    }
+
+    /// How many transactions were written as netlink batches and with `nft -f`.
+    pub fn written_by(&self) -> WrittenBy {
+        self.written_by
+    }
+
+    /// Writes every transaction with `nft -f` (for comparisons).
+    pub fn without_netlink(mut self) -> Self {
+        self.netlink = false;
         self
     }
 
@@ -201,41 +229,41 @@ impl NftablesBackend {
     ) -> Result<SyncReport, BackendError> {
         let family = view.family;
         let rcfg = self.cfg.render_config(view);
-        let rs = render::render(view, &rcfg);
-        let restart = self
+        let kept = self
             .families
-            .get(&family)
-            .is_none_or(|s| s.written.is_none());
+            .get_mut(&family)
+            .and_then(|s| s.written.take());
+        let restart = kept.is_none();
         let full = want_full || restart;
-        let rules: u64 = rs.chains.values().map(|r| r.len() as u64).sum();
-        let tx = if full {
-            let known: BTreeSet<String> = if restart {
-                self.kernel_chains(family)
+        let (written, tx, changes) = if full {
+            let known: BTreeSet<String> = match &kept {
+                None => self
+                    .kernel_chains(family)
                     .await
-                    .map_err(|m| fail("list", m))?
-            } else {
-                self.families[&family]
-                    .written
-                    .as_ref()
-                    .map(|w| w.chains.keys().cloned().collect())
-                    .unwrap_or_default()
+                    .map_err(|m| fail("list", m))?,
+                Some(w) => w.chain_names(),
             };
+            let mut w = Written::new(family);
+            let _ = w.update(view, &rcfg);
+            let rs = w.ruleset();
             let fixed: BTreeSet<&str> = render::FIXED_CHAINS.into_iter().collect();
             let stale: Vec<String> = known
                 .into_iter()
                 .filter(|c| !rs.chains.contains_key(c) && !fixed.contains(c.as_str()))
                 .filter(|c| !c.starts_with("filter-") && !c.starts_with("nat-"))
                 .collect();
-            script::full(family, &rcfg, &rs, &stale)
+            let rules: usize = rs.chains.values().map(Vec::len).sum();
+            let tx = script::full(family, &rcfg, &rs, &stale);
+            debug!(%family, rules, bytes = tx.text.len(), "nft full transaction");
+            (w, tx, None)
         } else {
-            let old = self.families[&family].written.as_ref();
-            script::diff(family, &rcfg, old.unwrap_or(&Ruleset::default()), &rs)
+            let mut w = kept.unwrap_or_else(|| Written::new(family));
+            let c = w.update(view, &rcfg);
+            let tx = script::changes(family, &rcfg, &c);
+            (w, tx, Some(c))
         };
         if !tx.text.is_empty() {
-            debug!(%family, full, rules, bytes = tx.text.len(), chains = tx.chains_written, elements = tx.elements_written, "nft transaction");
-            self.nft(&tx.text)
-                .await
-                .map_err(|m| fail("transaction", m))?;
+            self.write(family, &tx, changes.as_ref()).await?;
         }
         let now = Instant::now();
         let state = self.families.entry(family).or_default();
@@ -243,11 +271,21 @@ impl NftablesBackend {
             state.stale.entry(c.clone()).or_insert(now);
         }
         // A chain wanted again is no longer stale.
-        state.stale.retain(|c, _| !rs.chains.contains_key(c));
+        match &changes {
+            Some(c) => {
+                for (name, _) in &c.chains {
+                    state.stale.remove(name);
+                }
+            }
+            None => {
+                let wanted = written.chain_names();
+                state.stale.retain(|c, _| !wanted.contains(c));
+            }
+        }
         let mut deleted = 0;
         if self.cfg.conntrack_cleanup {
             let udp = conntrack::udp_ports(view);
-            for job in conntrack::stale(state.written.as_ref().map(|_| &state.udp), &udp) {
+            for job in conntrack::stale((!restart).then_some(&state.udp), &udp) {
                 match conntrack::delete(&self.runner, family, &job).await {
                     Ok(n) => deleted += n,
                     Err(e) => warn!(%family, error = %e, "conntrack cleanup failed"),
@@ -255,7 +293,7 @@ impl NftablesBackend {
             }
             state.udp = udp;
         }
-        state.written = Some(rs);
+        state.written = Some(written);
         Ok(SyncReport {
             full,
             rules_written: (tx.chains_written + tx.elements_written) as u64,
@@ -264,6 +302,37 @@ impl NftablesBackend {
             conntrack_deleted: deleted,
             rejected: Vec::new(),
         })
+    }
+
+    /// Writes one transaction: an incremental one as a netlink batch when every
+    /// rule in it compiles (no `nft` process, no cache read), else through
+    /// `nft -f`.
+    async fn write(
+        &mut self,
+        family: IpFamily,
+        tx: &script::Transaction,
+        changes: Option<&Changes>,
+    ) -> Result<(), BackendError> {
+        debug!(%family, bytes = tx.text.len(), chains = tx.chains_written, elements = tx.elements_written, "nft transaction");
+        if self.netlink
+            && let Some(c) = changes
+        {
+            match netlink::encode(family, &self.cfg.table, c) {
+                Ok(batch) => match batch.send() {
+                    Ok(()) => {
+                        self.written_by.netlink += 1;
+                        return Ok(());
+                    }
+                    // `nft` reports the same refusal with the rule's text.
+                    Err(e) => {
+                        debug!(%family, error = %e, "netlink batch refused; retrying with nft")
+                    }
+                },
+                Err(e) => debug!(%family, reason = %e.0, "change written with nft"),
+            }
+        }
+        self.written_by.nft += 1;
+        self.nft(&tx.text).await.map_err(|m| fail("transaction", m))
     }
 
     /// Deletes chains flushed at least [`STALE_CHAIN_DELAY`] ago, and affinity

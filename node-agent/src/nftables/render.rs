@@ -51,7 +51,7 @@ pub fn containers(family: IpFamily) -> Vec<(&'static str, &'static str, String)>
 }
 
 /// Everything rendering depends on besides the view.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RenderConfig {
     pub table: String,
     pub local: LocalDetector,
@@ -73,6 +73,39 @@ pub struct Ruleset {
     pub elements: BTreeMap<&'static str, BTreeMap<String, String>>,
     /// Session affinity sets, name -> timeout in seconds.
     pub affinity_sets: BTreeMap<String, u32>,
+}
+
+/// What one service port adds to a table. Its chains and affinity sets are its
+/// own (their names hash the port's name); its elements may be shared with other
+/// ports (a ClusterIP with several ports, an endpoint behind several services).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fragment {
+    /// Chains, name -> rules.
+    pub chains: Vec<(String, Vec<String>)>,
+    /// (set or map, key, value; empty for sets).
+    pub elements: Vec<(&'static str, String, String)>,
+    /// Session affinity sets, name -> timeout in seconds.
+    pub affinity_sets: Vec<(String, u32)>,
+}
+
+// === impl Ruleset ===
+
+impl Ruleset {
+    /// Adds one port's fragment.
+    pub fn add(&mut self, fr: &Fragment) {
+        for (name, rules) in &fr.chains {
+            self.chains.insert(name.clone(), rules.clone());
+        }
+        for (set, key, value) in &fr.elements {
+            self.elements
+                .entry(set)
+                .or_default()
+                .insert(key.clone(), value.clone());
+        }
+        for (name, timeout) in &fr.affinity_sets {
+            self.affinity_sets.insert(name.clone(), *timeout);
+        }
+    }
 }
 
 fn addr_type(family: IpFamily) -> &'static str {
@@ -280,27 +313,48 @@ pub const FIXED_CHAINS: [&str; 8] = [
 
 /// Renders the per-service part of one family's table.
 pub fn render(view: &ProxyView, cfg: &RenderConfig) -> Ruleset {
-    let f = family_name(view.family);
     let mut rs = Ruleset::default();
-    for name in [
-        CLUSTER_IPS,
-        NODEPORT_IPS,
-        HAIRPIN,
-        FIREWALL_IPS,
-        NO_ENDPOINT_NODEPORTS,
-        NO_ENDPOINT_SERVICES,
-        SERVICE_IPS,
-        SERVICE_NODEPORTS,
-    ] {
+    for name in ELEMENT_CONTAINERS {
         rs.elements.insert(name, BTreeMap::new());
     }
-    let el = |rs: &mut Ruleset, set: &'static str, key: String, value: String| {
+    for (set, key, value) in global_elements(cfg) {
         rs.elements.entry(set).or_default().insert(key, value);
-    };
-    for ip in &cfg.nodeport_ips {
-        el(&mut rs, NODEPORT_IPS, ip.to_string(), String::new());
     }
     for sp in view.ports.values() {
+        rs.add(&render_port(view.family, sp, cfg));
+    }
+    rs
+}
+
+/// The sets and maps a sync writes elements into.
+pub const ELEMENT_CONTAINERS: [&str; 8] = [
+    CLUSTER_IPS,
+    NODEPORT_IPS,
+    HAIRPIN,
+    FIREWALL_IPS,
+    NO_ENDPOINT_NODEPORTS,
+    NO_ENDPOINT_SERVICES,
+    SERVICE_IPS,
+    SERVICE_NODEPORTS,
+];
+
+/// The elements that belong to no service: the NodePort addresses.
+pub fn global_elements(cfg: &RenderConfig) -> Vec<(&'static str, String, String)> {
+    cfg.nodeport_ips
+        .iter()
+        .map(|ip| (NODEPORT_IPS, ip.to_string(), String::new()))
+        .collect()
+}
+
+/// Renders what one service port adds to the table: its chains, its set and map
+/// elements and its affinity sets. A sync renders only the ports that changed.
+pub fn render_port(family: IpFamily, sp: &ServicePortView, cfg: &RenderConfig) -> Fragment {
+    let f = family_name(family);
+    let mut rs = Fragment::default();
+    let el = |rs: &mut Fragment, set: &'static str, key: String, value: String| {
+        rs.elements.push((set, key, value));
+    };
+    {
         let info = &sp.info;
         let p = proto(info.name.protocol);
         let names = ServiceChains::new(sp);
@@ -358,7 +412,7 @@ pub fn render(view: &ProxyView, cfg: &RenderConfig) -> Ruleset {
                 f,
                 p,
             );
-            rs.chains.insert(names.service.clone(), rules);
+            rs.chains.push((names.service.clone(), rules));
         }
         if info.internal_policy_local && !sel.local.is_empty()
             || info.external_policy_local && info.externally_accessible() && !sel.local.is_empty()
@@ -373,7 +427,7 @@ pub fn render(view: &ProxyView, cfg: &RenderConfig) -> Ruleset {
                 f,
                 p,
             );
-            rs.chains.insert(names.local.clone(), rules);
+            rs.chains.push((names.local.clone(), rules));
         }
 
         // ClusterIP.
@@ -391,7 +445,7 @@ pub fn render(view: &ProxyView, cfg: &RenderConfig) -> Ruleset {
         }
 
         if !info.externally_accessible() {
-            continue;
+            return rs;
         }
         let ext_local = info.external_policy_local;
         let ext_missing = no_endpoints(ext_local);
@@ -413,9 +467,9 @@ pub fn render(view: &ProxyView, cfg: &RenderConfig) -> Ruleset {
                 // nothing: send them to the local one instead.
                 rules.retain(|r| !r.contains(&names.service));
             }
-            rs.chains.insert(names.external.clone(), rules);
+            rs.chains.push((names.external.clone(), rules));
         }
-        let external = |rs: &mut Ruleset, key: String, set: &'static str, miss: &'static str| {
+        let external = |rs: &mut Fragment, key: String, set: &'static str, miss: &'static str| {
             match &ext_missing {
                 None => el(rs, set, key, format!("goto {}", names.external)),
                 Some(v) => el(rs, miss, key, v.clone()),
@@ -443,10 +497,10 @@ pub fn render(view: &ProxyView, cfg: &RenderConfig) -> Ruleset {
                 .iter()
                 .map(|r| r.to_string())
                 .collect();
-            rs.chains.insert(
+            rs.chains.push((
                 names.firewall.clone(),
                 vec![format!("{f} saddr != {{ {} }} drop", ranges.join(", "))],
-            );
+            ));
             for ip in &info.load_balancer_ips {
                 el(
                     &mut rs,
@@ -472,7 +526,7 @@ fn local_match(local: &LocalDetector, f: &str) -> Option<String> {
 /// endpoint then a random pick among endpoint chains; without, a random pick that
 /// DNATs directly.
 fn balance(
-    rs: &mut Ruleset,
+    rs: &mut Fragment,
     rules: &mut Vec<String>,
     names: &ServiceChains,
     eps: &[EndpointInfo],
@@ -505,14 +559,14 @@ fn balance(
             }
             for (i, ((chain, set), ep)) in chains.iter().zip(eps).enumerate() {
                 rules.push(format!("{}goto {chain}", pick(i)));
-                rs.affinity_sets.insert(set.clone(), timeout);
-                rs.chains.insert(
+                rs.affinity_sets.push((set.clone(), timeout));
+                rs.chains.push((
                     chain.clone(),
                     vec![
                         format!("update @{set} {{ {f} saddr }}"),
                         format!("meta l4proto {p} dnat to {}", dnat_target(ep)),
                     ],
-                );
+                ));
             }
         }
     }

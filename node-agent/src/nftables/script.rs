@@ -1,10 +1,11 @@
 //! nftables objects -> `nft -f` transactions, pure: the whole table (full sync)
-//! or only what changed between two [`Ruleset`]s.
+//! or one sync's [`Changes`].
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use super::render::{self, RenderConfig, Ruleset};
+use super::state::Changes;
 use crate::proxy::IpFamily;
 
 /// Elements per `add element` statement.
@@ -113,61 +114,48 @@ pub fn full(family: IpFamily, cfg: &RenderConfig, rs: &Ruleset, stale: &[String]
     }
 }
 
-/// Only what changed from `old` to `new`: elements removed (or changed) are
-/// deleted first, so no map points at a chain about to be flushed; then changed
-/// chains are rewritten, new elements added, and chains no longer used flushed
-/// (to be deleted later). Empty when nothing changed.
-pub fn diff(family: IpFamily, cfg: &RenderConfig, old: &Ruleset, new: &Ruleset) -> Transaction {
+/// One sync's [`Changes`] as a transaction. Empty when nothing changed.
+pub fn changes(family: IpFamily, cfg: &RenderConfig, c: &Changes) -> Transaction {
     let t = table(family, cfg);
     let mut s = String::new();
-    let empty = BTreeMap::new();
     let mut elements = 0;
-    for (set, items) in &old.elements {
-        let now = new.elements.get(set).unwrap_or(&empty);
-        let gone = items
-            .iter()
-            .filter(|(k, v)| now.get(*k) != Some(*v))
-            .map(|(k, _)| k.clone());
-        elements += write_elements(&mut s, "delete", &t, set, gone);
+    for (set, keys) in by_set(c.delete_elements.iter().map(|(set, k)| (*set, k.clone()))) {
+        elements += write_elements(&mut s, "delete", &t, set, keys.into_iter());
     }
-    for (name, timeout) in &new.affinity_sets {
-        if old.affinity_sets.get(name) != Some(timeout) {
-            write_affinity_set(&mut s, family, &t, name, *timeout);
-        }
+    for (name, timeout) in &c.affinity_sets {
+        write_affinity_set(&mut s, family, &t, name, *timeout);
     }
-    let changed: Vec<(&String, &Vec<String>)> = new
-        .chains
-        .iter()
-        .filter(|(name, rules)| old.chains.get(*name) != Some(*rules))
-        .collect();
-    declare_chains(&mut s, &t, changed.iter().map(|(n, _)| *n));
-    for (name, rules) in &changed {
+    declare_chains(&mut s, &t, c.chains.iter().map(|(n, _)| n));
+    for (name, rules) in &c.chains {
         write_chain(&mut s, &t, name, rules);
     }
-    let chains = changed.len();
-    for (set, items) in &new.elements {
-        let before = old.elements.get(set).unwrap_or(&empty);
-        let added = items
+    for (set, items) in by_set(
+        c.add_elements
             .iter()
-            .filter(|(k, v)| before.get(*k) != Some(*v))
-            .map(|(k, v)| element(k, v));
-        elements += write_elements(&mut s, "add", &t, set, added);
+            .map(|(set, k, v)| (*set, element(k, v))),
+    ) {
+        elements += write_elements(&mut s, "add", &t, set, items.into_iter());
     }
-    let flushed: Vec<String> = old
-        .chains
-        .keys()
-        .filter(|c| !new.chains.contains_key(*c))
-        .cloned()
-        .collect();
-    for name in &flushed {
+    for name in &c.flush {
         let _ = writeln!(s, "flush chain {t} {name}");
     }
     Transaction {
         text: s,
-        chains_written: chains,
+        chains_written: c.chains.len(),
         elements_written: elements,
-        flushed,
+        flushed: c.flush.clone(),
     }
+}
+
+/// Groups items by set, in set order.
+fn by_set(
+    items: impl Iterator<Item = (&'static str, String)>,
+) -> BTreeMap<&'static str, Vec<String>> {
+    let mut out: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
+    for (set, item) in items {
+        out.entry(set).or_default().push(item);
+    }
+    out
 }
 
 /// Deletes chains flushed earlier, and affinity sets no longer used.

@@ -59,6 +59,15 @@ fn view(n: usize, ep0: &str) -> ProxyView {
     ProxyView::build(&Snapshot::from_resources(resources), "node1", IpFamily::V4)
 }
 
+/// The incremental transaction from `before` to `after`.
+fn diff(before: &ProxyView, after: &ProxyView) -> script::Transaction {
+    let rcfg = cfg().render_config(before);
+    let mut w = Written::new(IpFamily::V4);
+    let _ = w.update(before, &rcfg);
+    let c = w.update(after, &rcfg);
+    script::changes(IpFamily::V4, &rcfg, &c)
+}
+
 fn transaction(v: &ProxyView) -> String {
     let rcfg = cfg().render_config(v);
     script::full(IpFamily::V4, &rcfg, &render::render(v, &rcfg), &[]).text
@@ -94,9 +103,7 @@ fn chain_names_are_kube_proxys() {
 #[test]
 fn nothing_changed_is_an_empty_transaction() {
     let v = view(3, "198.18.0.1");
-    let rcfg = cfg().render_config(&v);
-    let rs = render::render(&v, &rcfg);
-    let tx = script::diff(IpFamily::V4, &rcfg, &rs, &rs);
+    let tx = diff(&v, &v);
     assert_eq!(tx.text, "");
 }
 
@@ -104,13 +111,7 @@ fn nothing_changed_is_an_empty_transaction() {
 fn an_endpoint_change_rewrites_only_its_service_chain() {
     let before = view(3, "198.18.0.1");
     let after = view(3, "198.18.0.100");
-    let rcfg = cfg().render_config(&before);
-    let tx = script::diff(
-        IpFamily::V4,
-        &rcfg,
-        &render::render(&before, &rcfg),
-        &render::render(&after, &rcfg),
-    );
+    let tx = diff(&before, &after);
     assert_eq!(tx.chains_written, 1, "{}", tx.text);
     assert!(tx.text.contains("dnat to 198.18.0.100:80"));
     assert!(
@@ -125,13 +126,7 @@ fn an_endpoint_change_rewrites_only_its_service_chain() {
 fn a_removed_service_loses_its_elements_and_its_chain_is_flushed() {
     let before = view(3, "198.18.0.1");
     let after = view(2, "198.18.0.1");
-    let rcfg = cfg().render_config(&before);
-    let tx = script::diff(
-        IpFamily::V4,
-        &rcfg,
-        &render::render(&before, &rcfg),
-        &render::render(&after, &rcfg),
-    );
+    let tx = diff(&before, &after);
     assert_eq!(tx.flushed.len(), 1);
     let lines: Vec<&str> = tx.text.lines().collect();
     assert!(
@@ -155,13 +150,7 @@ fn a_removed_service_loses_its_elements_and_its_chain_is_flushed() {
 fn a_new_service_adds_its_chain_and_elements() {
     let before = view(2, "198.18.0.1");
     let after = view(3, "198.18.0.1");
-    let rcfg = cfg().render_config(&before);
-    let tx = script::diff(
-        IpFamily::V4,
-        &rcfg,
-        &render::render(&before, &rcfg),
-        &render::render(&after, &rcfg),
-    );
+    let tx = diff(&before, &after);
     assert_eq!(tx.chains_written, 1);
     assert!(tx.flushed.is_empty());
     assert!(

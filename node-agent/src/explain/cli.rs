@@ -232,23 +232,27 @@ impl ExplainArgs {
 }
 
 /// The family's `kube-proxy` table as the kernel lists it, with a note naming
-/// the other tables that also see the packet (not traced).
+/// the other tables that also see the packet (not traced). One `nft list ruleset`
+/// rather than a listing of the table plus one of the table names: `nft` reads the
+/// whole ruleset for either, which takes seconds at 10,000 services.
 fn kernel_nftables(family: IpFamily) -> Result<nftables::Table, ExplainError> {
     let f = family_name(family);
-    let text = run("nft", &["list", "table", f, DEFAULT_TABLE]).map_err(|e| {
-        ExplainError::Kernel(format!(
-            "{e} (reading table {f} {DEFAULT_TABLE}: is the nftables mode running in this network namespace?)"
-        ))
-    })?;
-    let mut t = nftables::Table::parse_listing(&text)
-        .map_err(|e| ExplainError::Kernel(format!("nft list table {f} {DEFAULT_TABLE}: {e}")))?;
-    let others: Vec<String> = run("nft", &["list", "tables"])?
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("table "))
+    let ours = format!("{f} {DEFAULT_TABLE}");
+    let ruleset = run("nft", &["list", "ruleset"])?;
+    let tables = nftables::split_ruleset(&ruleset);
+    let Some((_, text)) = tables.iter().find(|(name, _)| *name == ours) else {
+        return Err(ExplainError::Kernel(format!(
+            "nft list ruleset has no table {ours}: is the nftables mode running in this network namespace?"
+        )));
+    };
+    let mut t = nftables::Table::parse_listing(text)
+        .map_err(|e| ExplainError::Kernel(format!("nft list ruleset, table {ours}: {e}")))?;
+    let others: Vec<&str> = tables
+        .iter()
+        .map(|(name, _)| name.as_str())
         .filter(|name| {
-            (name.starts_with(&format!("{f} ")) || name.starts_with("inet ")) && *name != t.name()
+            (name.starts_with(&format!("{f} ")) || name.starts_with("inet ")) && *name != ours
         })
-        .map(str::to_string)
         .collect();
     if !others.is_empty() {
         t = t.with_note(format!(

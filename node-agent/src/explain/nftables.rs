@@ -217,6 +217,26 @@ pub struct ParseError {
     pub reason: String,
 }
 
+/// Splits `nft list ruleset` output into its tables: (`ip kube-proxy`, that
+/// table's listing), in order.
+pub fn split_ruleset(text: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut depth = 0i64;
+    for line in text.lines() {
+        if depth == 0
+            && let Some(rest) = line.trim().strip_prefix("table ")
+        {
+            out.push((rest.trim_end_matches('{').trim().to_string(), String::new()));
+        }
+        depth += depth_of(line);
+        if let Some((_, body)) = out.last_mut() {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    out
+}
+
 // === impl Table ===
 
 impl Table {
@@ -289,11 +309,14 @@ impl Table {
                     } else if let Some(rest) = line.strip_prefix("elements = ") {
                         // An element list may span lines; it ends at its closing brace.
                         let mut body = rest.to_string();
-                        while depth_of(&body) > 0 {
+                        let mut depth = depth_of(rest);
+                        while depth > 0 {
                             match lines.next() {
                                 Some((_, more)) => {
+                                    let more = more.trim();
+                                    depth += depth_of(more);
                                     body.push(' ');
-                                    body.push_str(more.trim());
+                                    body.push_str(more);
                                 }
                                 None => return Err(err("unterminated element list".into())),
                             }

@@ -577,3 +577,16 @@ fn bad_text_is_an_error_with_the_line() {
     let e = Table::parse_script("add rule ip t\nfrobnicate chain ip t x\n", "ip t").unwrap_err();
     assert_eq!(e.line, 2);
 }
+
+#[test]
+fn a_ruleset_splits_into_its_tables() {
+    let text = "table ip filter {\n\tchain input {\n\t\ttype filter hook input priority filter; policy accept;\n\t}\n}\n\
+                table ip kube-proxy {\n\tset s {\n\t\ttype ipv4_addr\n\t\telements = { 1.2.3.4,\n\t\t\t     1.2.3.5 }\n\t}\n}\n\
+                table inet x {\n}\n";
+    let tables = split_ruleset(text);
+    let names: Vec<&str> = tables.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["ip filter", "ip kube-proxy", "inet x"]);
+    let t = Table::parse_listing(&tables[1].1).unwrap();
+    assert_eq!(t.name(), "ip kube-proxy");
+    assert_eq!(t.sets["s"].elements.len(), 2);
+}

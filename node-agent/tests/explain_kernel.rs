@@ -262,6 +262,26 @@ async fn explain_from_the_live_nftables_table_matches_real_packets() {
         .unwrap();
     shows_the_hand_made_rule(&lab, "nftables").await;
     shows_an_edited_nft_rule(&lab).await;
+
+    // Another table sees the packets too: named in a note, not traced.
+    lab.node
+        .exec(&["nft", "add", "table", "inet", "someone-else"])
+        .unwrap();
+    let x = explain(
+        &lab,
+        "nftables",
+        CLIENT_IP,
+        SocketAddr::new(ip("198.19.1.1"), 80),
+    );
+    assert_eq!(x["verdict"], "dnat", "{x:#}");
+    assert!(
+        x["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap().contains("inet someone-else")),
+        "{x:#}"
+    );
 }
 
 /// After a hand-made DNAT of 198.19.1.1:80 to pod1: explain names the rule and

@@ -67,9 +67,6 @@ pub enum ExplainError {
     /// Reading the kernel failed.
     #[error("{0}")]
     Kernel(String),
-    /// The mode asked for cannot be traced (exit 64).
-    #[error("{0}")]
-    Unsupported(&'static str),
 }
 
 impl From<ProtocolArg> for Protocol {

@@ -240,7 +240,12 @@ pub fn split_ruleset(text: &str) -> Vec<(String, String)> {
 // === impl Table ===
 
 impl Table {
-    /// Parses `nft list table FAMILY NAME` output.
+    /// Parses `nft list table FAMILY NAME` output (one table).
+    ///
+    /// # Errors
+    /// No `table` line, an unterminated element list or quote, or a base chain
+    /// declaration or priority that does not parse. A rule it does not understand
+    /// is not an error: it is kept and noted when traced.
     pub fn parse_listing(text: &str) -> Result<Self, ParseError> {
         let mut t = Table::default();
         let mut lines = text.lines().enumerate().peekable();
@@ -353,6 +358,10 @@ impl Table {
     /// Parses an `nft -f` script (what the nftables mode writes) for `table`
     /// (`ip kube-proxy`): `add`/`flush`/`delete` of tables, sets, maps, chains,
     /// rules and elements, applied in order. Lines for other tables are ignored.
+    ///
+    /// # Errors
+    /// A command other than those, or text that does not tokenize (as
+    /// [`Table::parse_listing`]).
     pub fn parse_script(text: &str, table: &str) -> Result<Self, ParseError> {
         let mut t = Table {
             name: table.to_string(),

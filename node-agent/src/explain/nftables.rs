@@ -2,7 +2,7 @@
 //! maps and chains, and one new connection walked through its base chains hook
 //! by hook, in priority order.
 //!
-//! The same model comes from either text: what `nft list table` prints (the live
+//! The same model comes from either text: what `nft list` prints (the live
 //! kernel) or the `nft -f` transaction `render` writes (`--manifests`). Both use
 //! nft's rule syntax, so one rule parser serves both, and the trace shows each
 //! rule as that text has it. The text form rather than `nft -j`: the manifests

@@ -15,7 +15,7 @@
 //!   `nft flush table` is repaired on the next check.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -27,6 +27,7 @@ use crate::local::DetectLocalMode;
 use crate::netfilter::{Runner, conntrack};
 use crate::proxy::{IpFamily, ProxyView, ServicePortName};
 
+pub mod digest;
 pub mod netlink;
 pub mod render;
 pub mod script;
@@ -85,6 +86,9 @@ pub struct NftablesBackend {
     netlink: bool,
     /// Transactions written as netlink batches and with `nft -f`.
     written_by: WrittenBy,
+    /// The canary found the table changed behind our back: the next full sync
+    /// trusts no digest and rewrites everything.
+    distrust: bool,
     families: BTreeMap<IpFamily, FamilyState>,
 }
 
@@ -169,6 +173,7 @@ impl NftablesBackend {
             runner: Runner::System,
             netlink: true,
             written_by: WrittenBy::default(),
+            distrust: false,
             families,
         }
     }
@@ -222,6 +227,35 @@ impl NftablesBackend {
         Ok(chains)
     }
 
+    /// The digests in our table (see [`digest`]); none when the table or the
+    /// set is absent.
+    async fn kernel_digests(&self, family: IpFamily) -> Result<BTreeSet<Ipv6Addr>, String> {
+        let f = render::family_name(family);
+        let out = self
+            .runner
+            .run(
+                "nft",
+                &["-j", "list", "set", f, &self.cfg.table, digest::DIGESTS],
+                None,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if !out.success {
+            return Ok(BTreeSet::new());
+        }
+        let json: serde_json::Value =
+            serde_json::from_str(&out.stdout).map_err(|e| format!("nft -j list set: {e}"))?;
+        let mut digests = BTreeSet::new();
+        for item in json["nftables"].as_array().into_iter().flatten() {
+            for e in item["set"]["elem"].as_array().into_iter().flatten() {
+                if let Some(d) = e.as_str().and_then(|s| s.parse().ok()) {
+                    digests.insert(d);
+                }
+            }
+        }
+        Ok(digests)
+    }
+
     async fn apply_family(
         &mut self,
         view: &ProxyView,
@@ -236,25 +270,27 @@ impl NftablesBackend {
         let restart = kept.is_none();
         let full = want_full || restart;
         let (written, tx, changes) = if full {
-            let known: BTreeSet<String> = match &kept {
-                None => self
+            // Read what the kernel holds (chain names and digests, not the
+            // rules) and rewrite only what differs.
+            let kernel = script::Kernel {
+                chains: self
                     .kernel_chains(family)
                     .await
                     .map_err(|m| fail("list", m))?,
-                Some(w) => w.chain_names(),
+                digests: if self.distrust {
+                    BTreeSet::new()
+                } else {
+                    self.kernel_digests(family)
+                        .await
+                        .map_err(|m| fail("list", m))?
+                },
             };
             let mut w = Written::new(family);
             let _ = w.update(view, &rcfg);
             let rs = w.ruleset();
-            let fixed: BTreeSet<&str> = render::FIXED_CHAINS.into_iter().collect();
-            let stale: Vec<String> = known
-                .into_iter()
-                .filter(|c| !rs.chains.contains_key(c) && !fixed.contains(c.as_str()))
-                .filter(|c| !c.starts_with("filter-") && !c.starts_with("nat-"))
-                .collect();
             let rules: usize = rs.chains.values().map(Vec::len).sum();
-            let tx = script::full(family, &rcfg, &rs, &stale);
-            debug!(%family, rules, bytes = tx.text.len(), "nft full transaction");
+            let tx = script::verify(family, &rcfg, &rs, &kernel);
+            debug!(%family, rules, bytes = tx.text.len(), chains = tx.chains_written, "nft verifying transaction");
             (w, tx, None)
         } else {
             let mut w = kept.unwrap_or_else(|| Written::new(family));
@@ -420,6 +456,9 @@ impl Backend for NftablesBackend {
             TableRules::add(&mut total.tables, &r.tables);
             total.conntrack_deleted += r.conntrack_deleted;
         }
+        if total.full {
+            self.distrust = false;
+        }
         Ok(total)
     }
 
@@ -446,7 +485,8 @@ impl Backend for NftablesBackend {
                 Err(_) => false,
             };
             if !ok {
-                info!(%family, "nftables canary missing: the table was changed externally; scheduling a full sync");
+                info!(%family, "nftables canary missing: the table was changed externally; scheduling a full rewrite");
+                self.distrust = true;
                 return false;
             }
         }

@@ -382,3 +382,58 @@ fn random_incremental_syncs_over_netlink_end_like_nft() {
     assert_eq!(a.nft, 1, "only the first, full sync used nft: {a:?}");
     assert_eq!(b.netlink, 0, "{b:?}");
 }
+
+#[test]
+fn a_restarted_agent_finding_its_table_in_place_writes_nothing() {
+    require();
+    let ns = Netns::new("nftrs").unwrap();
+    let rt = ns.runtime().unwrap();
+    let v = [random_view(7)];
+    let changed = [random_view(8)];
+    futures::executor::block_on(rt.run({
+        let v = v.clone();
+        async move {
+            let mut first = NftablesBackend::new(cfg());
+            first
+                .apply(Desired {
+                    views: &v,
+                    full: false,
+                })
+                .await
+                .unwrap();
+        }
+    }));
+    let before = ns
+        .exec(&["nft", "list", "table", "ip", DEFAULT_TABLE])
+        .unwrap();
+    let (report, by, after_restart) = futures::executor::block_on(rt.run({
+        let v = v.clone();
+        async move {
+            let mut second = NftablesBackend::new(cfg());
+            let r = second
+                .apply(Desired {
+                    views: &v,
+                    full: false,
+                })
+                .await
+                .unwrap();
+            let by = second.written_by();
+            second
+                .apply(Desired {
+                    views: &changed,
+                    full: false,
+                })
+                .await
+                .unwrap();
+            (r, by, second.written_by())
+        }
+    }));
+    assert!(report.full);
+    assert_eq!(report.rules_written, 0);
+    assert_eq!((by.netlink, by.nft), (0, 0), "the restart wrote nothing");
+    assert_eq!(after_restart.netlink, 1, "then changes go on incrementally");
+    let after = ns
+        .exec(&["nft", "list", "table", "ip", DEFAULT_TABLE])
+        .unwrap();
+    assert_ne!(before, after);
+}

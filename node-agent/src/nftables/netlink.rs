@@ -664,6 +664,13 @@ fn parse_net(s: &str, rule: &str) -> Result<IpNet, Unsupported> {
 /// A set or map key as the kernel stores it: each part of a concatenation
 /// padded to 4 bytes.
 fn element_key(family: IpFamily, set: &str, key: &str) -> Result<Vec<u8>, Unsupported> {
+    if set == super::digest::DIGESTS {
+        // 128-bit digests in `ipv6_addr` form, in either family's table.
+        return key
+            .parse::<std::net::Ipv6Addr>()
+            .map(|d| d.octets().to_vec())
+            .map_err(|_| Unsupported(format!("{set} key {key}")));
+    }
     let mut out = Vec::new();
     for part in key.split(" . ") {
         let part = part.trim();

@@ -22,6 +22,8 @@ use ipnet::IpNet;
 use meshlite_proto::model::Protocol;
 use sha2::{Digest, Sha256};
 
+use super::digest;
+pub use super::digest::DIGESTS;
 use crate::local::LocalDetector;
 use crate::proxy::{EndpointInfo, IpFamily, ProxyView, ServicePortView};
 
@@ -47,6 +49,7 @@ pub fn containers(family: IpFamily) -> Vec<(&'static str, &'static str, String)>
         ("map", NO_ENDPOINT_SERVICES, format!("{{ type {a} . inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to services with no endpoints\" ; }}")),
         ("map", SERVICE_IPS, format!("{{ type {a} . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }}")),
         ("map", SERVICE_NODEPORTS, "{ type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }".to_string()),
+        ("set", DIGESTS, digest::declaration().to_string()),
     ]
 }
 
@@ -323,11 +326,25 @@ pub fn render(view: &ProxyView, cfg: &RenderConfig) -> Ruleset {
     for sp in view.ports.values() {
         rs.add(&render_port(view.family, sp, cfg));
     }
+    for set in ELEMENT_CONTAINERS {
+        if set == DIGESTS {
+            continue;
+        }
+        let xor = rs.elements.get(set).map_or(0, |items| {
+            items
+                .iter()
+                .fold(0, |x, (k, v)| x ^ digest::member(set, k, v))
+        });
+        rs.elements
+            .entry(DIGESTS)
+            .or_default()
+            .insert(digest::set(set, xor), String::new());
+    }
     rs
 }
 
 /// The sets and maps a sync writes elements into.
-pub const ELEMENT_CONTAINERS: [&str; 8] = [
+pub const ELEMENT_CONTAINERS: [&str; 9] = [
     CLUSTER_IPS,
     NODEPORT_IPS,
     HAIRPIN,
@@ -336,6 +353,7 @@ pub const ELEMENT_CONTAINERS: [&str; 8] = [
     NO_ENDPOINT_SERVICES,
     SERVICE_IPS,
     SERVICE_NODEPORTS,
+    DIGESTS,
 ];
 
 /// The elements that belong to no service: the NodePort addresses.
@@ -346,9 +364,19 @@ pub fn global_elements(cfg: &RenderConfig) -> Vec<(&'static str, String, String)
         .collect()
 }
 
-/// Renders what one service port adds to the table: its chains, its set and map
-/// elements and its affinity sets. A sync renders only the ports that changed.
+/// Renders what one service port adds to the table: its chains with their
+/// digests, its set and map elements and its affinity sets. A sync renders only
+/// the ports that changed.
 pub fn render_port(family: IpFamily, sp: &ServicePortView, cfg: &RenderConfig) -> Fragment {
+    let mut fr = render_port_rules(family, sp, cfg);
+    for (name, rules) in &fr.chains {
+        fr.elements
+            .push((DIGESTS, digest::chain(name, rules), String::new()));
+    }
+    fr
+}
+
+fn render_port_rules(family: IpFamily, sp: &ServicePortView, cfg: &RenderConfig) -> Fragment {
     let f = family_name(family);
     let mut rs = Fragment::default();
     let el = |rs: &mut Fragment, set: &'static str, key: String, value: String| {

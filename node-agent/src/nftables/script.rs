@@ -1,9 +1,11 @@
 //! nftables objects -> `nft -f` transactions, pure: the whole table (full sync)
 //! or one sync's [`Changes`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
+use std::net::Ipv6Addr;
 
+use super::digest::{self, DIGESTS};
 use super::render::{self, RenderConfig, Ruleset};
 use super::state::Changes;
 use crate::proxy::IpFamily;
@@ -76,25 +78,78 @@ pub fn table(family: IpFamily, cfg: &RenderConfig) -> String {
     format!("{} {}", render::family_name(family), cfg.table)
 }
 
-/// The whole table in one transaction: the fixed part, every set and map flushed
-/// and refilled, every per-service chain rewritten, and `stale` chains (ours, in
-/// the kernel, no longer wanted) flushed. The table itself is never flushed, so
-/// traffic keeps flowing through the old rules until the commit.
+/// What the kernel holds of our table, as far as a verifying sync reads it: the
+/// chain names and the digests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Kernel {
+    pub chains: BTreeSet<String>,
+    pub digests: BTreeSet<Ipv6Addr>,
+}
+
+/// The whole table in one transaction, from nothing: the fixed part, every set
+/// and map flushed and refilled, every per-service chain rewritten, and `stale`
+/// chains (ours, in the kernel, no longer wanted) flushed. The table itself is
+/// never flushed, so traffic keeps flowing through the old rules until the
+/// commit.
 pub fn full(family: IpFamily, cfg: &RenderConfig, rs: &Ruleset, stale: &[String]) -> Transaction {
+    let kernel = Kernel {
+        chains: stale.iter().cloned().collect(),
+        digests: BTreeSet::new(),
+    };
+    verify(family, cfg, rs, &kernel)
+}
+
+/// Brings the table from what `kernel` says it holds to `rs`: the fixed part,
+/// each set or map, and each chain is rewritten only when its digest is missing;
+/// the digests are made exactly `rs`'s; chains of ours no longer wanted are
+/// flushed. Empty when the kernel already holds `rs`.
+pub fn verify(family: IpFamily, cfg: &RenderConfig, rs: &Ruleset, kernel: &Kernel) -> Transaction {
     let t = table(family, cfg);
-    let mut s = render::base_script(family, cfg);
-    for (kind, name, _) in render::containers(family) {
+    let has = |d: &str| {
+        d.parse::<Ipv6Addr>()
+            .is_ok_and(|d| kernel.digests.contains(&d))
+    };
+    let mut s = String::new();
+    let base = render::base_script(family, cfg);
+    let base_digest = digest::base(&base);
+    if !has(&base_digest) {
+        s.push_str(&base);
+    }
+    let chains: Vec<(&String, &Vec<String>)> = rs
+        .chains
+        .iter()
+        .filter(|(name, rules)| !kernel.chains.contains(*name) || !has(&digest::chain(name, rules)))
+        .collect();
+    let written: BTreeSet<&str> = chains.iter().map(|(n, _)| n.as_str()).collect();
+    for (name, timeout) in &rs.affinity_sets {
+        let chain = name.replacen("affinity-", "endpoint-", 1);
+        if written.contains(chain.as_str()) {
+            write_affinity_set(&mut s, family, &t, name, *timeout);
+        }
+    }
+    declare_chains(&mut s, &t, chains.iter().map(|(n, _)| *n));
+    let empty = BTreeMap::new();
+    let refill: Vec<(&str, &str)> = render::containers(family)
+        .into_iter()
+        .filter(|(_, name, _)| *name != DIGESTS)
+        .filter(|(_, name, _)| {
+            let items = rs.elements.get(name).unwrap_or(&empty);
+            let xor = items
+                .iter()
+                .fold(0, |x, (k, v)| x ^ digest::member(name, k, v));
+            !has(&digest::set(name, xor))
+        })
+        .map(|(kind, name, _)| (kind, name))
+        .collect();
+    for (kind, name) in &refill {
         let _ = writeln!(s, "flush {kind} {t} {name}");
     }
-    for (name, timeout) in &rs.affinity_sets {
-        write_affinity_set(&mut s, family, &t, name, *timeout);
-    }
-    declare_chains(&mut s, &t, rs.chains.keys());
-    for (name, rules) in &rs.chains {
+    for (name, rules) in &chains {
         write_chain(&mut s, &t, name, rules);
     }
     let mut elements = 0;
-    for (set, items) in &rs.elements {
+    for (_, set) in &refill {
+        let items = rs.elements.get(set).unwrap_or(&empty);
         elements += write_elements(
             &mut s,
             "add",
@@ -103,14 +158,51 @@ pub fn full(family: IpFamily, cfg: &RenderConfig, rs: &Ruleset, stale: &[String]
             items.iter().map(|(k, v)| element(k, v)),
         );
     }
-    for name in stale {
+    let mut want: BTreeSet<Ipv6Addr> = rs
+        .elements
+        .get(DIGESTS)
+        .unwrap_or(&empty)
+        .keys()
+        .filter_map(|d| d.parse().ok())
+        .collect();
+    if let Ok(d) = base_digest.parse() {
+        want.insert(d);
+    }
+    if kernel.digests.is_empty() {
+        // Nothing known (a new table, or one changed behind our back): whatever
+        // the set holds is forgotten.
+        let _ = writeln!(s, "flush set {t} {DIGESTS}");
+    }
+    elements += write_elements(
+        &mut s,
+        "delete",
+        &t,
+        DIGESTS,
+        kernel.digests.difference(&want).map(Ipv6Addr::to_string),
+    );
+    elements += write_elements(
+        &mut s,
+        "add",
+        &t,
+        DIGESTS,
+        want.difference(&kernel.digests).map(Ipv6Addr::to_string),
+    );
+    let fixed: BTreeSet<&str> = render::FIXED_CHAINS.into_iter().collect();
+    let stale: Vec<String> = kernel
+        .chains
+        .iter()
+        .filter(|c| !rs.chains.contains_key(*c) && !fixed.contains(c.as_str()))
+        .filter(|c| !c.starts_with("filter-") && !c.starts_with("nat-"))
+        .cloned()
+        .collect();
+    for name in &stale {
         let _ = writeln!(s, "flush chain {t} {name}");
     }
     Transaction {
         text: s,
-        chains_written: rs.chains.len(),
+        chains_written: chains.len(),
         elements_written: elements,
-        flushed: stale.to_vec(),
+        flushed: stale,
     }
 }
 

@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::digest::{self, DIGESTS};
 use super::render::{self, Fragment, RenderConfig, Ruleset};
 use crate::proxy::{IpFamily, ProxyView, ServicePortName, ServicePortView};
 
@@ -53,6 +54,10 @@ pub struct Written {
     globals: Fragment,
     ports: BTreeMap<ServicePortName, Port>,
     elements: BTreeMap<(&'static str, String), Element>,
+    /// Per set or map, the XOR of its elements' digests now, and the one whose
+    /// set digest is in the kernel.
+    xor: BTreeMap<&'static str, u128>,
+    xor_written: BTreeMap<&'static str, u128>,
 }
 
 /// The difference being built by one sync.
@@ -90,6 +95,8 @@ impl Written {
             globals: Fragment::default(),
             ports: BTreeMap::new(),
             elements: BTreeMap::new(),
+            xor: BTreeMap::new(),
+            xor_written: BTreeMap::new(),
         }
     }
 
@@ -158,6 +165,12 @@ impl Written {
                     .or_default()
                     .insert(key.clone(), v.clone());
             }
+        }
+        for (set, xor) in &self.xor_written {
+            rs.elements
+                .entry(DIGESTS)
+                .or_default()
+                .insert(digest::set(set, *xor), String::new());
         }
         rs
     }
@@ -233,16 +246,37 @@ impl Written {
             };
             let want = e.values.first().map(|(v, _)| v.clone());
             if e.written != want {
-                if e.written.is_some() {
+                let xor = self.xor.entry(k.0).or_default();
+                if let Some(old) = &e.written {
                     p.changes.delete_elements.push(k.clone());
+                    *xor ^= digest::member(k.0, &k.1, old);
                 }
                 if let Some(v) = &want {
                     p.changes.add_elements.push((k.0, k.1.clone(), v.clone()));
+                    *xor ^= digest::member(k.0, &k.1, v);
                 }
                 e.written = want;
             }
             if e.values.is_empty() {
                 self.elements.remove(&k);
+            }
+        }
+        // Each set or map whose elements changed gets its new digest.
+        for set in render::ELEMENT_CONTAINERS {
+            if set == DIGESTS {
+                continue;
+            }
+            let now = self.xor.get(set).copied().unwrap_or_default();
+            let before = self.xor_written.insert(set, now);
+            if before != Some(now) {
+                if let Some(old) = before {
+                    p.changes
+                        .delete_elements
+                        .push((DIGESTS, digest::set(set, old)));
+                }
+                p.changes
+                    .add_elements
+                    .push((DIGESTS, digest::set(set, now), String::new()));
             }
         }
         p.changes

@@ -5,6 +5,7 @@ use meshlite_runtime::Snapshot;
 
 use super::*;
 use crate::netfilter::{FakeRunner, ToolOutput};
+use crate::nftables::digest::{self, DIGESTS};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -162,12 +163,16 @@ fn a_new_service_adds_its_chain_and_elements() {
 
 #[tokio::test]
 async fn the_backend_writes_once_then_only_changes() {
-    let fake = FakeRunner::new(|c| {
-        if c.args.first().map(String::as_str) == Some("list") {
+    let fake = FakeRunner::new(|c| match c.args.first().map(String::as_str) {
+        Some("list") => {
             ToolOutput::ok("table ip kube-proxy {\n\tchain service-OLD-ns/gone/tcp/p80 {\n\t}\n}\n")
-        } else {
-            ToolOutput::ok("")
         }
+        // No digest set yet.
+        Some("-j") => ToolOutput {
+            success: false,
+            ..ToolOutput::ok("")
+        },
+        _ => ToolOutput::ok(""),
     });
     let mut b = NftablesBackend::new(cfg()).with_runner(Runner::Fake(fake.clone()));
     let v = [view(2, "198.18.0.1")];
@@ -185,7 +190,12 @@ async fn the_backend_writes_once_then_only_changes() {
         ["list", "chains", "ip"],
         "chain names read once"
     );
-    let first = calls[1].stdin.clone().unwrap();
+    assert_eq!(
+        calls[1].args,
+        ["-j", "list", "set", "ip", "kube-proxy", "meshlite-digests"],
+        "and the digests"
+    );
+    let first = calls[2].stdin.clone().unwrap();
     assert!(first.contains("flush chain ip kube-proxy service-OLD-ns/gone/tcp/p80"));
     assert!(!first.contains("flush table"), "the table is never flushed");
 
@@ -197,7 +207,7 @@ async fn the_backend_writes_once_then_only_changes() {
     .unwrap();
     assert_eq!(
         fake.calls().len(),
-        2,
+        3,
         "nothing changed: nothing written, nothing read"
     );
 
@@ -210,5 +220,75 @@ async fn the_backend_writes_once_then_only_changes() {
         .await
         .unwrap();
     assert!(!r.full);
-    assert_eq!(fake.calls().len(), 3);
+    assert_eq!(fake.calls().len(), 4);
+}
+
+#[tokio::test]
+async fn a_restart_finding_everything_in_place_writes_nothing() {
+    let v = [view(3, "198.18.0.1")];
+    let rcfg = cfg().render_config(&v[0]);
+    let rs = render::render(&v[0], &rcfg);
+    // What the kernel would list after the previous agent's sync.
+    let mut chains = String::from("table ip kube-proxy {\n");
+    for name in rs.chains.keys() {
+        chains.push_str(&format!("\tchain {name} {{\n\t}}\n"));
+    }
+    chains.push_str("}\n");
+    let mut digests: Vec<String> = rs.elements[DIGESTS].keys().cloned().collect();
+    digests.push(digest::base(&render::base_script(IpFamily::V4, &rcfg)));
+    let json =
+        serde_json::json!({"nftables": [{"set": {"name": DIGESTS, "elem": digests}}]}).to_string();
+    let lister = move |drop_one: bool| {
+        let (chains, json) = (chains.clone(), json.clone());
+        FakeRunner::new(move |c| match c.args.first().map(String::as_str) {
+            Some("list") => ToolOutput::ok(&chains),
+            Some("-j") if drop_one => {
+                // One chain's digest is missing: that chain alone is rewritten.
+                let mut j: serde_json::Value = serde_json::from_str(&json).unwrap();
+                j["nftables"][0]["set"]["elem"]
+                    .as_array_mut()
+                    .unwrap()
+                    .remove(0);
+                ToolOutput::ok(&j.to_string())
+            }
+            Some("-j") => ToolOutput::ok(&json),
+            _ => ToolOutput::ok(""),
+        })
+    };
+    let fake = lister(false);
+    let mut b = NftablesBackend::new(cfg()).with_runner(Runner::Fake(fake.clone()));
+    let r = b
+        .apply(Desired {
+            views: &v,
+            full: false,
+        })
+        .await
+        .unwrap();
+    assert!(r.full);
+    assert_eq!(r.rules_written, 0);
+    assert_eq!(
+        fake.calls().len(),
+        2,
+        "two reads, no write: {:?}",
+        fake.calls()
+    );
+
+    let fake = lister(true);
+    let mut b = NftablesBackend::new(cfg()).with_runner(Runner::Fake(fake.clone()));
+    b.apply(Desired {
+        views: &v,
+        full: false,
+    })
+    .await
+    .unwrap();
+    let calls = fake.calls();
+    assert_eq!(calls.len(), 3);
+    let tx = calls[2].stdin.clone().unwrap();
+    let removed = &rs.elements[DIGESTS].keys().next().unwrap().clone();
+    assert!(tx.contains(removed), "{tx}");
+    assert!(
+        tx.lines().filter(|l| l.starts_with("add rule")).count()
+            <= rs.chains.values().map(Vec::len).max().unwrap(),
+        "at most one chain rewritten: {tx}"
+    );
 }

@@ -71,8 +71,15 @@ fn view(parts: Vec<Vec<Resource>>, zone: Option<&str>) -> ProxyView {
     ProxyView::build(&Snapshot::from_resources(r), "node1", IpFamily::V4)
 }
 
+/// The changes without the digest elements that go with them.
+fn real(mut c: Changes) -> Changes {
+    c.delete_elements.retain(|e| e.0 != DIGESTS);
+    c.add_elements.retain(|e| e.0 != DIGESTS);
+    c
+}
+
 fn step(w: &mut Written, v: &ProxyView) -> Changes {
-    w.update(v, &rcfg())
+    real(w.update(v, &rcfg()))
 }
 
 fn chain_of(c: &Changes, prefix: &str) -> usize {
@@ -329,11 +336,63 @@ fn a_render_config_change_rerenders_every_port() {
     let mut other = rcfg();
     other.local = LocalDetector::Cidr("198.18.0.0/17".parse().unwrap());
     other.nodeport_ips = vec![ip("192.0.2.9")];
-    let c = w.update(&v, &other);
+    let c = real(w.update(&v, &other));
     assert_eq!(c.chains.len(), 2);
     assert_eq!(
         c.delete_elements,
         [(render::NODEPORT_IPS, "192.0.2.1".to_string())]
     );
     assert_eq!(w.ruleset(), render::render(&v, &other));
+}
+
+#[test]
+fn digests_follow_what_they_describe() {
+    let one = view(
+        vec![svc(
+            "a",
+            "198.19.0.1",
+            &[("http", 80)],
+            &[("198.18.1.2", true, "n2")],
+        )],
+        None,
+    );
+    let two = view(
+        vec![svc(
+            "a",
+            "198.19.0.1",
+            &[("http", 80)],
+            &[("198.18.1.3", true, "n2")],
+        )],
+        None,
+    );
+    let mut w = Written::new(IpFamily::V4);
+    w.update(&one, &rcfg());
+    let c = w.update(&two, &rcfg());
+    let (name, rules) = &c.chains[0];
+    let new = digest::chain(name, rules);
+    let old_rules = &render::render(&one, &rcfg()).chains[name];
+    let old = digest::chain(name, old_rules);
+    assert!(c.add_elements.contains(&(DIGESTS, new, String::new())));
+    assert!(c.delete_elements.contains(&(DIGESTS, old)));
+    // The hairpin set changed, so its digest moved; the service map did not.
+    let rs_one = render::render(&one, &rcfg());
+    let rs_two = render::render(&two, &rcfg());
+    let digests = |rs: &Ruleset| {
+        rs.elements[DIGESTS]
+            .keys()
+            .cloned()
+            .collect::<BTreeSet<_>>()
+    };
+    let gone: Vec<_> = digests(&rs_one)
+        .difference(&digests(&rs_two))
+        .cloned()
+        .collect();
+    let deleted: BTreeSet<String> = c
+        .delete_elements
+        .iter()
+        .filter(|e| e.0 == DIGESTS)
+        .map(|e| e.1.clone())
+        .collect();
+    assert_eq!(gone.into_iter().collect::<BTreeSet<_>>(), deleted);
+    assert_eq!(w.ruleset(), rs_two);
 }

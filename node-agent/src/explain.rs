@@ -6,9 +6,11 @@
 //! The tracer walks a [`RuleSet`] (one variant per backend) the way the kernel's
 //! hooks see a packet: nat PREROUTING (or OUTPUT for a locally generated packet),
 //! routing, filter INPUT/FORWARD (or OUTPUT), IPVS on local delivery, nat
-//! POSTROUTING. Branches of `-m statistic` rules and IPVS weights become
-//! probabilities. Conntrack state and session affinity are not modelled: every
-//! packet is the first of a new connection from a client never seen before.
+//! POSTROUTING; in nftables mode the same hooks through the table's base chains in
+//! priority order ([`nftables`]). Branches of `-m statistic` rules, `numgen` rules
+//! and IPVS weights become probabilities. Conntrack state and session affinity are
+//! not modelled: every packet is the first of a new connection from a client never
+//! seen before.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -20,6 +22,7 @@ use serde::Serialize;
 pub mod cli;
 pub mod iptables;
 pub mod ipvs;
+pub mod nftables;
 
 /// One rule on the path, in its tool's own syntax.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -109,7 +112,7 @@ pub struct Explanation {
     pub notes: Vec<String>,
 }
 
-/// A backend's rules, parsed. nftables joins as a variant of its own.
+/// A backend's rules, parsed.
 #[derive(Debug, Clone)]
 pub enum RuleSet {
     /// iptables mode: `iptables-save` of the family.
@@ -119,6 +122,8 @@ pub enum RuleSet {
         rules: iptables::Tables,
         table: ipvs::Table,
     },
+    /// nftables mode: the family's `kube-proxy` table.
+    Nftables(nftables::Table),
 }
 
 // === impl Host ===
@@ -172,19 +177,17 @@ impl Flow {
 // === impl RuleSet ===
 
 impl RuleSet {
-    fn tables(&self) -> &iptables::Tables {
-        match self {
-            RuleSet::Iptables(t) => t,
-            RuleSet::Ipvs { rules, .. } => rules,
-        }
-    }
-
     /// Traces `packet` through the rules on `host`.
     pub fn explain(&self, packet: &Packet, host: &Host) -> Explanation {
+        let t = match self {
+            RuleSet::Iptables(t) => t,
+            RuleSet::Ipvs { rules, .. } => rules,
+            RuleSet::Nftables(t) => return summarize(t.trace(Flow::new(packet), host)),
+        };
         let local_src = host.is_local(packet.src);
         let mut flows = vec![Flow::new(packet)];
         let first = if local_src { "OUTPUT" } else { "PREROUTING" };
-        flows = self.stage(flows, "nat", first, host);
+        flows = Self::stage(t, flows, "nat", first, host);
         let mut done = Vec::new();
         let mut next = Vec::new();
         for f in flows {
@@ -201,7 +204,7 @@ impl RuleSet {
             };
             let mut f = f;
             f.stage = 1;
-            next.extend(self.stage(vec![f], "filter", chain, host));
+            next.extend(Self::stage(t, vec![f], "filter", chain, host));
         }
         let mut post = Vec::new();
         for mut f in next {
@@ -226,14 +229,19 @@ impl RuleSet {
         for f in &mut post {
             f.stage = 3;
         }
-        done.extend(self.stage(post, "nat", "POSTROUTING", host));
+        done.extend(Self::stage(t, post, "nat", "POSTROUTING", host));
         summarize(done)
     }
 
     /// Walks each flow through one built-in chain; a flow that is dropped,
     /// rejected or accepted by a rule gets its verdict.
-    fn stage(&self, flows: Vec<Flow>, table: &str, chain: &str, host: &Host) -> Vec<Flow> {
-        let t = self.tables();
+    fn stage(
+        t: &iptables::Tables,
+        flows: Vec<Flow>,
+        table: &str,
+        chain: &str,
+        host: &Host,
+    ) -> Vec<Flow> {
         let mut out = Vec::new();
         for f in flows {
             for (mut f, end) in t.walk(table, chain, f, host) {
@@ -371,12 +379,26 @@ impl Explanation {
         }
         let _ = writeln!(o, "rules matched:");
         let mut last = "";
+        let mut last_chain = "";
         for s in &self.trace {
             if s.table != last {
                 let _ = writeln!(o, "  [{}]", s.table);
                 last = &s.table;
+                last_chain = "";
             }
-            let _ = writeln!(o, "    {}", s.rule);
+            // nft rules do not name their chain: a header per chain (or map).
+            if s.table.starts_with("ip ") || s.table.starts_with("ip6 ") {
+                if s.chain != last_chain {
+                    let _ = match s.chain.strip_prefix('@') {
+                        Some(map) => writeln!(o, "    element of @{map}:"),
+                        None => writeln!(o, "    chain {}:", s.chain),
+                    };
+                    last_chain = &s.chain;
+                }
+                let _ = writeln!(o, "      {}", s.rule);
+            } else {
+                let _ = writeln!(o, "    {}", s.rule);
+            }
         }
         for n in &self.notes {
             let _ = writeln!(o, "note: {n}");

@@ -30,7 +30,7 @@ fn explain(args: &meshlite_node_agent::explain::cli::ExplainArgs) -> ExitCode {
     use meshlite_node_agent::explain::cli::ExplainError;
     let (rules, host) = match args.load() {
         Ok(v) => v,
-        Err(e @ (ExplainError::Input(_) | ExplainError::Unsupported(_))) => {
+        Err(e @ ExplainError::Input(_)) => {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }

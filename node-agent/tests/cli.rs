@@ -288,6 +288,22 @@ fn explain_exits_0_whatever_the_verdict_and_64_for_bad_input() {
     assert_eq!(v["verdict"], "dnat");
     assert_eq!(v["endpoints"].as_array().unwrap().len(), 3);
     assert_eq!(v["service"], "default/clusterip-service:http");
+    // The same in nftables mode.
+    let o = run(&[
+        "--mode",
+        "nftables",
+        "--from",
+        "198.18.1.10",
+        "--to",
+        "198.19.100.100:80",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["verdict"], "dnat");
+    assert_eq!(v["endpoints"].as_array().unwrap().len(), 3);
+    assert_eq!(v["service"], "default/clusterip-service:http");
+    assert_eq!(v["trace"][0]["table"], "ip kube-proxy");
     // No service there: still 0.
     let o = run(&["--from", "198.18.1.10", "--to", "198.19.100.100:81"]);
     assert_eq!(o.status.code(), Some(0), "{o:?}");

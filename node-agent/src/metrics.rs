@@ -40,6 +40,7 @@ pub struct ProxyMetrics {
     last_sync: FloatGauge,
     last_queued: FloatGauge,
     restore_failures: Counter,
+    nftables_failures: Counter,
     rules_total: Family<Table, Gauge>,
     rules_last: Family<Table, Gauge>,
     endpoint_changes: Counter,
@@ -73,6 +74,7 @@ impl ProxyMetrics {
             last_sync: FloatGauge::default(),
             last_queued: FloatGauge::default(),
             restore_failures: Counter::default(),
+            nftables_failures: Counter::default(),
             rules_total: Family::default(),
             rules_last: Family::default(),
             endpoint_changes: Counter::default(),
@@ -114,6 +116,11 @@ impl ProxyMetrics {
             "sync_proxy_rules_iptables_restore_failures",
             "Cumulative proxy iptables restore failures",
             m.restore_failures.clone(),
+        );
+        kp.register(
+            "sync_proxy_rules_nftables_sync_failures",
+            "Cumulative proxy nftables sync failures",
+            m.nftables_failures.clone(),
         );
         kp.register(
             "sync_proxy_rules_iptables_total",
@@ -204,9 +211,14 @@ impl ProxyMetrics {
         }
     }
 
-    pub fn failed(&self, stage: &'static str) {
+    /// A failed sync: `backend` is the backend's name (`iptables`, `ipvs`,
+    /// `nftables`, or `sync` before any backend ran).
+    pub fn failed(&self, backend: &'static str, stage: &'static str) {
         if stage == "restore" {
             self.restore_failures.inc();
+        }
+        if backend == "nftables" {
+            self.nftables_failures.inc();
         }
         self.sync_errors.get_or_create(&Stage { stage }).inc();
     }
@@ -234,4 +246,30 @@ fn unix_now() -> f64 {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::encoding::text::encode;
+
+    use super::*;
+
+    #[test]
+    fn failures_count_under_kube_proxys_names_per_backend() {
+        let mut registry = Registry::default();
+        let m = ProxyMetrics::register(&mut registry);
+        m.failed("nftables", "transaction");
+        m.failed("iptables", "restore");
+        m.failed("sync", "pod-cidrs");
+        let mut text = String::new();
+        encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains("kubeproxy_sync_proxy_rules_nftables_sync_failures_total 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kubeproxy_sync_proxy_rules_iptables_restore_failures_total 1\n"),
+            "{text}"
+        );
+    }
 }

@@ -128,7 +128,7 @@ impl<B: Backend> Proxier<B> {
                         self.cfg.node_name
                     ),
                 };
-                self.metrics.failed(e.stage);
+                self.metrics.failed(e.backend, e.stage);
                 warn!(error = %e, "not syncing");
                 return Err(e);
             };
@@ -195,7 +195,7 @@ impl<B: Backend> Proxier<B> {
                 Ok(report)
             }
             Err(e) => {
-                self.metrics.failed(e.stage);
+                self.metrics.failed(e.backend, e.stage);
                 st.force_full = true;
                 warn!(error = %e, "sync failed; the kernel keeps its previous rules");
                 Err(e)

@@ -13,7 +13,6 @@
 //! without EDNS, else its EDNS size capped by `--max-udp-payload`) and sets TC when
 //! records did not fit; the client retries over TCP, where the limit is 64 KiB.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,8 +29,9 @@ use hickory_server::zone_handler::MessageResponse;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::metrics::{Answered, Family4or6, QueryType, Rcode, Refusal, Source};
+use crate::metrics::{Answered, Family4or6, Refusal, Source};
 
+mod fast;
 mod forward;
 mod handler;
 
@@ -175,109 +175,6 @@ impl Drop for StopOnDrop {
     }
 }
 
-/// Authoritative answers a UDP worker keeps, per zone generation; when full it
-/// starts over, so it follows what clients ask now. Typical entries are a few
-/// hundred bytes (about 3 MiB full); the bound is 12 MiB per worker (requests up
-/// to 300 bytes, UDP answers up to 1232).
-const ANSWER_CACHE_ENTRIES: usize = 8192;
-
-/// Requests longer than this are answered afresh, never cached.
-const ANSWER_CACHE_MAX_REQUEST: usize = 300;
-
-/// One UDP worker's authoritative answers, keyed by the request's bytes after its
-/// ID: the zone answer is a pure function of those bytes and the zone, so a request
-/// seen before gets the same bytes with its own ID, without parsing, looking up or
-/// encoding again (Knot serves pre-built answers the same way). Only answers with AA
-/// set (from the zone, never forwarded or errors) are kept, and all are dropped when
-/// the zone is swapped.
-#[derive(Default)]
-struct AnswerCache {
-    generation: u64,
-    entries: HashMap<Box<[u8]>, CachedAnswer>,
-}
-
-struct CachedAnswer {
-    response: Box<[u8]>,
-    qtype: QueryType,
-    rcode: Rcode,
-}
-
-// === impl AnswerCache ===
-
-impl AnswerCache {
-    /// The cached response for `request` in zone generation `generation`, with
-    /// `request`'s ID, and what to record for it.
-    fn answer(&mut self, generation: u64, request: &[u8]) -> Option<(Vec<u8>, QueryType, Rcode)> {
-        if self.generation != generation {
-            self.entries.clear();
-            self.generation = generation;
-            return None;
-        }
-        let key = request.get(2..)?;
-        let hit = self.entries.get(key)?;
-        let mut response = hit.response.to_vec();
-        response.get_mut(..2)?.copy_from_slice(request.get(..2)?);
-        Some((response, hit.qtype, hit.rcode))
-    }
-
-    /// Keeps `response` to `request` if it is an authoritative answer.
-    fn keep(&mut self, generation: u64, request: &[u8], response: &[u8]) {
-        const AA: u8 = 0x04;
-        let (Some(key), Some(&flags), Some(&rcode)) =
-            (request.get(2..), response.get(2), response.get(3))
-        else {
-            return;
-        };
-        if generation != self.generation
-            || flags & AA == 0
-            || request.len() > ANSWER_CACHE_MAX_REQUEST
-        {
-            return;
-        }
-        if self.entries.len() >= ANSWER_CACHE_ENTRIES {
-            self.entries.clear();
-        }
-        let Some(qtype) = question_type(request) else {
-            return;
-        };
-        let rcode = match rcode & 0x0F {
-            0 => Rcode::NOERROR,
-            3 => Rcode::NXDOMAIN,
-            _ => return,
-        };
-        self.entries.insert(
-            key.into(),
-            CachedAnswer {
-                response: response.into(),
-                qtype,
-                rcode,
-            },
-        );
-    }
-}
-
-/// The query type of a request's single question, if its name is uncompressed.
-fn question_type(request: &[u8]) -> Option<QueryType> {
-    if request.get(4..6)? != [0, 1] {
-        return None;
-    }
-    let mut i = 12;
-    loop {
-        let len = *request.get(i)?;
-        if len & 0xC0 != 0 {
-            return None;
-        }
-        i += 1 + usize::from(len);
-        if len == 0 {
-            break;
-        }
-    }
-    let t = u16::from_be_bytes([*request.get(i)?, *request.get(i + 1)?]);
-    Some(handler::query_type_label(
-        hickory_proto::rr::RecordType::from(t),
-    ))
-}
-
 /// How often a UDP worker blocked in `recv_from` looks at the stop flag.
 const UDP_STOP_POLL: Duration = Duration::from_millis(100);
 
@@ -310,9 +207,16 @@ impl UdpWorker {
         if let Err(e) = self.socket.set_read_timeout(Some(UDP_STOP_POLL)) {
             warn!(error = %e, "udp worker: cannot set a receive timeout; it will stop only with the process");
         }
+        crate::metrics::enter_worker_shard(self.id);
         let received = self.handler.metrics().udp_worker_counter(self.id);
-        let mut cache = AnswerCache::default();
+        let mut recorder = self.handler.metrics().recorder();
+        let max_payload = self.handler.max_udp_payload();
+        // The zone, reloaded when the cell's generation moves: one shared read per
+        // datagram instead of a reference count taken and dropped on the zone.
+        let mut generation = self.handler.zone_generation();
+        let mut zone = self.handler.zone();
         let mut buf = vec![0u8; 4096];
+        let mut out = Vec::with_capacity(4096);
         while !self.stop.load(Ordering::Relaxed) {
             let (n, peer) = match self.socket.recv_from(&mut buf) {
                 Ok(r) => r,
@@ -322,6 +226,11 @@ impl UdpWorker {
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) =>
                 {
+                    // Idle: let go of a replaced zone.
+                    if self.handler.zone_generation() != generation {
+                        generation = self.handler.zone_generation();
+                        zone = self.handler.zone();
+                    }
                     continue;
                 }
                 Err(e) => {
@@ -337,35 +246,37 @@ impl UdpWorker {
                 continue;
             }
             let started = std::time::Instant::now();
-            let generation = self.handler.zone_generation();
-            if let Some((response, qtype, rcode)) = cache.answer(generation, &buf[..n]) {
-                send(&self.socket, &response, peer);
-                self.handler.metrics().request(&Answered {
-                    qtype,
-                    rcode,
+            let now = self.handler.zone_generation();
+            if now != generation {
+                // Generation first, then the zone: the zone is that one or newer.
+                generation = now;
+                zone = self.handler.zone();
+            }
+            if let Some(answered) = fast::answer(&zone, &buf[..n], max_payload, &mut out) {
+                send(&self.socket, &out, peer);
+                recorder.request(&Answered {
+                    qtype: answered.qtype,
+                    rcode: answered.rcode,
                     source: Source::Zone,
                     elapsed: started.elapsed(),
                     transport: crate::metrics::Transport::udp,
                     family: Family4or6::from(peer),
                     request_bytes: n,
-                    response_bytes: Some(response.len()),
-                    truncated: response.get(2).is_some_and(|f| f & 0x02 != 0),
+                    response_bytes: Some(out.len()),
+                    truncated: false,
                 });
                 continue;
             }
             let request = buf[..n].to_vec();
             let h = self.handler.clone();
             let mut answer =
-                Box::pin(async move { answer_from(&h, request, peer, Transport::Udp).await });
+                Box::pin(async move { answer_general(&h, request, peer, Transport::Udp).await });
             // A panic while answering one datagram must not take the worker down.
             let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 (&mut answer).now_or_never()
             }));
             match polled {
-                Ok(Some(Some(response))) => {
-                    send(&self.socket, &response, peer);
-                    cache.keep(generation, &buf[..n], &response);
-                }
+                Ok(Some(Some(response))) => send(&self.socket, &response, peer),
                 Ok(Some(None)) | Err(_) => {}
                 Ok(None) => {
                     let socket = self.socket.clone();
@@ -496,8 +407,39 @@ pub async fn answer_bytes(
     .await
 }
 
-/// [`answer_bytes`] for an owned request from `src`.
+/// [`answer_bytes`] for an owned request from `src`: over UDP the fast path first
+/// (as the UDP workers answer), then the general one.
 async fn answer_from(
+    handler: &DnsHandler,
+    bytes: Vec<u8>,
+    src: SocketAddr,
+    transport: Transport,
+) -> Option<Vec<u8>> {
+    if transport == Transport::Udp {
+        let started = std::time::Instant::now();
+        let mut out = Vec::with_capacity(512);
+        let zone = handler.zone();
+        if let Some(a) = fast::answer(&zone, &bytes, handler.max_udp_payload(), &mut out) {
+            handler.metrics().request(&Answered {
+                qtype: a.qtype,
+                rcode: a.rcode,
+                source: Source::Zone,
+                elapsed: started.elapsed(),
+                transport: crate::metrics::Transport::udp,
+                family: Family4or6::from(src),
+                request_bytes: bytes.len(),
+                response_bytes: Some(out.len()),
+                truncated: false,
+            });
+            return Some(out);
+        }
+    }
+    answer_general(handler, bytes, src, transport).await
+}
+
+/// The general path: hickory parses the request, [`DnsHandler`] answers it (zone
+/// lookup, forwarding, errors) and hickory encodes the response.
+async fn answer_general(
     handler: &DnsHandler,
     bytes: Vec<u8>,
     src: SocketAddr,

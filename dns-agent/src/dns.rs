@@ -27,16 +27,18 @@ use hickory_server::Server;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponse;
 use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::metrics::{Answered, Family4or6, Refusal, Source};
 
 mod fast;
 mod forward;
 mod handler;
+mod udp;
 
 pub use forward::{ForwardConfig, Forwarder, parse_resolv_conf};
 pub use handler::DnsHandler;
+use udp::UdpWorker;
 
 /// DNS server failures.
 #[derive(Debug, thiserror::Error)]
@@ -166,135 +168,18 @@ impl std::fmt::Debug for DnsServer {
     }
 }
 
+/// Each UDP socket's receive buffer: deep enough to hold a backlog of requests
+/// while its worker is preempted (about 2k typical datagrams) instead of dropping
+/// them. Beyond `net.core.rmem_max` only with `CAP_NET_ADMIN` (`SO_RCVBUFFORCE`);
+/// otherwise the kernel caps it there.
+const UDP_RECV_BUFFER: usize = 4 << 20;
+
 /// Stops the UDP workers when the server stops (within one receive timeout).
 struct StopOnDrop(Arc<AtomicBool>);
 
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
         self.0.store(true, Ordering::Relaxed);
-    }
-}
-
-/// How often a UDP worker blocked in `recv_from` looks at the stop flag.
-const UDP_STOP_POLL: Duration = Duration::from_millis(100);
-
-/// One UDP worker: a thread blocked in `recv_from` on its own socket.
-struct UdpWorker {
-    id: u32,
-    socket: Arc<std::net::UdpSocket>,
-    handler: Arc<DnsHandler>,
-    stop: Arc<AtomicBool>,
-    runtime: tokio::runtime::Handle,
-}
-
-// === impl UdpWorker ===
-
-impl UdpWorker {
-    /// Receive, check the source, answer, send, until stopped.
-    ///
-    /// A thread of its own rather than a task: for cluster names the answer is
-    /// ready at once (a zone lookup), so the handler's future is polled once in
-    /// place; a blocking `recv_from` then wakes this thread straight from the
-    /// kernel, without tokio's I/O driver and scheduler between the datagram and
-    /// its answer (the driver's wake-ups were the bulk of our p99.9). Only a
-    /// request that must wait (one forwarded upstream) becomes a task on the
-    /// runtime, which sends its answer when it comes.
-    fn run(self) {
-        use futures::FutureExt;
-        // The forwarder's futures may spawn tasks and register I/O on their first
-        // poll, which happens here.
-        let _enter = self.runtime.enter();
-        if let Err(e) = self.socket.set_read_timeout(Some(UDP_STOP_POLL)) {
-            warn!(error = %e, "udp worker: cannot set a receive timeout; it will stop only with the process");
-        }
-        crate::metrics::enter_worker_shard(self.id);
-        let received = self.handler.metrics().udp_worker_counter(self.id);
-        let mut recorder = self.handler.metrics().recorder();
-        let max_payload = self.handler.max_udp_payload();
-        // The zone, reloaded when the cell's generation moves: one shared read per
-        // datagram instead of a reference count taken and dropped on the zone.
-        let mut generation = self.handler.zone_generation();
-        let mut zone = self.handler.zone();
-        let mut buf = vec![0u8; 4096];
-        let mut out = Vec::with_capacity(4096);
-        while !self.stop.load(Ordering::Relaxed) {
-            let (n, peer) = match self.socket.recv_from(&mut buf) {
-                Ok(r) => r,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    // Idle: let go of a replaced zone.
-                    if self.handler.zone_generation() != generation {
-                        generation = self.handler.zone_generation();
-                        zone = self.handler.zone();
-                    }
-                    continue;
-                }
-                Err(e) => {
-                    // ICMP errors from earlier sends surface here on Linux; keep serving.
-                    tracing::debug!(error = %e, "udp recv");
-                    continue;
-                }
-            };
-            received.inc();
-            if let Some(reason) = refusal(peer) {
-                self.handler.metrics().udp_refused(reason);
-                tracing::debug!(%peer, ?reason, "udp request dropped for its source");
-                continue;
-            }
-            let started = std::time::Instant::now();
-            let now = self.handler.zone_generation();
-            if now != generation {
-                // Generation first, then the zone: the zone is that one or newer.
-                generation = now;
-                zone = self.handler.zone();
-            }
-            if let Some(answered) = fast::answer(&zone, &buf[..n], max_payload, &mut out) {
-                send(&self.socket, &out, peer);
-                recorder.request(&Answered {
-                    qtype: answered.qtype,
-                    rcode: answered.rcode,
-                    source: Source::Zone,
-                    elapsed: started.elapsed(),
-                    transport: crate::metrics::Transport::udp,
-                    family: Family4or6::from(peer),
-                    request_bytes: n,
-                    response_bytes: Some(out.len()),
-                    truncated: false,
-                });
-                continue;
-            }
-            let request = buf[..n].to_vec();
-            let h = self.handler.clone();
-            let mut answer =
-                Box::pin(async move { answer_general(&h, request, peer, Transport::Udp).await });
-            // A panic while answering one datagram must not take the worker down.
-            let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                (&mut answer).now_or_never()
-            }));
-            match polled {
-                Ok(Some(Some(response))) => send(&self.socket, &response, peer),
-                Ok(Some(None)) | Err(_) => {}
-                Ok(None) => {
-                    let socket = self.socket.clone();
-                    self.runtime.spawn(async move {
-                        if let Some(response) = answer.await {
-                            send(&socket, &response, peer);
-                        }
-                    });
-                }
-            }
-        }
-    }
-}
-
-/// A UDP send: never blocks for long (only with a full socket buffer).
-fn send(socket: &std::net::UdpSocket, response: &[u8], peer: SocketAddr) {
-    if let Err(e) = socket.send_to(response, peer) {
-        tracing::debug!(error = %e, %peer, "udp send");
     }
 }
 
@@ -384,6 +269,12 @@ fn reuseport_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     if addr.is_ipv6() {
         // `[::]` takes IPv4 too, as a plain bind would on Linux by default.
         socket.set_only_v6(false)?;
+    }
+    use nix::sys::socket::{setsockopt, sockopt};
+    if setsockopt(&socket, sockopt::RcvBufForce, &UDP_RECV_BUFFER).is_err()
+        && let Err(e) = socket.set_recv_buffer_size(UDP_RECV_BUFFER)
+    {
+        tracing::debug!(error = %e, "udp receive buffer size");
     }
     socket.bind(&addr.into())?;
     Ok(socket.into())

@@ -259,36 +259,39 @@ impl ServiceRecords {
         let n: usize = sets.iter().map(|set| set.records.len()).sum();
         let weight = u16::try_from(100 / n.max(1)).unwrap_or(0);
         let svc_name = format!("{}.{}.svc.{}", self.name, self.namespace, ctx.domain);
-        let target = |rec: &SrvRecord| match &rec.endpoint {
-            None => svc_name.clone(),
-            Some(label) => format!("{label}.{svc_name}"),
-        };
+        // Each target once: its SRV records name it, the additional section holds its
+        // addresses once.
+        let mut targets: Vec<(Option<&Arc<str>>, String)> = Vec::new();
         let mut w = SectionWriter::default();
         for set in sets {
             for rec in &set.records {
+                let key = rec.endpoint.as_ref();
+                let i = match targets.iter().position(|(k, _)| *k == key) {
+                    Some(i) => i,
+                    None => {
+                        let name = match key {
+                            None => svc_name.clone(),
+                            Some(label) => format!("{label}.{svc_name}"),
+                        };
+                        targets.push((key, name));
+                        targets.len() - 1
+                    }
+                };
                 w.srv(
                     WireOwner::Query,
                     ctx.ttl,
                     (0, weight, rec.port),
-                    &target(rec),
+                    &targets[i].1,
                 );
             }
         }
-        let mut added: Vec<Option<&Arc<str>>> = Vec::new();
-        for set in sets {
-            for rec in &set.records {
-                if added.contains(&rec.endpoint.as_ref()) {
-                    continue;
-                }
-                added.push(rec.endpoint.as_ref());
-                let ips: &[IpAddr] = match &rec.endpoint {
-                    None => &self.addresses,
-                    Some(label) => self.endpoints.get(label).map_or(&[], Vec::as_slice),
-                };
-                let name = target(rec);
-                for ip in ips {
-                    w.address(Part::Additional, WireOwner::Name(&name), ctx.ttl, *ip);
-                }
+        for (key, name) in &targets {
+            let ips: &[IpAddr] = match key {
+                None => &self.addresses,
+                Some(label) => self.endpoints.get(*label).map_or(&[], Vec::as_slice),
+            };
+            for ip in ips {
+                w.address(Part::Additional, WireOwner::Name(name), ctx.ttl, *ip);
             }
         }
         w.finish()

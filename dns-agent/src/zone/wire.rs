@@ -213,18 +213,21 @@ impl SectionWriter {
                 self.bytes.extend_from_slice(&QUESTION_POINTER);
                 true
             }
-            WireOwner::Name(name) => self.name(name, true),
+            WireOwner::Name(name) => self.name(name, true, false),
         }
     }
 
-    /// Writes `name` whole (SRV targets) and remembers its suffixes for later names.
+    /// Writes `name` whole (SRV targets) and remembers it for later names.
     fn whole_name(&mut self, name: &str) -> bool {
-        self.name(name, false)
+        self.name(name, false, false)
     }
 
     /// Writes `name`, its longest suffix already written as a pointer when
-    /// `compress`, and remembers the suffixes it wrote whole.
-    fn name(&mut self, name: &str, compress: bool) -> bool {
+    /// `compress`, and remembers the name (and with `suffixes` each suffix it wrote
+    /// whole) for later names. Services' sections remember whole names only: their
+    /// later names are the same targets, and a search over every suffix made
+    /// building a large zone twice as slow.
+    fn name(&mut self, name: &str, compress: bool, suffixes: bool) -> bool {
         let start = self.bytes.len();
         let mut rest = name.trim_end_matches('.');
         let mut written: Vec<(&str, usize)> = Vec::new();
@@ -256,6 +259,9 @@ impl SectionWriter {
         if self.bytes.len() - start > 255 {
             self.bytes.truncate(start);
             return false;
+        }
+        if !suffixes {
+            written.truncate(1);
         }
         for (suffix, at) in written {
             // Pointers reach 14 bits.
@@ -295,12 +301,12 @@ pub fn write_addresses(out: &mut Vec<u8>, ips: &[IpAddr], v6: bool, ttl: u32) ->
 /// other, as hickory's encoder writes them. `None` when a name is not a DNS name.
 pub fn soa_section(owner: &str, soa: &super::Soa, ttl: u32) -> Option<Section> {
     let mut w = SectionWriter::default();
-    if !w.owner(WireOwner::Name(owner)) {
+    if !w.name(owner, true, true) {
         return None;
     }
     w.header(TYPE_SOA, ttl, 0);
     let rdata = w.bytes.len();
-    if !w.name(&soa.mname, true) || !w.name(&soa.rname, true) {
+    if !w.name(&soa.mname, true, true) || !w.name(&soa.rname, true, true) {
         return None;
     }
     w.bytes.extend_from_slice(&soa.serial.to_be_bytes());
@@ -326,8 +332,10 @@ mod tests {
         let long = "a".repeat(64);
         assert!(!w.srv(WireOwner::Query, 30, (0, 0, 1), &long));
         assert_eq!(w.bytes.len(), 6, "unchanged on failure");
-        // A later name ending in a written one points at it.
-        assert!(w.name("x.c", true));
+        // With suffixes remembered, a later name ending in one points at it.
+        let mut w = SectionWriter::default();
+        assert!(w.name("ab.c", false, true));
+        assert!(w.name("x.c", true, true));
         assert_eq!(w.bytes[6..], [1, b'x', 0xC0, 3]);
     }
 

@@ -259,39 +259,35 @@ impl ServiceRecords {
         let n: usize = sets.iter().map(|set| set.records.len()).sum();
         let weight = u16::try_from(100 / n.max(1)).unwrap_or(0);
         let svc_name = format!("{}.{}.svc.{}", self.name, self.namespace, ctx.domain);
-        // Each target once: its SRV records name it, the additional section holds its
-        // addresses once.
-        let mut targets: Vec<(Option<&Arc<str>>, String)> = Vec::new();
-        let mut w = SectionWriter::default();
+        let ips = |key: Option<&Arc<str>>| -> &[IpAddr] {
+            match key {
+                None => &self.addresses,
+                Some(label) => self.endpoints.get(label).map_or(&[], Vec::as_slice),
+            }
+        };
+        // Room for the usual answer: per record an SRV with a target of a label plus
+        // the service name, and one address (16 bytes or less) in the additionals.
+        let mut w = SectionWriter::with_capacity(n * (20 + 20 + svc_name.len() + 28));
+        // Where each target was first written: its addresses' owner points there.
+        let mut targets: Vec<(Option<&Arc<str>>, u16)> = Vec::with_capacity(n);
         for set in sets {
             for rec in &set.records {
                 let key = rec.endpoint.as_ref();
-                let i = match targets.iter().position(|(k, _)| *k == key) {
-                    Some(i) => i,
-                    None => {
-                        let name = match key {
-                            None => svc_name.clone(),
-                            Some(label) => format!("{label}.{svc_name}"),
-                        };
-                        targets.push((key, name));
-                        targets.len() - 1
-                    }
+                let target = match key {
+                    None => [svc_name.as_str(), ""],
+                    Some(label) => [label.as_ref(), svc_name.as_str()],
                 };
-                w.srv(
-                    WireOwner::Query,
-                    ctx.ttl,
-                    (0, weight, rec.port),
-                    &targets[i].1,
-                );
+                let at = w.srv(WireOwner::Query, ctx.ttl, (0, weight, rec.port), &target);
+                if let Some(at) = at
+                    && !targets.iter().any(|(k, _)| *k == key)
+                {
+                    targets.push((key, at));
+                }
             }
         }
-        for (key, name) in &targets {
-            let ips: &[IpAddr] = match key {
-                None => &self.addresses,
-                Some(label) => self.endpoints.get(*label).map_or(&[], Vec::as_slice),
-            };
-            for ip in ips {
-                w.address(Part::Additional, WireOwner::Name(name), ctx.ttl, *ip);
+        for (key, at) in targets {
+            for ip in ips(key) {
+                w.address(Part::Additional, WireOwner::At(at), ctx.ttl, *ip);
             }
         }
         w.finish()

@@ -67,6 +67,8 @@ pub enum WireOwner<'a> {
     Query,
     /// A name, lower case, no trailing dot.
     Name(&'a str),
+    /// The name written at this position of the section (see [`SectionWriter::srv`]).
+    At(u16),
 }
 
 // === impl Section ===
@@ -152,32 +154,60 @@ impl SectionWriter {
         true
     }
 
-    /// An SRV record (RFC 2782): the target is written whole, never compressed.
+    /// A writer with room for `bytes` bytes.
+    pub fn with_capacity(bytes: usize) -> Self {
+        Self {
+            bytes: Vec::with_capacity(bytes),
+            ..Self::default()
+        }
+    }
+
+    /// An SRV record (RFC 2782) whose target is `target`'s parts joined by dots,
+    /// written whole (never compressed). Returns where the target starts, for
+    /// [`WireOwner::At`]; `None` (nothing written) when it is not a DNS name.
     pub fn srv(
         &mut self,
         owner: WireOwner<'_>,
         ttl: u32,
         (priority, weight, port): (u16, u16, u16),
-        target: &str,
-    ) -> bool {
+        target: &[&str],
+    ) -> Option<u16> {
         let mark = self.mark();
         if !self.owner(owner) {
-            return self.rollback(mark);
+            self.rollback(mark);
+            return None;
         }
         self.header(TYPE_SRV, ttl, 0);
         let rdata = self.bytes.len();
         for v in [priority, weight, port] {
             self.bytes.extend_from_slice(&v.to_be_bytes());
         }
-        if !self.whole_name(target) {
-            return self.rollback(mark);
+        let at = u16::try_from(self.bytes.len())
+            .ok()
+            .filter(|at| *at <= 0x3FFF);
+        let labels = target
+            .iter()
+            .flat_map(|part| part.split('.'))
+            .filter(|l| !l.is_empty());
+        let mut name_len = 1;
+        for label in labels {
+            name_len += 1 + label.len();
+            if label.len() > 63 || name_len > 255 {
+                self.rollback(mark);
+                return None;
+            }
+            // At most 63, checked above.
+            self.bytes.push(label.len() as u8);
+            self.bytes.extend_from_slice(label.as_bytes());
         }
-        let Ok(len) = u16::try_from(self.bytes.len() - rdata) else {
-            return self.rollback(mark);
+        self.bytes.push(0);
+        let (Some(at), Ok(len)) = (at, u16::try_from(self.bytes.len() - rdata)) else {
+            self.rollback(mark);
+            return None;
         };
         self.bytes[rdata - 2..rdata].copy_from_slice(&len.to_be_bytes());
         self.count(Part::Answer);
-        true
+        Some(at)
     }
 
     fn mark(&self) -> (usize, usize, usize) {
@@ -213,20 +243,22 @@ impl SectionWriter {
                 self.bytes.extend_from_slice(&QUESTION_POINTER);
                 true
             }
-            WireOwner::Name(name) => self.name(name, true, false),
+            WireOwner::Name(name) => self.name(name, true, true),
+            WireOwner::At(at) => {
+                let Ok(pos) = u16::try_from(self.bytes.len()) else {
+                    return false;
+                };
+                self.relocs.push(pos);
+                self.bytes.extend_from_slice(&(0xC000 | at).to_be_bytes());
+                true
+            }
         }
-    }
-
-    /// Writes `name` whole (SRV targets) and remembers it for later names.
-    fn whole_name(&mut self, name: &str) -> bool {
-        self.name(name, false, false)
     }
 
     /// Writes `name`, its longest suffix already written as a pointer when
     /// `compress`, and remembers the name (and with `suffixes` each suffix it wrote
-    /// whole) for later names. Services' sections remember whole names only: their
-    /// later names are the same targets, and a search over every suffix made
-    /// building a large zone twice as slow.
+    /// whole) for later names. For the few names of an SOA: services' sections
+    /// point at their SRV targets by position ([`WireOwner::At`]), without a search.
     fn name(&mut self, name: &str, compress: bool, suffixes: bool) -> bool {
         let start = self.bytes.len();
         let mut rest = name.trim_end_matches('.');
@@ -327,11 +359,14 @@ mod tests {
     #[test]
     fn names_are_length_prefixed_and_checked() {
         let mut w = SectionWriter::default();
-        assert!(w.whole_name("ab.c"));
-        assert_eq!(w.bytes, b"\x02ab\x01c\x00");
+        assert_eq!(
+            w.srv(WireOwner::Query, 30, (0, 0, 1), &["ab", "c"]),
+            Some(18)
+        );
+        assert_eq!(w.bytes[18..], *b"\x02ab\x01c\x00");
         let long = "a".repeat(64);
-        assert!(!w.srv(WireOwner::Query, 30, (0, 0, 1), &long));
-        assert_eq!(w.bytes.len(), 6, "unchanged on failure");
+        assert_eq!(w.srv(WireOwner::Query, 30, (0, 0, 1), &[&long]), None);
+        assert_eq!(w.bytes.len(), 24, "unchanged on failure");
         // With suffixes remembered, a later name ending in one points at it.
         let mut w = SectionWriter::default();
         assert!(w.name("ab.c", false, true));
@@ -342,10 +377,10 @@ mod tests {
     #[test]
     fn later_owners_point_at_names_written_before() {
         let mut w = SectionWriter::default();
-        assert!(w.srv(WireOwner::Query, 30, (0, 100, 80), "x.y"));
+        let at = w.srv(WireOwner::Query, 30, (0, 100, 80), &["x.y"]).unwrap();
         assert!(w.address(
             Part::Additional,
-            WireOwner::Name("x.y"),
+            WireOwner::At(at),
             30,
             "198.18.0.1".parse().unwrap()
         ));

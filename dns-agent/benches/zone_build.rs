@@ -85,10 +85,27 @@ fn handler_cost() {
     );
 }
 
+/// This process's resident memory (VmRSS), KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 fn main() {
     handler_cost();
     for (services, headless, eps) in [(10_000, 10_000, 10), (10_000, 1_000, 10)] {
         let snap = fixtures::large(services, headless, eps);
+        // Resident memory of one zone: RSS with one built zone held, minus before.
+        let before = rss_kib();
+        let held = Zone::build(config(), &snap);
+        let zone_kib = rss_kib().saturating_sub(before);
+        drop(held);
         let (full, zone) = best(5, || Zone::build(config(), &snap));
         // One headless service loses an endpoint.
         let mut next = snap.clone();
@@ -107,12 +124,14 @@ fn main() {
         let (snap_clone, _) = best(5, || Snapshot::clone(&snap));
         println!(
             "zone {services} services ({headless} headless x {eps} endpoints = {} endpoints): \
-             full build {:.1} ms, incremental 1-service update {:.2} ms ({} records; snapshot clone {:.1} ms)",
+             full build {:.1} ms, incremental 1-service update {:.2} ms ({} records; snapshot clone {:.1} ms; \
+             one zone adds {:.1} MiB RSS)",
             headless * eps,
             full.as_secs_f64() * 1e3,
             inc.as_secs_f64() * 1e3,
             z2.record_count(),
             snap_clone.as_secs_f64() * 1e3,
+            zone_kib as f64 / 1024.0,
         );
     }
 }

@@ -13,7 +13,6 @@
 //! without EDNS, else its EDNS size capped by `--max-udp-payload`) and sets TC when
 //! records did not fit; the client retries over TCP, where the limit is 64 KiB.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,15 +27,18 @@ use hickory_server::Server;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponse;
 use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tracing::info;
 
-use crate::metrics::{Answered, Family4or6, QueryType, Rcode, Refusal, Source};
+use crate::metrics::{Answered, Family4or6, Refusal, Source};
 
+mod fast;
 mod forward;
 mod handler;
+mod udp;
 
 pub use forward::{ForwardConfig, Forwarder, parse_resolv_conf};
 pub use handler::DnsHandler;
+use udp::UdpWorker;
 
 /// DNS server failures.
 #[derive(Debug, thiserror::Error)]
@@ -166,224 +168,18 @@ impl std::fmt::Debug for DnsServer {
     }
 }
 
+/// Each UDP socket's receive buffer: deep enough to hold a backlog of requests
+/// while its worker is preempted (about 2k typical datagrams) instead of dropping
+/// them. Beyond `net.core.rmem_max` only with `CAP_NET_ADMIN` (`SO_RCVBUFFORCE`);
+/// otherwise the kernel caps it there.
+const UDP_RECV_BUFFER: usize = 4 << 20;
+
 /// Stops the UDP workers when the server stops (within one receive timeout).
 struct StopOnDrop(Arc<AtomicBool>);
 
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
         self.0.store(true, Ordering::Relaxed);
-    }
-}
-
-/// Authoritative answers a UDP worker keeps, per zone generation; when full it
-/// starts over, so it follows what clients ask now. Typical entries are a few
-/// hundred bytes (about 3 MiB full); the bound is 12 MiB per worker (requests up
-/// to 300 bytes, UDP answers up to 1232).
-const ANSWER_CACHE_ENTRIES: usize = 8192;
-
-/// Requests longer than this are answered afresh, never cached.
-const ANSWER_CACHE_MAX_REQUEST: usize = 300;
-
-/// One UDP worker's authoritative answers, keyed by the request's bytes after its
-/// ID: the zone answer is a pure function of those bytes and the zone, so a request
-/// seen before gets the same bytes with its own ID, without parsing, looking up or
-/// encoding again (Knot serves pre-built answers the same way). Only answers with AA
-/// set (from the zone, never forwarded or errors) are kept, and all are dropped when
-/// the zone is swapped.
-#[derive(Default)]
-struct AnswerCache {
-    generation: u64,
-    entries: HashMap<Box<[u8]>, CachedAnswer>,
-}
-
-struct CachedAnswer {
-    response: Box<[u8]>,
-    qtype: QueryType,
-    rcode: Rcode,
-}
-
-// === impl AnswerCache ===
-
-impl AnswerCache {
-    /// The cached response for `request` in zone generation `generation`, with
-    /// `request`'s ID, and what to record for it.
-    fn answer(&mut self, generation: u64, request: &[u8]) -> Option<(Vec<u8>, QueryType, Rcode)> {
-        if self.generation != generation {
-            self.entries.clear();
-            self.generation = generation;
-            return None;
-        }
-        let key = request.get(2..)?;
-        let hit = self.entries.get(key)?;
-        let mut response = hit.response.to_vec();
-        response.get_mut(..2)?.copy_from_slice(request.get(..2)?);
-        Some((response, hit.qtype, hit.rcode))
-    }
-
-    /// Keeps `response` to `request` if it is an authoritative answer.
-    fn keep(&mut self, generation: u64, request: &[u8], response: &[u8]) {
-        const AA: u8 = 0x04;
-        let (Some(key), Some(&flags), Some(&rcode)) =
-            (request.get(2..), response.get(2), response.get(3))
-        else {
-            return;
-        };
-        if generation != self.generation
-            || flags & AA == 0
-            || request.len() > ANSWER_CACHE_MAX_REQUEST
-        {
-            return;
-        }
-        if self.entries.len() >= ANSWER_CACHE_ENTRIES {
-            self.entries.clear();
-        }
-        let Some(qtype) = question_type(request) else {
-            return;
-        };
-        let rcode = match rcode & 0x0F {
-            0 => Rcode::NOERROR,
-            3 => Rcode::NXDOMAIN,
-            _ => return,
-        };
-        self.entries.insert(
-            key.into(),
-            CachedAnswer {
-                response: response.into(),
-                qtype,
-                rcode,
-            },
-        );
-    }
-}
-
-/// The query type of a request's single question, if its name is uncompressed.
-fn question_type(request: &[u8]) -> Option<QueryType> {
-    if request.get(4..6)? != [0, 1] {
-        return None;
-    }
-    let mut i = 12;
-    loop {
-        let len = *request.get(i)?;
-        if len & 0xC0 != 0 {
-            return None;
-        }
-        i += 1 + usize::from(len);
-        if len == 0 {
-            break;
-        }
-    }
-    let t = u16::from_be_bytes([*request.get(i)?, *request.get(i + 1)?]);
-    Some(handler::query_type_label(
-        hickory_proto::rr::RecordType::from(t),
-    ))
-}
-
-/// How often a UDP worker blocked in `recv_from` looks at the stop flag.
-const UDP_STOP_POLL: Duration = Duration::from_millis(100);
-
-/// One UDP worker: a thread blocked in `recv_from` on its own socket.
-struct UdpWorker {
-    id: u32,
-    socket: Arc<std::net::UdpSocket>,
-    handler: Arc<DnsHandler>,
-    stop: Arc<AtomicBool>,
-    runtime: tokio::runtime::Handle,
-}
-
-// === impl UdpWorker ===
-
-impl UdpWorker {
-    /// Receive, check the source, answer, send, until stopped.
-    ///
-    /// A thread of its own rather than a task: for cluster names the answer is
-    /// ready at once (a zone lookup), so the handler's future is polled once in
-    /// place; a blocking `recv_from` then wakes this thread straight from the
-    /// kernel, without tokio's I/O driver and scheduler between the datagram and
-    /// its answer (the driver's wake-ups were the bulk of our p99.9). Only a
-    /// request that must wait (one forwarded upstream) becomes a task on the
-    /// runtime, which sends its answer when it comes.
-    fn run(self) {
-        use futures::FutureExt;
-        // The forwarder's futures may spawn tasks and register I/O on their first
-        // poll, which happens here.
-        let _enter = self.runtime.enter();
-        if let Err(e) = self.socket.set_read_timeout(Some(UDP_STOP_POLL)) {
-            warn!(error = %e, "udp worker: cannot set a receive timeout; it will stop only with the process");
-        }
-        let received = self.handler.metrics().udp_worker_counter(self.id);
-        let mut cache = AnswerCache::default();
-        let mut buf = vec![0u8; 4096];
-        while !self.stop.load(Ordering::Relaxed) {
-            let (n, peer) = match self.socket.recv_from(&mut buf) {
-                Ok(r) => r,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    continue;
-                }
-                Err(e) => {
-                    // ICMP errors from earlier sends surface here on Linux; keep serving.
-                    tracing::debug!(error = %e, "udp recv");
-                    continue;
-                }
-            };
-            received.inc();
-            if let Some(reason) = refusal(peer) {
-                self.handler.metrics().udp_refused(reason);
-                tracing::debug!(%peer, ?reason, "udp request dropped for its source");
-                continue;
-            }
-            let started = std::time::Instant::now();
-            let generation = self.handler.zone_generation();
-            if let Some((response, qtype, rcode)) = cache.answer(generation, &buf[..n]) {
-                send(&self.socket, &response, peer);
-                self.handler.metrics().request(&Answered {
-                    qtype,
-                    rcode,
-                    source: Source::Zone,
-                    elapsed: started.elapsed(),
-                    transport: crate::metrics::Transport::udp,
-                    family: Family4or6::from(peer),
-                    request_bytes: n,
-                    response_bytes: Some(response.len()),
-                    truncated: response.get(2).is_some_and(|f| f & 0x02 != 0),
-                });
-                continue;
-            }
-            let request = buf[..n].to_vec();
-            let h = self.handler.clone();
-            let mut answer =
-                Box::pin(async move { answer_from(&h, request, peer, Transport::Udp).await });
-            // A panic while answering one datagram must not take the worker down.
-            let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                (&mut answer).now_or_never()
-            }));
-            match polled {
-                Ok(Some(Some(response))) => {
-                    send(&self.socket, &response, peer);
-                    cache.keep(generation, &buf[..n], &response);
-                }
-                Ok(Some(None)) | Err(_) => {}
-                Ok(None) => {
-                    let socket = self.socket.clone();
-                    self.runtime.spawn(async move {
-                        if let Some(response) = answer.await {
-                            send(&socket, &response, peer);
-                        }
-                    });
-                }
-            }
-        }
-    }
-}
-
-/// A UDP send: never blocks for long (only with a full socket buffer).
-fn send(socket: &std::net::UdpSocket, response: &[u8], peer: SocketAddr) {
-    if let Err(e) = socket.send_to(response, peer) {
-        tracing::debug!(error = %e, %peer, "udp send");
     }
 }
 
@@ -474,6 +270,12 @@ fn reuseport_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
         // `[::]` takes IPv4 too, as a plain bind would on Linux by default.
         socket.set_only_v6(false)?;
     }
+    use nix::sys::socket::{setsockopt, sockopt};
+    if setsockopt(&socket, sockopt::RcvBufForce, &UDP_RECV_BUFFER).is_err()
+        && let Err(e) = socket.set_recv_buffer_size(UDP_RECV_BUFFER)
+    {
+        tracing::debug!(error = %e, "udp receive buffer size");
+    }
     socket.bind(&addr.into())?;
     Ok(socket.into())
 }
@@ -496,8 +298,39 @@ pub async fn answer_bytes(
     .await
 }
 
-/// [`answer_bytes`] for an owned request from `src`.
+/// [`answer_bytes`] for an owned request from `src`: over UDP the fast path first
+/// (as the UDP workers answer), then the general one.
 async fn answer_from(
+    handler: &DnsHandler,
+    bytes: Vec<u8>,
+    src: SocketAddr,
+    transport: Transport,
+) -> Option<Vec<u8>> {
+    if transport == Transport::Udp {
+        let started = std::time::Instant::now();
+        let mut out = Vec::with_capacity(512);
+        let zone = handler.zone();
+        if let Some(a) = fast::answer(&zone, &bytes, handler.max_udp_payload(), &mut out) {
+            handler.metrics().request(&Answered {
+                qtype: a.qtype,
+                rcode: a.rcode,
+                source: Source::Zone,
+                elapsed: started.elapsed(),
+                transport: crate::metrics::Transport::udp,
+                family: Family4or6::from(src),
+                request_bytes: bytes.len(),
+                response_bytes: Some(out.len()),
+                truncated: false,
+            });
+            return Some(out);
+        }
+    }
+    answer_general(handler, bytes, src, transport).await
+}
+
+/// The general path: hickory parses the request, [`DnsHandler`] answers it (zone
+/// lookup, forwarding, errors) and hickory encodes the response.
+async fn answer_general(
     handler: &DnsHandler,
     bytes: Vec<u8>,
     src: SocketAddr,

@@ -15,6 +15,7 @@
 //! What CoreDNS has no name for stays under `meshlite_dns_`.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
@@ -25,6 +26,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
+
+mod sharded;
+
+pub use sharded::{ShardedCounter, ShardedHistogram, enter_worker_shard};
 
 /// Query type label: the types CoreDNS counts by name (`plugin/metrics/vars`
 /// `monitorType`); every other type is `other`.
@@ -238,11 +243,12 @@ struct BuildLabels {
 /// Every metric of the agent. Register once per process.
 #[derive(Debug)]
 pub struct Metrics {
-    requests: Family<RequestLabels, Counter>,
-    responses: Family<ResponseLabels, Counter>,
-    duration: Histogram,
-    request_size: Family<ProtoLabels, Histogram>,
-    response_size: Family<ProtoLabels, Histogram>,
+    // Recorded per request by every UDP worker: sharded (see `sharded`).
+    requests: Family<RequestLabels, ShardedCounter>,
+    responses: Family<ResponseLabels, ShardedCounter>,
+    duration: ShardedHistogram,
+    request_size: Family<ProtoLabels, ShardedHistogram>,
+    response_size: Family<ProtoLabels, ShardedHistogram>,
     cache_entries: Family<CacheLabels, Gauge>,
     cache_requests: Counter,
     cache_hits: Family<CacheLabels, Counter>,
@@ -255,7 +261,7 @@ pub struct Metrics {
     forward_failures: Family<FailureLabels, Counter>,
     programming: Family<ServiceKindLabels, Histogram>,
     panics: Counter,
-    truncated: Counter,
+    truncated: ShardedCounter,
     udp_refused: Family<ReasonLabels, Counter>,
     udp_worker_requests: Family<WorkerLabels, Counter>,
     zone_records: Gauge,
@@ -464,9 +470,9 @@ impl Metrics {
         Self {
             requests: Family::default(),
             responses: Family::default(),
-            duration: Histogram::new(time_buckets()),
-            request_size: Family::new_with_constructor(|| Histogram::new(SIZE_BUCKETS)),
-            response_size: Family::new_with_constructor(|| Histogram::new(SIZE_BUCKETS)),
+            duration: ShardedHistogram::new(time_buckets()),
+            request_size: Family::new_with_constructor(|| ShardedHistogram::new(SIZE_BUCKETS)),
+            response_size: Family::new_with_constructor(|| ShardedHistogram::new(SIZE_BUCKETS)),
             cache_entries: Family::default(),
             cache_requests: Counter::default(),
             cache_hits: Family::default(),
@@ -479,7 +485,7 @@ impl Metrics {
             forward_failures: Family::default(),
             programming: Family::new_with_constructor(|| Histogram::new(programming_buckets())),
             panics: Counter::default(),
-            truncated: Counter::default(),
+            truncated: ShardedCounter::default(),
             udp_refused: Family::default(),
             udp_worker_requests: Family::default(),
             zone_records: Gauge::default(),
@@ -517,6 +523,19 @@ impl Metrics {
         }
         if a.truncated {
             self.truncated.inc();
+        }
+    }
+
+    /// A recorder of answered requests for one UDP worker thread: it looks each
+    /// series up once and keeps it, and (with [`enter_worker_shard`]) writes only
+    /// the worker's own shards.
+    pub fn recorder(&self) -> Recorder<'_> {
+        Recorder {
+            metrics: self,
+            requests: Default::default(),
+            responses: Default::default(),
+            request_size: Default::default(),
+            response_size: Default::default(),
         }
     }
 
@@ -628,6 +647,70 @@ impl Metrics {
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0);
         self.update_last.set(now);
+    }
+}
+
+/// See [`Metrics::recorder`].
+#[derive(Debug)]
+pub struct Recorder<'m> {
+    metrics: &'m Metrics,
+    requests: HashMap<(Transport, Family4or6, QueryType), ShardedCounter>,
+    responses: HashMap<(Rcode, Source), ShardedCounter>,
+    request_size: HashMap<Transport, ShardedHistogram>,
+    response_size: HashMap<Transport, ShardedHistogram>,
+}
+
+// === impl Recorder ===
+
+impl Recorder<'_> {
+    /// As [`Metrics::request`].
+    pub fn request(&mut self, a: &Answered) {
+        let m = self.metrics;
+        self.requests
+            .entry((a.transport, a.family, a.qtype))
+            .or_insert_with(|| {
+                m.requests
+                    .get_or_create(&RequestLabels {
+                        proto: a.transport,
+                        family: a.family,
+                        r#type: a.qtype,
+                    })
+                    .clone()
+            })
+            .inc();
+        self.responses
+            .entry((a.rcode, a.source))
+            .or_insert_with(|| {
+                m.responses
+                    .get_or_create(&ResponseLabels {
+                        rcode: a.rcode,
+                        plugin: a.source,
+                    })
+                    .clone()
+            })
+            .inc();
+        m.duration.observe(a.elapsed.as_secs_f64());
+        self.request_size
+            .entry(a.transport)
+            .or_insert_with(|| {
+                m.request_size
+                    .get_or_create(&ProtoLabels { proto: a.transport })
+                    .clone()
+            })
+            .observe(a.request_bytes as f64);
+        if let Some(bytes) = a.response_bytes {
+            self.response_size
+                .entry(a.transport)
+                .or_insert_with(|| {
+                    m.response_size
+                        .get_or_create(&ProtoLabels { proto: a.transport })
+                        .clone()
+                })
+                .observe(bytes as f64);
+        }
+        if a.truncated {
+            m.truncated.inc();
+        }
     }
 }
 

@@ -36,8 +36,11 @@ use meshlite_runtime::{ChangeSet, Snapshot};
 
 mod build;
 pub mod name;
+pub mod wire;
 
-pub use build::{IpUse, IpUseKind, ServiceKind, ServiceRecords, SrvRecord, SrvSet};
+pub use build::{
+    IpUse, IpUseKind, ServiceKind, ServiceRecords, ServiceWire, SrvRecord, SrvSet, WireContext,
+};
 
 /// The `dns-version` TXT record's value (spec section 2.1).
 pub const SPEC_VERSION: &str = "1.1.0";
@@ -78,6 +81,8 @@ pub struct Zone {
     by_ip: HashMap<IpAddr, Arc<[IpUse]>>,
     services: usize,
     records: usize,
+    /// The zone's SOA record in wire format, for negative answers.
+    soa_wire: Option<Arc<wire::Section>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -155,6 +160,18 @@ pub struct Soa {
     pub minimum: u32,
 }
 
+/// A lookup answered from data kept in wire format ([`Zone::wire_lookup`]).
+#[derive(Debug, Clone, Copy)]
+pub enum WireAnswer<'a> {
+    /// The A (or, `v6`, AAAA) records of these addresses, owned by the query name.
+    /// At least one address of the family.
+    Addresses { ips: &'a [IpAddr], v6: bool },
+    /// These records.
+    Section(&'a wire::Section),
+    /// NODATA or NXDOMAIN, with the zone's SOA ([`Zone::soa_wire`]) as authority.
+    Negative(Outcome),
+}
+
 /// Query types the zone distinguishes; everything else is `Other`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QType {
@@ -207,6 +224,27 @@ impl Zone {
             by_ip: HashMap::new(),
             services: 0,
             records: 0,
+            soa_wire: None,
+        }
+        .with_serial(0)
+    }
+
+    /// Sets the serial and the SOA record that carries it.
+    fn with_serial(mut self, serial: u32) -> Self {
+        self.serial = serial;
+        let soa = self.soa_rr(self.domain());
+        if let RData::Soa(data) = &soa.data {
+            // The configured domain is a DNS name (checked with the configuration); a
+            // zone without an encodable SOA answers negatives on the general path.
+            self.soa_wire = wire::soa_section(self.domain(), data, soa.ttl).map(Arc::new);
+        }
+        self
+    }
+
+    fn wire_context(&self) -> WireContext<'_> {
+        WireContext {
+            domain: &self.config.domain,
+            ttl: self.config.ttl,
         }
     }
 
@@ -215,10 +253,11 @@ impl Zone {
         let mut zone = Self::empty(config);
         for svc in snapshot.services() {
             let name = svc.service_name();
-            zone.insert(ServiceRecords::build(svc, snapshot.slices_for(&name)));
+            let records =
+                ServiceRecords::build(svc, snapshot.slices_for(&name), zone.wire_context());
+            zone.insert(records);
         }
-        zone.serial = serial(snapshot);
-        zone
+        zone.with_serial(serial(snapshot))
     }
 
     /// The zone after an update: rebuilds only the services `changes` names (or
@@ -231,11 +270,12 @@ impl Zone {
         for name in &changes.services {
             next.remove(name);
             if let Some(svc) = snapshot.service(name) {
-                next.insert(ServiceRecords::build(svc, snapshot.slices_for(name)));
+                let records =
+                    ServiceRecords::build(svc, snapshot.slices_for(name), next.wire_context());
+                next.insert(records);
             }
         }
-        next.serial = serial(snapshot);
-        next
+        next.with_serial(serial(snapshot))
     }
 
     pub fn config(&self) -> &ZoneConfig {
@@ -337,6 +377,85 @@ impl Zone {
         }
     }
 
+    /// The zone's SOA record in wire format (owner the zone apex), for the
+    /// authority section of [`WireAnswer::Negative`]. `None` when the domain is not
+    /// encodable (then [`wire_lookup`](Self::wire_lookup) answers nothing).
+    pub fn soa_wire(&self) -> Option<&wire::Section> {
+        self.soa_wire.as_deref()
+    }
+
+    /// The answer to the common cluster queries from data kept in wire format:
+    /// A/AAAA/SRV and negatives at service names, endpoint names and
+    /// `_<port>._<proto>` names, and `<ns>.svc`. `labels`: the query name's labels
+    /// left to right, lower case. `None`: not one of those (or `ANY`), ask
+    /// [`lookup`](Self::lookup). Gives the same records as `lookup`.
+    pub fn wire_lookup<'a>(&'a self, labels: &[&str], qtype: QType) -> Option<WireAnswer<'a>> {
+        use Outcome::{NoData, NxDomain};
+        let negative = |o| Some(WireAnswer::Negative(o));
+        let addresses = |ips: &'a [IpAddr], v6: bool| {
+            if ips.iter().any(|ip| ip.is_ipv6() == v6) {
+                Some(WireAnswer::Addresses { ips, v6 })
+            } else {
+                negative(NoData)
+            }
+        };
+        if self.soa_wire.is_none() || qtype == QType::Any {
+            return None;
+        }
+        match self.relative(labels)? {
+            [ns, "svc"] => {
+                if self.namespaces.contains_key(*ns) {
+                    negative(NoData)
+                } else {
+                    negative(NxDomain)
+                }
+            }
+            [svc, ns, "svc"] => match self.service(ns, svc) {
+                Some(s) if s.exists() => match (&s.kind, qtype) {
+                    (ServiceKind::ExternalName(_), _) => None,
+                    (_, QType::A) => addresses(&s.addresses, false),
+                    (_, QType::Aaaa) => addresses(&s.addresses, true),
+                    (_, QType::Srv) if !s.srv.is_empty() => {
+                        Some(WireAnswer::Section(&s.wire.srv_all))
+                    }
+                    _ => negative(NoData),
+                },
+                _ => negative(NxDomain),
+            },
+            [first, svc, ns, "svc"] => match self.service(ns, svc) {
+                Some(_) if first.starts_with('_') => None,
+                Some(s) if s.exists() => match (s.endpoints.get(*first), qtype) {
+                    (None, _) => negative(NxDomain),
+                    (Some(ips), QType::A) => addresses(ips, false),
+                    (Some(ips), QType::Aaaa) => addresses(ips, true),
+                    (Some(_), _) => negative(NoData),
+                },
+                _ => negative(NxDomain),
+            },
+            [port, proto, svc, ns, "svc"] => {
+                match (
+                    port.strip_prefix('_'),
+                    proto.strip_prefix('_'),
+                    self.service(ns, svc),
+                ) {
+                    (Some(port), Some(proto), Some(s)) if s.exists() && !port.is_empty() => {
+                        let set = s
+                            .srv
+                            .iter()
+                            .position(|set| set.port_name == port && proto_is(set.protocol, proto));
+                        match (set.and_then(|i| s.wire.srv.get(i)), qtype) {
+                            (None, _) => negative(NxDomain),
+                            (Some(section), QType::Srv) => Some(WireAnswer::Section(section)),
+                            (Some(_), _) => negative(NoData),
+                        }
+                    }
+                    _ => negative(NxDomain),
+                }
+            }
+            _ => None,
+        }
+    }
+
     /// Answers a query. `labels` are the query name's labels left to right, lower
     /// case (the DNS module lower-cases them once).
     pub fn lookup(&self, labels: &[String], qtype: QType) -> Answer {
@@ -350,13 +469,17 @@ impl Zone {
     }
 
     /// The labels in front of the cluster domain, if the name is inside it.
-    fn relative<'a>(&self, labels: &'a [String]) -> Option<&'a [String]> {
+    fn relative<'a, S: AsRef<str>>(&self, labels: &'a [S]) -> Option<&'a [S]> {
         let d = self.domain_labels.len();
         if labels.len() < d {
             return None;
         }
         let (rel, suffix) = labels.split_at(labels.len() - d);
-        (suffix == &*self.domain_labels).then_some(rel)
+        suffix
+            .iter()
+            .zip(self.domain_labels.iter())
+            .all(|(a, b)| a.as_ref() == b)
+            .then_some(rel)
     }
 
     fn reverse_zone_of(&self, labels: &[String]) -> Option<&[String]> {

@@ -70,6 +70,16 @@ impl DnsHandler {
         self.zone.generation()
     }
 
+    /// The zone being served now.
+    pub(crate) fn zone(&self) -> Arc<crate::zone::Zone> {
+        self.zone.load()
+    }
+
+    /// The largest EDNS UDP payload honoured.
+    pub(crate) fn max_udp_payload(&self) -> u16 {
+        self.max_udp_payload
+    }
+
     async fn answer(&self, request: &Request) -> Response {
         let mut edns = None;
         if let Some(req) = &request.edns {

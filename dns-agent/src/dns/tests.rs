@@ -719,41 +719,149 @@ fn sources_nobody_can_own_are_refused() {
     assert_eq!(r("[2001:db8::1]:5353"), None);
 }
 
-/// A UDP worker's answer cache: the same request (another ID) gets the same bytes
-/// with its own ID; only authoritative answers are kept; a zone swap drops them.
+/// The UDP fast path answers exactly as the general path does: every name and
+/// rule of the fixtures, each query type, any spelling, with and without EDNS.
 #[tokio::test]
-async fn answer_cache_replays_zone_answers_until_the_zone_changes() {
-    let zone = Arc::new(ZoneCell::new(Zone::build(
-        zone_config(PodRecords::Disabled),
-        &fixtures::rules(),
-    )));
-    let h = DnsHandler::new(zone.clone(), None, Arc::new(Metrics::unregistered()), 1232);
-    let mut cache = super::AnswerCache::default();
-    let gen0 = h.zone_generation();
-    let request = query_bytes("web.default.svc.cluster.local.", RecordType::A, Some(1232));
-    let response = answer_bytes(&h, &request, Transport::Udp).await.unwrap();
-    assert!(cache.answer(gen0, &request).is_none());
-    cache.keep(gen0, &request, &response);
-    let mut again = request.clone();
-    again[..2].copy_from_slice(&[0xAB, 0xCD]);
-    let (replayed, qtype, rcode) = cache.answer(gen0, &again).expect("cached");
-    assert_eq!(&replayed[..2], &[0xAB, 0xCD]);
-    assert_eq!(replayed[2..], response[2..]);
-    assert_eq!(qtype, crate::metrics::QueryType::A);
-    assert_eq!(rcode, crate::metrics::Rcode::NOERROR);
-    // Another spelling of the name is another request: its answer keeps its case.
-    let upper = query_bytes("WEB.default.svc.cluster.local.", RecordType::A, Some(1232));
-    assert!(cache.answer(gen0, &upper).is_none());
+async fn fast_path_answers_as_the_general_path() {
+    let snap = fixtures::rules();
+    let zone = Zone::build(zone_config(PodRecords::Verified), &snap);
+    let mut names: Vec<String> = vec![
+        "cluster.local.".into(),
+        "svc.cluster.local.".into(),
+        "default.svc.cluster.local.".into(),
+        "nope.svc.cluster.local.".into(),
+        "nope.default.svc.cluster.local.".into(),
+        "x.nope.default.svc.cluster.local.".into(),
+        "_x._tcp.nope.default.svc.cluster.local.".into(),
+    ];
+    for s in zone.all_services() {
+        let base = format!("{}.{}.svc.cluster.local.", s.name, s.namespace);
+        names.push(format!("nope.{base}"));
+        names.push(format!("_nope._tcp.{base}"));
+        names.push(format!("_tcp.{base}"));
+        for label in s.endpoints.keys() {
+            names.push(format!("{label}.{base}"));
+        }
+        for set in &s.srv {
+            names.push(format!(
+                "_{}._{}.{base}",
+                set.port_name,
+                set.protocol.as_lower()
+            ));
+            names.push(format!("_{}._udp.{base}", set.port_name));
+        }
+        names.push(base);
+    }
+    let h = handler_for(&snap, PodRecords::Verified);
+    let types = [
+        RecordType::A,
+        RecordType::AAAA,
+        RecordType::SRV,
+        RecordType::TXT,
+        RecordType::PTR,
+        RecordType::CNAME,
+        RecordType::MX,
+        RecordType::ANY,
+    ];
+    let mut fast = 0;
+    for name in &names {
+        let upper: String = name
+            .chars()
+            .enumerate()
+            .map(|(i, c)| {
+                if i % 2 == 0 {
+                    c.to_ascii_uppercase()
+                } else {
+                    c
+                }
+            })
+            .collect();
+        for spelling in [name.as_str(), upper.as_str()] {
+            for t in types {
+                for edns in [None, Some(1232), Some(4096), Some(100)] {
+                    let request = query_bytes(spelling, t, edns);
+                    let mut out = Vec::new();
+                    let general = super::answer_general(
+                        &h,
+                        request.clone(),
+                        ([127, 0, 0, 1], 5353).into(),
+                        Transport::Udp,
+                    )
+                    .await
+                    .expect("a response");
+                    let Some(_) = super::fast::answer(&zone, &request, 1232, &mut out) else {
+                        continue;
+                    };
+                    fast += 1;
+                    let (a, b) = (
+                        Message::from_vec(&out).expect("fast response decodes"),
+                        Message::from_vec(&general).expect("general response decodes"),
+                    );
+                    let what = format!("{spelling} {t} {edns:?}");
+                    assert_eq!(a.metadata, b.metadata, "{what}");
+                    assert_eq!(a.queries, b.queries, "{what}");
+                    let text =
+                        |rs: &[Record]| rs.iter().map(ToString::to_string).collect::<Vec<_>>();
+                    assert_eq!(text(&a.answers), text(&b.answers), "{what}");
+                    assert_eq!(text(&a.authorities), text(&b.authorities), "{what}");
+                    assert_eq!(text(&a.additionals), text(&b.additionals), "{what}");
+                    assert_eq!(a.edns, b.edns, "{what}");
+                    assert!(
+                        out.len() <= general.len(),
+                        "{what}: {} > {}",
+                        out.len(),
+                        general.len()
+                    );
+                }
+            }
+        }
+    }
+    // Most of those are the fast path's (not ANY, not the composed names).
+    assert!(fast > names.len() * 2 * 4 * 4, "{fast} fast answers");
+}
 
-    // Not authoritative (refused: no forwarder): never kept.
-    let outside = query_bytes("example.org.", RecordType::A, None);
-    let refused = answer_bytes(&h, &outside, Transport::Udp).await.unwrap();
-    cache.keep(gen0, &outside, &refused);
-    assert!(cache.answer(gen0, &outside).is_none());
-
-    // A zone swap makes every cached answer stale.
-    zone.store(zone.load());
-    let gen1 = h.zone_generation();
-    assert_ne!(gen0, gen1);
-    assert!(cache.answer(gen1, &again).is_none());
+/// Requests the fast path leaves to the general path.
+#[test]
+fn fast_path_declines_what_it_does_not_read() {
+    let zone = Zone::build(zone_config(PodRecords::Disabled), &fixtures::rules());
+    let mut out = Vec::new();
+    let mut fast = |bytes: &[u8]| super::fast::answer(&zone, bytes, 1232, &mut out).is_some();
+    let plain = query_bytes("web.default.svc.cluster.local.", RecordType::A, Some(1232));
+    assert!(fast(&plain));
+    for t in [RecordType::ANY, RecordType::AXFR, RecordType::IXFR] {
+        assert!(
+            !fast(&query_bytes("web.default.svc.cluster.local.", t, None)),
+            "{t}"
+        );
+    }
+    // Outside the zone; names the zone composes per query.
+    for name in [
+        "example.org.",
+        "cluster.local.",
+        "dns-version.cluster.local.",
+        "10.0.19.198.in-addr.arpa.",
+    ] {
+        assert!(!fast(&query_bytes(name, RecordType::A, None)), "{name}");
+    }
+    // A response, another opcode, two questions, trailing bytes, EDNS version 1.
+    let mut response = plain.clone();
+    response[2] |= 0x80;
+    assert!(!fast(&response));
+    let mut notify = plain.clone();
+    notify[2] |= 4 << 3;
+    assert!(!fast(&notify));
+    let mut two = plain.clone();
+    two[5] = 2;
+    assert!(!fast(&two));
+    let mut trailing = query_bytes("web.default.svc.cluster.local.", RecordType::A, None);
+    trailing.push(0);
+    assert!(!fast(&trailing));
+    let mut v1 = plain.clone();
+    let at = v1.len() - 5;
+    v1[at] = 1;
+    assert!(!fast(&v1));
+    // Too big for 512 bytes without EDNS: the general path truncates.
+    let zone = Zone::build(zone_config(PodRecords::Disabled), &big_headless(100));
+    let big = query_bytes("big.default.svc.cluster.local.", RecordType::A, None);
+    assert!(super::fast::answer(&zone, &big, 1232, &mut out).is_none());
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use meshlite_proto::model::{EndpointSlice, Protocol, Service, ServiceType};
 
 use super::name::dashed;
+use super::wire::{Part, Section, SectionWriter, WireOwner};
 
 /// What a service's name answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +76,27 @@ pub struct ServiceRecords {
     pub ip_uses: Vec<(IpAddr, IpUseKind)>,
     /// Number of records this service contributes (forward and PTR).
     pub record_count: usize,
+    /// The SRV answers in wire format, built with the records.
+    pub wire: ServiceWire,
+}
+
+/// A service's SRV answers in wire format (see [`super::wire`]), so answering SRV
+/// copies bytes. Addresses need no names and are written from
+/// [`ServiceRecords::addresses`] and [`ServiceRecords::endpoints`] directly.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceWire {
+    /// SRV at the bare service name: every port (CoreDNS).
+    pub srv_all: Arc<Section>,
+    /// SRV at `_<port>._<proto>.<svc>...`, one per [`ServiceRecords::srv`] set.
+    pub srv: Vec<Arc<Section>>,
+}
+
+/// What the wire answers need from the zone's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct WireContext<'a> {
+    /// Lower case, no trailing dot.
+    pub domain: &'a str,
+    pub ttl: u32,
 }
 
 // === impl ServiceRecords ===
@@ -85,6 +107,7 @@ impl ServiceRecords {
     pub fn build<'a>(
         svc: &Service,
         slices: impl IntoIterator<Item = &'a Arc<EndpointSlice>>,
+        ctx: WireContext<'_>,
     ) -> Self {
         let namespace: Arc<str> = svc.namespace.to_ascii_lowercase().into();
         let name: Arc<str> = svc.name.to_ascii_lowercase().into();
@@ -111,6 +134,7 @@ impl ServiceRecords {
             srv: Vec::new(),
             ip_uses: Vec::new(),
             record_count: 0,
+            wire: ServiceWire::default(),
         };
         if matches!(records.kind, ServiceKind::ExternalName(_)) {
             // ExternalName services have no endpoints and no ports in DNS.
@@ -211,7 +235,62 @@ impl ServiceRecords {
         } else {
             0
         };
+        if records.exists() && !records.srv.is_empty() {
+            let all: Vec<&SrvSet> = records.srv.iter().collect();
+            let srv: Vec<Arc<Section>> = records
+                .srv
+                .iter()
+                .map(|set| Arc::new(records.srv_section(&[set], ctx)))
+                .collect();
+            // One set: the bare name's answer is the same bytes (pointers are relative).
+            let srv_all = match srv.as_slice() {
+                [only] => only.clone(),
+                _ => Arc::new(records.srv_section(&all, ctx)),
+            };
+            records.wire = ServiceWire { srv_all, srv };
+        }
         records
+    }
+
+    /// The SRV answer for `sets`, as [`Zone::lookup`](super::Zone::lookup) answers it:
+    /// one SRV per record (priority 0, CoreDNS's weight), then each target's
+    /// addresses once in the additional section.
+    fn srv_section(&self, sets: &[&SrvSet], ctx: WireContext<'_>) -> Section {
+        let n: usize = sets.iter().map(|set| set.records.len()).sum();
+        let weight = u16::try_from(100 / n.max(1)).unwrap_or(0);
+        let svc_name = format!("{}.{}.svc.{}", self.name, self.namespace, ctx.domain);
+        let ips = |key: Option<&Arc<str>>| -> &[IpAddr] {
+            match key {
+                None => &self.addresses,
+                Some(label) => self.endpoints.get(label).map_or(&[], Vec::as_slice),
+            }
+        };
+        // Room for the usual answer: per record an SRV with a target of a label plus
+        // the service name, and one address (16 bytes or less) in the additionals.
+        let mut w = SectionWriter::with_capacity(n * (20 + 20 + svc_name.len() + 28));
+        // Where each target was first written: its addresses' owner points there.
+        let mut targets: Vec<(Option<&Arc<str>>, u16)> = Vec::with_capacity(n);
+        for set in sets {
+            for rec in &set.records {
+                let key = rec.endpoint.as_ref();
+                let target = match key {
+                    None => [svc_name.as_str(), ""],
+                    Some(label) => [label.as_ref(), svc_name.as_str()],
+                };
+                let at = w.srv(WireOwner::Query, ctx.ttl, (0, weight, rec.port), &target);
+                if let Some(at) = at
+                    && !targets.iter().any(|(k, _)| *k == key)
+                {
+                    targets.push((key, at));
+                }
+            }
+        }
+        for (key, at) in targets {
+            for ip in ips(key) {
+                w.address(Part::Additional, WireOwner::At(at), ctx.ttl, *ip);
+            }
+        }
+        w.finish()
     }
 
     /// Whether `<svc>.<ns>.svc.<zone>` exists: a headless service without a published

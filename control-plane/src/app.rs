@@ -81,6 +81,7 @@ pub async fn start_with(
     let tls = config.tls.clone();
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
+    meshlite_runtime::admin::ProcessCollector::register(&mut registry);
     telemetry.register(&mut registry);
     let store = Arc::new(Store::new(config.tombstone_retention, Kind::ALL));
     tokio::spawn(store.clone().run_publisher(config.debounce));
@@ -285,6 +286,9 @@ async fn refresh_gauges(store: Arc<Store>, metrics: Metrics) {
         metrics
             .version
             .set(i64::try_from(store.version()).unwrap_or(i64::MAX));
+        metrics
+            .convergence
+            .refresh_lag(std::time::SystemTime::now());
     }
 }
 

@@ -10,8 +10,8 @@ use super::cluster::{self, MutationKind};
 use super::fleet::{Fleet, FleetConfig};
 use super::track::quantile;
 use super::{
-    BYTES_SENT, ChurnReport, REFUSED, Run, StormReport, StuckReport, UPDATES_SENT, WatchesReport,
-    procstat, watchers,
+    BYTES_SENT, ChurnPattern, ChurnReport, REFUSED, Run, StormReport, StuckReport, UPDATES_SENT,
+    WatchesReport, procstat, watchers,
 };
 
 impl Run<'_> {
@@ -190,7 +190,8 @@ impl Run<'_> {
         let total = (rate * duration.as_secs_f64()).round() as usize;
         progress!(
             self,
-            "churn: {total} changes at {rate}/s for {:?}{}",
+            "churn ({:?}): {total} changes at {rate}/s for {:?}{}",
+            self.opts.churn_pattern,
             duration,
             if stuck.is_some() {
                 " (one agent stuck)"
@@ -204,7 +205,9 @@ impl Run<'_> {
         let s0 = self.cp_sample();
         let me0 = procstat::sample(None).unwrap_or_default();
         let busy0 = procstat::machine_busy_s();
+        let rollout0 = self.rollout.counts;
         let mut report = ChurnReport {
+            pattern: self.opts.churn_pattern,
             rate,
             duration_s: duration.as_secs_f64(),
             cp_rss_start_mib: s0.rss_mib(),
@@ -223,8 +226,13 @@ impl Run<'_> {
                 report.skipped += total - i;
                 break;
             }
-            let busy = self.busy();
-            let m = self.cluster.churn_step(&busy);
+            let m = match self.opts.churn_pattern {
+                ChurnPattern::Random => {
+                    let busy = self.busy();
+                    self.cluster.churn_step(&busy)
+                }
+                ChurnPattern::Rollout => self.rollout.next(&mut self.cluster),
+            };
             let Some(m) = m else {
                 report.skipped += 1;
                 continue;
@@ -291,6 +299,9 @@ impl Run<'_> {
             .max(0.0);
         report.load_average_end = procstat::load_average();
         report.cp_rss_end_mib = s1.rss_mib();
+        if self.opts.churn_pattern == ChurnPattern::Rollout {
+            report.rollout = Some(self.rollout.counts.since(&rollout0));
+        }
         report.cp_rss_max_mib = report.cp_rss_max_mib.max(s1.rss_mib());
         progress!(
             self,

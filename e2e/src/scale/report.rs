@@ -55,6 +55,7 @@ pub struct Report {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ChurnReport {
+    pub pattern: super::ChurnPattern,
     pub rate: f64,
     pub duration_s: f64,
     pub changes: usize,
@@ -81,6 +82,9 @@ pub struct ChurnReport {
     pub others_cpu_cores: f64,
     pub load_average_end: f64,
     pub not_converged: usize,
+    /// With `--churn-pattern rollout`: the transitions written in this phase.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<super::rollout::RolloutCounts>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

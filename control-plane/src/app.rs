@@ -180,6 +180,7 @@ pub async fn start_with(
             stream_rate: config.stream_rate,
             stream_burst: config.stream_burst,
             max_large_in_flight: config.max_full_syncs.max(1),
+            update_rate: config.update_rate,
             ..StreamConfig::default()
         },
         metrics.clone(),

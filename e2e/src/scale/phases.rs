@@ -290,6 +290,9 @@ impl Run<'_> {
         report.agent_p99_ms = self.tracker.per_agent.quantile_ms(0.99);
         report.bytes_per_agent_per_change =
             (m1.sum(BYTES_SENT) - m0.sum(BYTES_SENT)) / (n * report.changes.max(1)) as f64;
+        report.updates_sent = m1.sum(UPDATES_SENT) - m0.sum(UPDATES_SENT);
+        report.updates_per_agent_per_change =
+            report.updates_sent / (n * report.changes.max(1)) as f64;
         report.cp_cpu_s = s1.cpu_s - s0.cpu_s;
         report.cp_cpu_cores = report.cp_cpu_s / elapsed;
         report.harness_cpu_cores = (me1.cpu_s - me0.cpu_s) / elapsed;
@@ -305,12 +308,14 @@ impl Run<'_> {
         report.cp_rss_max_mib = report.cp_rss_max_mib.max(s1.rss_mib());
         progress!(
             self,
-            "churn at {rate}/s: {} changes issued in {:.1} s; to the last agent p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; CP {:.2} cores, harness {:.2}, others {:.2}; RSS {:.0} -> {:.0} MiB",
+            "churn at {rate}/s: {} changes issued in {:.1} s; to the last agent p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; {:.0} updates ({:.2} per agent per change); CP {:.2} cores, harness {:.2}, others {:.2}; RSS {:.0} -> {:.0} MiB",
             report.changes,
             issued_for.as_secs_f64(),
             report.p50_ms,
             report.p99_ms,
             report.max_ms,
+            report.updates_sent,
+            report.updates_per_agent_per_change,
             report.cp_cpu_cores,
             report.harness_cpu_cores,
             report.others_cpu_cores,

@@ -71,6 +71,10 @@ pub struct ChurnReport {
     pub agent_p50_ms: f64,
     pub agent_p99_ms: f64,
     pub bytes_per_agent_per_change: f64,
+    /// Updates the control plane sent during the phase (all agents), and per
+    /// agent per change (below 1: changes coalesced into fewer updates).
+    pub updates_sent: f64,
+    pub updates_per_agent_per_change: f64,
     pub cp_cpu_s: f64,
     /// CPU seconds per second (1.0 = one core).
     pub cp_cpu_cores: f64,

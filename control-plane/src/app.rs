@@ -81,6 +81,7 @@ pub async fn start_with(
     let tls = config.tls.clone();
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
+    meshlite_runtime::admin::ProcessCollector::register(&mut registry);
     telemetry.register(&mut registry);
     let store = Arc::new(Store::new(config.tombstone_retention, Kind::ALL));
     tokio::spawn(store.clone().run_publisher(config.debounce));
@@ -179,6 +180,7 @@ pub async fn start_with(
             stream_rate: config.stream_rate,
             stream_burst: config.stream_burst,
             max_large_in_flight: config.max_full_syncs.max(1),
+            update_rate: config.update_rate,
             ..StreamConfig::default()
         },
         metrics.clone(),
@@ -285,6 +287,9 @@ async fn refresh_gauges(store: Arc<Store>, metrics: Metrics) {
         metrics
             .version
             .set(i64::try_from(store.version()).unwrap_or(i64::MAX));
+        metrics
+            .convergence
+            .refresh_lag(std::time::SystemTime::now());
     }
 }
 

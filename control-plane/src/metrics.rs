@@ -214,6 +214,16 @@ impl Metrics {
             "TLS handshakes that failed (e.g. no or untrusted client certificate)",
             m.tls_handshake_failures.clone(),
         );
+        // Series at 0 before the first event, so dashboards' `rate()` reads 0
+        // rather than "no data" (other reasons appear when they happen).
+        for reason in ["agent_closed", "send_timeout"] {
+            let _ = m.streams_ended.get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            });
+        }
+        let _ = m.streams_refused.get_or_create(&ReasonLabels {
+            reason: "unauthorized".to_string(),
+        });
         m
     }
 

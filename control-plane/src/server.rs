@@ -5,6 +5,15 @@
 //! keeps no queue: while an update is unacknowledged, changes accumulate in the
 //! store, and the ACK triggers one delta from the acked version to the newest; a
 //! slow agent gets one bigger, coalesced delta later.
+//!
+//! While changes keep coming, deltas are also paced (adaptive coalescing): with
+//! `update_rate` R and N agents connected, an agent gets its next delta no sooner
+//! than N / R after its previous update when more than one version is waiting for
+//! it, so under churn the fleet's update rate stays near R however many versions
+//! are published. The cost of an update is mostly per update (framing, a TLS
+//! record, a write, the ACK), not per byte, so fewer larger updates keep the
+//! fan-out from saturating the CPU at hundreds of versions a second. A lone change
+//! goes out at once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -55,12 +64,16 @@ pub struct StreamConfig {
     pub stream_burst: f64,
     /// Most full snapshots (or inventory resumes) unacknowledged at once.
     pub max_large_in_flight: usize,
+    /// Updates per second aimed at over all agents while changes keep coming: an
+    /// agent waits (connected agents / this) after an update before the next delta,
+    /// which then carries everything since. 0: send as soon as the agent ACKed.
+    pub update_rate: f64,
 }
 
 impl Default for StreamConfig {
     fn default() -> Self {
         Self {
-            chunk_bytes: 64 * 1024,
+            chunk_bytes: 16 * 1024,
             send_timeout: Duration::from_secs(30),
             hello_timeout: Duration::from_secs(10),
             nack_backoff: Backoff::default(),
@@ -69,6 +82,7 @@ impl Default for StreamConfig {
             stream_rate: 1_000.0,
             stream_burst: 5_000.0,
             max_large_in_flight: 64,
+            update_rate: 0.0,
         }
     }
 }
@@ -297,6 +311,8 @@ struct Subscription {
     /// Waiting for the agent's inventory.
     inventory: Option<HashMap<String, u64>>,
     retry_at: Option<Instant>,
+    /// When the last update was sent (pacing).
+    last_sent: Option<Instant>,
     nack_backoff: Backoff,
     nonce: u64,
     agent: Arc<AgentInfo>,
@@ -346,6 +362,7 @@ impl Subscription {
             need_full: false,
             inventory: None,
             retry_at: None,
+            last_sent: None,
             nonce: 0,
             agent,
         }
@@ -400,7 +417,9 @@ impl Subscription {
             if self.in_flight.is_none() && self.inventory.is_none() {
                 let due = self.retry_at.is_none_or(|t| Instant::now() >= t);
                 if due {
-                    self.retry_at = None;
+                    self.retry_at = self.paced();
+                }
+                if self.retry_at.is_none() {
                     let plan = self.next_plan();
                     if let Err(r) = self.execute(plan).await {
                         return r;
@@ -425,6 +444,20 @@ impl Subscription {
                 () = sleep_until_opt(retry), if retry.is_some() => {}
             }
         }
+    }
+
+    /// When the next delta may go out, if that is later than now (see the module
+    /// docs on pacing). Only an agent more than one version behind waits: a single
+    /// change goes out at once, however recent the previous update.
+    fn paced(&self) -> Option<Instant> {
+        let rate = self.shared.config.update_rate;
+        let last = self.last_sent?;
+        if rate <= 0.0 || self.shared.store.version() <= self.current + 1 {
+            return None;
+        }
+        // Capped: a tiny rate must not stall an agent (or overflow the clock).
+        let gap = Duration::from_secs_f64((self.shared.limits.active() as f64 / rate).min(60.0));
+        Some(last + gap).filter(|at| *at > Instant::now())
     }
 
     /// The first update: resume by version, by digest or by inventory if we can,
@@ -575,10 +608,12 @@ impl Subscription {
             .get_or_create(&UpdateLabels { kind })
             .inc();
         debug!(version, base, bytes, "sent update");
+        let now = Instant::now();
+        self.last_sent = Some(now);
         self.in_flight = Some(InFlight {
             nonce,
             version,
-            sent: Instant::now(),
+            sent: now,
             _large: large,
         });
         Ok(())

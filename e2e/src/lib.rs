@@ -7,10 +7,12 @@
 //! - [`cluster`]: a two-node cluster in namespaces; [`stack`]: meshlite's processes in it.
 //! - [`lab`]: the whole-system lab of the end-to-end and fault suites.
 //! - [`demo`]: the seed demo (`cargo run --release --bin demo`).
+//! - [`dashboard`]: checks the chart's Grafana dashboards against scraped `/metrics`.
 //! - [`scale`]: the large-cluster scale harness behind the `scale` binary.
 
 pub mod apiserver;
 pub mod cluster;
+pub mod dashboard;
 pub mod demo;
 pub mod front;
 pub mod lab;

@@ -36,6 +36,7 @@ pub mod fleet;
 pub mod plot;
 pub mod procstat;
 pub mod report;
+pub mod rollout;
 pub mod track;
 pub mod watchers;
 pub mod wire;
@@ -61,6 +62,21 @@ pub enum Phase {
     Watches,
 }
 
+/// What a churn phase writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChurnPattern {
+    /// 90 % single pod replacements chosen uniformly over all endpoints, 5 %
+    /// service creations, 5 % deletions; a key is changed again only after its
+    /// previous change reached every agent.
+    #[default]
+    Random,
+    /// Deployments' rolling updates, biggest first: every pod transition
+    /// (terminating, created not ready, ready, removed) is one slice write
+    /// (see [`rollout`]).
+    Rollout,
+}
+
 /// One scenario.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Options {
@@ -76,6 +92,10 @@ pub struct Options {
     /// Churn rates in changes per second, comma separated; each runs for --duration.
     #[arg(long, value_delimiter = ',', default_value = "20")]
     pub churn: Vec<f64>,
+    /// What the churn phases write: `random` pod replacements and service
+    /// creations/deletions, or `rollout` (rolling updates, pod by pod).
+    #[arg(long, value_enum, default_value_t = ChurnPattern::Random)]
+    pub churn_pattern: ChurnPattern,
     /// How long each churn rate runs (`60`, `60s`, `2m`).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub duration: Duration,
@@ -143,6 +163,7 @@ struct Run<'a> {
     started: Instant,
     api: ApiServer,
     cluster: Cluster,
+    rollout: rollout::Rollout,
     keys: Arc<KeyTable>,
     tracker: Arc<Tracker>,
     fleet: Option<Fleet>,
@@ -238,6 +259,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
         started,
         api,
         cluster,
+        rollout: rollout::Rollout::default(),
         keys: Arc::new(KeyTable::default()),
         tracker: Arc::new(Tracker::new(opts.agents)),
         fleet: None,
@@ -379,7 +401,11 @@ impl Run<'_> {
     /// Starts timing a mutation and writes it to the stand-in.
     fn issue(&mut self, m: &Mutation, expected: usize) -> Result<()> {
         let idx = self.keys.intern(&m.key);
-        self.tracker.start(idx, m.kind, expected);
+        let trigger_ns = m
+            .trigger
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+        self.tracker.start(idx, trigger_ns, m.kind, expected);
         for op in &m.ops {
             match op {
                 Op::Apply(v) => {

@@ -70,3 +70,44 @@ async fn tiny_cluster_every_phase_converges_with_sane_figures() {
     assert_eq!(w.per_node_events, 20 * 10, "every node gets every change");
     assert_eq!(w.meshlite_events, 10);
 }
+
+/// `--churn-pattern rollout`: rolling updates written pod transition by pod
+/// transition, several writes of one slice in flight at once; every write reaches
+/// every agent, each timed to the first update that carries it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_cluster_rollout_churn_converges() {
+    let opts = Cli::try_parse_from([
+        "scale",
+        "--agents=20",
+        "--services=50",
+        "--endpoints=400",
+        "--phases=initial,churn",
+        "--churn-pattern=rollout",
+        "--churn=100",
+        "--duration=4s",
+        "--converge-timeout=60s",
+        "--initial-timeout=120s",
+    ])
+    .unwrap()
+    .options;
+    let r = tokio::time::timeout(Duration::from_secs(240), scale::run(&opts))
+        .await
+        .expect("the harness stops by itself")
+        .expect("the harness runs");
+    assert!(r.converged, "failures: {:?}", r.failures);
+    let churn = &r.churn[0];
+    assert_eq!(churn.pattern, scale::ChurnPattern::Rollout);
+    assert_eq!(churn.changes, 400, "{churn:?}");
+    assert_eq!(churn.not_converged, 0);
+    assert!(churn.p50_ms > 0.0 && churn.p50_ms <= churn.p99_ms);
+    let counts = churn.rollout.unwrap();
+    assert_eq!(
+        counts.terminating + counts.created + counts.ready + counts.removed,
+        400,
+        "{counts:?}"
+    );
+    // Four writes per pod: the biggest services (at most 250 pods) roll first and
+    // the next starts when one is done.
+    assert!(counts.deployments_started >= 2, "{counts:?}");
+    assert!(counts.waves >= counts.deployments_started, "{counts:?}");
+}

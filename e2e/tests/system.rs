@@ -364,3 +364,56 @@ async fn a_service_for_another_proxy_is_left_alone_but_resolves() {
         .await;
     }
 }
+
+/// The chart's rule-sync dashboard asks only for what the processes export: after a
+/// service is created and its endpoints change (so latency histograms, partial syncs
+/// and convergence have samples), every panel query's metric names and labels are
+/// found in the control plane's, node agents' and DNS agents' `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rule_sync_dashboard_queries_what_the_processes_export() {
+    let s = system("mlsys4").await;
+    s.api
+        .apply_yaml(&webui_slice("web", &[("198.18.1.1", "node1", true)]))
+        .unwrap();
+    s.api
+        .apply_yaml("apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec: {clusterIP: 198.19.7.7, ports: [{name: http, port: 80}]}\n")
+        .unwrap();
+    s.api
+        .apply_yaml(&webui_slice(
+            "web",
+            &[("198.18.1.1", "node1", true), ("198.18.2.1", "node2", true)],
+        ))
+        .unwrap();
+    for node in ["node1", "node2"] {
+        within(&format!("both endpoints on {node}"), T, || {
+            s.nat(node).contains("198.18.2.1:80")
+        })
+        .await;
+    }
+    let mut exported = meshlite_e2e::dashboard::Exported::default();
+    let procs = std::iter::once(&s.stack.control_plane)
+        .chain(s.stack.node_agents.values())
+        .chain(s.stack.dns_agents.values());
+    for r in procs {
+        let (code, m) = admin_get(&s.cluster, r, "/metrics").await.unwrap();
+        assert_eq!(code, 200, "{}: {m}", r.process.name);
+        exported.add(&m);
+    }
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../helm/meshlite/dashboards/rule-sync.json"
+    ))
+    .unwrap();
+    let checked = meshlite_e2e::dashboard::check(&text, &exported)
+        .unwrap_or_else(|p| panic!("rule-sync dashboard:\n{}", p.join("\n")));
+    assert!(checked >= 20, "{checked} queries");
+    // Series the heatmap and per-node panels read have samples by now.
+    for name in [
+        "kubeproxy_network_programming_duration_seconds_bucket",
+        "kubeproxy_sync_partial_proxy_rules_duration_seconds_count",
+        "meshlite_control_plane_version_convergence_seconds_bucket",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(exported.sampled(name), "{name}: no samples");
+    }
+}

@@ -132,6 +132,24 @@ SERVICE_MONITOR = _obj(
                             "interval": _DURATION,
                             "scrapeTimeout": _DURATION,
                             "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+                            "relabelings": {
+                                "type": "array",
+                                "items": _obj(
+                                    {
+                                        "sourceLabels": {
+                                            "type": "array",
+                                            "items": {"type": "string", "pattern": "^[a-zA-Z_][a-zA-Z0-9_]*$"},
+                                        },
+                                        "targetLabel": _STR,
+                                        "action": {"enum": ["replace", "Replace", "keep", "Keep", "drop", "Drop",
+                                                            "labelmap", "LabelMap", "labeldrop", "LabelDrop",
+                                                            "labelkeep", "LabelKeep"]},
+                                        "regex": _STR,
+                                        "replacement": _STR,
+                                        "separator": _STR,
+                                    }
+                                ),
+                            },
                         }
                     ),
                 },

@@ -75,10 +75,12 @@ def test_prometheus_rule_and_dashboard_are_optional():
         assert "{{" not in r["expr"] and "Values" not in r["expr"], r["expr"]
         assert 'app_kubernetes_io_component="dns-agent"' in r["expr"], r["expr"]
 
-    (dashboard,) = [c for c in chart.find(objs, "ConfigMap") if c["metadata"]["labels"].get("grafana_dashboard") == "1"]
+    dashboards = {c["metadata"]["name"]: c for c in chart.find(objs, "ConfigMap")
+                  if c["metadata"]["labels"].get("grafana_dashboard") == "1"}
+    dashboard = dashboards["meshlite-dashboard-dns"]
     assert dashboard["metadata"]["annotations"] == {"grafana_folder": "meshlite"}
-    (body,) = dashboard["data"].values()
-    assert json.loads(body) == json.loads((chart.CHART / "dashboards" / "dns.json").read_text())
+    assert json.loads(dashboard["data"]["meshlite-dns.json"]) == json.loads(
+        (chart.CHART / "dashboards" / "dns.json").read_text())
 
     out = chart.render("otel", "--set", 'metrics.prometheusRule.selector=job="kube-dns"')
     rule = chart.one(chart.documents(out), "PrometheusRule")

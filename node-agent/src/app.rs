@@ -57,6 +57,7 @@ pub async fn run(
     telemetry.register(&mut registry);
     let sub_metrics = Arc::new(SubscriberMetrics::register(&mut registry, "kubeproxy"));
     let metrics = Arc::new(ProxyMetrics::register(&mut registry));
+    meshlite_runtime::admin::ProcessCollector::register(&mut registry);
     let readiness = Readiness::new();
     let ready_block = readiness.block("rules-applied");
     let health = ProxyHealth::new(cfg.sync_period * 2);

@@ -173,6 +173,9 @@ impl ProxyMetrics {
             "Times a sync could not program a service port's rules, by reason (kernel: iptables-restore refused them; invariant: a jump to an undeclared chain)",
             m.rejections.clone(),
         );
+        // A series at 0 before the first failure, so `rate()` over it reads 0, not
+        // "no data" (the most common failure stage; others appear when they happen).
+        let _ = m.sync_errors.get_or_create(&Stage { stage: "restore" });
         m
     }
 

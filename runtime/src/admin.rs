@@ -15,6 +15,9 @@ use tokio::net::TcpListener;
 use tracing::info;
 
 pub mod client;
+mod process_metrics;
+
+pub use process_metrics::ProcessCollector;
 
 /// Bind or address parsing failures.
 #[derive(Debug, thiserror::Error)]

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
@@ -24,6 +25,7 @@ pub struct Convergence {
     pub seconds: Histogram,
     pub timeouts: Counter,
     pub behind: Gauge,
+    pub lag: Gauge<f64, AtomicU64>,
 }
 
 #[derive(Debug, Default)]
@@ -59,6 +61,7 @@ impl Convergence {
             seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
             timeouts: Counter::default(),
             behind: Gauge::default(),
+            lag: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("meshlite_control_plane");
         r.register(
@@ -75,6 +78,11 @@ impl Convergence {
             "agents_behind",
             "Agents that do not hold the newest published version",
             c.behind.clone(),
+        );
+        r.register(
+            "agents_lag_seconds",
+            "How long the furthest-behind agent has been behind: the age of the oldest published version that an agent subscribed at the time has not applied yet (0 when none)",
+            c.lag.clone(),
         );
         c
     }
@@ -190,6 +198,17 @@ impl Convergence {
         self.update_behind(&inner);
     }
 
+    /// Sets the lag gauge to the age at `now` of the oldest version still converging.
+    pub fn refresh_lag(&self, now: SystemTime) {
+        let inner = self.lock();
+        let age = inner
+            .pending
+            .values()
+            .next()
+            .map(|p| now.duration_since(p.at).unwrap_or_default().as_secs_f64());
+        self.lag.set(age.unwrap_or(0.0));
+    }
+
     /// Versions still converging.
     pub fn pending(&self) -> usize {
         self.lock().pending.len()
@@ -266,6 +285,26 @@ mod tests {
         assert_eq!(c.pending(), 1, "agent 2 does not count for version 3");
         c.gone(1);
         assert_eq!(c.pending(), 0, "nobody left to wait for");
+    }
+
+    #[test]
+    fn lag_is_the_age_of_the_oldest_unconverged_version() {
+        let c = Convergence::register(&mut Registry::default(), Duration::from_secs(60));
+        c.connected(1);
+        c.connected(2);
+        c.refresh_lag(t(500));
+        assert_eq!(c.lag.get(), 0.0, "nothing published");
+        c.published(2, t(1000));
+        c.published(3, t(1500));
+        c.advanced(1, 3, t(1600));
+        c.refresh_lag(t(4000));
+        assert_eq!(c.lag.get(), 3.0, "agent 2 misses 2, published at 1 s");
+        c.advanced(2, 2, t(4100));
+        c.refresh_lag(t(4500));
+        assert_eq!(c.lag.get(), 3.0, "agent 2 misses 3, published at 1.5 s");
+        c.advanced(2, 3, t(4600));
+        c.refresh_lag(t(5000));
+        assert_eq!(c.lag.get(), 0.0);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 #[derive(Debug)]
 pub struct Limits {
+    max: usize,
     streams: Arc<Semaphore>,
     bucket: Mutex<Bucket>,
 }
@@ -24,6 +25,7 @@ struct Bucket {
 impl Limits {
     pub fn new(max_streams: usize, rate: f64, burst: f64) -> Self {
         Self {
+            max: max_streams,
             streams: Arc::new(Semaphore::new(max_streams)),
             bucket: Mutex::new(Bucket {
                 tokens: burst,
@@ -32,6 +34,11 @@ impl Limits {
                 at: Instant::now(),
             }),
         }
+    }
+
+    /// Streams admitted and not yet ended.
+    pub fn active(&self) -> usize {
+        self.max.saturating_sub(self.streams.available_permits())
     }
 
     /// A permit held for the life of the stream, or why not.
@@ -62,8 +69,10 @@ mod tests {
         let l = Limits::new(2, 0.0, 10.0);
         let a = l.admit().unwrap();
         let _b = l.admit().unwrap();
+        assert_eq!(l.active(), 2);
         assert_eq!(l.admit().unwrap_err(), "max_streams");
         drop(a);
+        assert_eq!(l.active(), 1);
         assert!(l.admit().is_ok());
 
         let l = Limits::new(100, 0.0, 3.0);

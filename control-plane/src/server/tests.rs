@@ -102,7 +102,11 @@ impl Server {
     }
 
     async fn start_limited(pki: &TestPki, store: Arc<Store>, burst: f64) -> Self {
-        Self::start_full(pki, store, 0, Box::new(AllowAll), Some(burst)).await
+        Self::start_full(pki, store, 0, Box::new(AllowAll), Some(burst), 0.0).await
+    }
+
+    async fn start_paced(pki: &TestPki, store: Arc<Store>, update_rate: f64) -> Self {
+        Self::start_full(pki, store, 0, Box::new(AllowAll), None, update_rate).await
     }
 
     async fn start_auth(
@@ -111,7 +115,7 @@ impl Server {
         port: u16,
         authorizer: Box<dyn Authorizer>,
     ) -> Self {
-        Self::start_full(pki, store, port, authorizer, None).await
+        Self::start_full(pki, store, port, authorizer, None, 0.0).await
     }
 
     async fn start_full(
@@ -120,6 +124,7 @@ impl Server {
         port: u16,
         authorizer: Box<dyn Authorizer>,
         burst: Option<f64>,
+        update_rate: f64,
     ) -> Self {
         let metrics = Metrics::register(&mut Registry::default());
         let agents = Agents::default();
@@ -130,6 +135,7 @@ impl Server {
                 0.1,
             )
             .unwrap(),
+            update_rate,
             ..StreamConfig::default()
         };
         let config = match burst {
@@ -488,6 +494,59 @@ impl RawClient {
             .await
             .unwrap();
     }
+}
+
+/// Pacing (adaptive coalescing): a lone change goes out at once; when several
+/// versions wait for an agent, its next delta waits for the agent's gap (agents /
+/// rate) after its previous update and then carries them all.
+#[tokio::test]
+async fn paced_deltas_coalesce_when_several_versions_wait() {
+    let pki = TestPki::new("ca");
+    let store = seeded_store(10);
+    // One agent at 0.5 updates per second: a gap of 2 s.
+    let server = Server::start_paced(&pki, store.clone(), 0.5).await;
+    let mut raw = RawClient::connect(server.addr, &pki.client("dns", &["dns"]))
+        .await
+        .unwrap();
+    let first = raw.next_update(T).await.unwrap();
+    raw.ack(&first).await;
+
+    // Right after the snapshot, a lone change still goes out at once.
+    store.apply(vec![up(slice(1, 1))]);
+    let one = raw.next_update(Duration::from_millis(1_000)).await;
+    let one = one.expect("a lone change goes out at once");
+    assert_eq!(one.upserts.len(), 1);
+    // Two more versions while it is in flight: after the ACK they wait for the gap.
+    store.apply(vec![up(slice(2, 1))]);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    store.apply(vec![up(slice(3, 1))]);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    raw.ack(&one).await;
+    assert!(
+        raw.next_update(Duration::from_millis(1_000))
+            .await
+            .is_none(),
+        "the next delta waits for the gap"
+    );
+    let both = raw.next_update(T).await.expect("then it goes out");
+    let keys: HashSet<&str> = both.upserts.iter().map(|r| r.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        HashSet::from([
+            "endpointslice/default/svc-2-abc",
+            "endpointslice/default/svc-3-abc"
+        ]),
+        "one delta carries both changes"
+    );
+    raw.ack(&both).await;
+    store.apply(vec![up(slice(4, 1))]);
+    assert!(
+        raw.next_update(Duration::from_millis(1_000))
+            .await
+            .is_some(),
+        "a lone change right after an update goes out at once"
+    );
+    assert_eq!(server.sent(UpdateKind::Delta), 3);
 }
 
 /// An agent that does not share the control plane's patch schema (here: none, as

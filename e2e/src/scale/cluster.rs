@@ -1,6 +1,7 @@
 //! The generated cluster: services with a long-tailed number of endpoints, their
 //! EndpointSlices (at most 100 endpoints each), one Node per agent, and the
-//! mutations churn makes (a pod replaced, a service created or deleted).
+//! mutations churn makes (a pod replaced, a service created or deleted, or a
+//! Deployment's rolling update: see [`Rollout`]).
 //!
 //! Every object is a plain Kubernetes JSON object fed to the API stand-in, so the
 //! control plane reads it through its real kube source. Addresses are data only
@@ -38,6 +39,10 @@ pub struct Endpoint {
     pub ip: Ipv4Addr,
     pub node: usize,
     pub pod: String,
+    /// The pod passed its readiness probe.
+    pub ready: bool,
+    /// The pod is being deleted (it still serves until it is removed).
+    pub terminating: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -82,6 +87,9 @@ pub struct Mutation {
     pub ops: Vec<Op>,
     /// Endpoints in the changed slice (0 for service deletions).
     pub slice_endpoints: usize,
+    /// The trigger time written into the changed slice (its
+    /// last-change-trigger-time), which the change's cause carries to the agents.
+    pub trigger: SystemTime,
 }
 
 /// See the module docs.
@@ -196,11 +204,18 @@ impl Cluster {
         }
     }
 
-    fn new_endpoint(&mut self, svc: &str) -> Endpoint {
+    /// A new ready pod of service `svc` on a random node.
+    pub(super) fn new_endpoint(&mut self, svc: &str) -> Endpoint {
         let ip = self.pod_ip();
         let node = self.rng.random_range(0..self.nodes);
         let pod = format!("{svc}-{:08x}", self.rng.random::<u32>());
-        Endpoint { ip, node, pod }
+        Endpoint {
+            ip,
+            node,
+            pod,
+            ready: true,
+            terminating: false,
+        }
     }
 
     /// Total endpoints of live services.
@@ -260,12 +275,14 @@ impl Cluster {
             let ep = self.new_endpoint(&name);
             let svc = &mut self.services[si];
             svc.slices[li].endpoints[ei] = ep;
-            let obj = slice_json(svc, &svc.slices[li], SystemTime::now());
+            let trigger = SystemTime::now();
+            let obj = slice_json(svc, &svc.slices[li], trigger);
             return Some(Mutation {
                 kind: MutationKind::Endpoint,
                 key,
                 ops: vec![Op::Apply(obj)],
                 slice_endpoints: len,
+                trigger,
             });
         }
         None
@@ -278,11 +295,12 @@ impl Cluster {
         let name = format!("churn-{:06}", self.next_name);
         let n = 1 + (10.0 * self.rng.random::<f64>().powi(3)) as usize;
         let svc = self.new_service(ns, name, n);
+        let trigger = SystemTime::now();
         let mut ops = vec![Op::Apply(service_json(&svc))];
         ops.extend(
             svc.slices
                 .iter()
-                .map(|sl| Op::Apply(slice_json(&svc, sl, SystemTime::now()))),
+                .map(|sl| Op::Apply(slice_json(&svc, sl, trigger))),
         );
         let key = service_key(&svc);
         self.services.push(svc);
@@ -291,6 +309,7 @@ impl Cluster {
             key,
             ops,
             slice_endpoints: n,
+            trigger,
         }
     }
 
@@ -328,6 +347,7 @@ impl Cluster {
                 key,
                 ops,
                 slice_endpoints: 0,
+                trigger: SystemTime::now(),
             });
         }
         None
@@ -453,9 +473,12 @@ pub fn slice_json(s: &Svc, sl: &Slice, trigger: SystemTime) -> Value {
         .endpoints
         .iter()
         .map(|e| {
+            // As the EndpointSlice controller reports a pod: a terminating pod is
+            // not ready but still serving until it is gone.
             let mut v = json!({
                 "addresses": [e.ip.to_string()],
-                "conditions": {"ready": true, "serving": true, "terminating": false},
+                "conditions": {"ready": e.ready && !e.terminating, "serving": e.ready,
+                               "terminating": e.terminating},
                 "nodeName": node_name(e.node),
                 "zone": ZONES[e.node % ZONES.len()],
                 "targetRef": {"kind": "Pod", "namespace": s.namespace, "name": e.pod}

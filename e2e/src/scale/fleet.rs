@@ -126,6 +126,8 @@ struct Pending {
     node: Option<(String, u64)>,
     removals: Vec<u32>,
     node_removed: bool,
+    /// Per key, the newest trigger time among the update's causes (Unix ns).
+    triggers: HashMap<u32, i64>,
 }
 
 type DigestMemo = Mutex<HashMap<(u64, u64), Arc<OnceLock<InventoryDigest>>>>;
@@ -415,6 +417,7 @@ async fn stream_once(shared: &Shared, me: &AgentShared, held: &mut Held) -> Stre
             node: None,
             removals: Vec::new(),
             node_removed: false,
+            triggers: HashMap::new(),
         });
         if p.nonce != update.nonce {
             return StreamEnd::Error("chunk of another update".into());
@@ -433,6 +436,14 @@ async fn stream_once(shared: &Shared, me: &AgentShared, held: &mut Held) -> Stre
                 p.removals.push(shared.keys.intern(&k));
             }
         }
+        if me.tracked.load(Ordering::Relaxed) {
+            for c in update.causes {
+                if !c.removed && !c.key.starts_with("node/") {
+                    let t = p.triggers.entry(shared.keys.intern(&c.key)).or_insert(0);
+                    *t = (*t).max(c.trigger_unix_nanos);
+                }
+            }
+        }
         if !update.last_chunk {
             continue;
         }
@@ -442,8 +453,8 @@ async fn stream_once(shared: &Shared, me: &AgentShared, held: &mut Held) -> Stre
             let keys = p
                 .upserts
                 .iter()
-                .map(|(k, _)| *k)
-                .chain(p.removals.iter().copied());
+                .map(|(k, _)| (*k, p.triggers.get(k).copied()))
+                .chain(p.removals.iter().map(|k| (*k, None)));
             shared.tracker.observe(me.index, keys, received);
         }
         me.updates.fetch_add(1, Ordering::Relaxed);

@@ -10,8 +10,8 @@ use super::cluster::{self, MutationKind};
 use super::fleet::{Fleet, FleetConfig};
 use super::track::quantile;
 use super::{
-    BYTES_SENT, ChurnReport, REFUSED, Run, StormReport, StuckReport, UPDATES_SENT, WatchesReport,
-    procstat, watchers,
+    BYTES_SENT, ChurnPattern, ChurnReport, REFUSED, Run, StormReport, StuckReport, UPDATES_SENT,
+    WatchesReport, procstat, watchers,
 };
 
 impl Run<'_> {
@@ -190,7 +190,8 @@ impl Run<'_> {
         let total = (rate * duration.as_secs_f64()).round() as usize;
         progress!(
             self,
-            "churn: {total} changes at {rate}/s for {:?}{}",
+            "churn ({:?}): {total} changes at {rate}/s for {:?}{}",
+            self.opts.churn_pattern,
             duration,
             if stuck.is_some() {
                 " (one agent stuck)"
@@ -204,7 +205,9 @@ impl Run<'_> {
         let s0 = self.cp_sample();
         let me0 = procstat::sample(None).unwrap_or_default();
         let busy0 = procstat::machine_busy_s();
+        let rollout0 = self.rollout.counts;
         let mut report = ChurnReport {
+            pattern: self.opts.churn_pattern,
             rate,
             duration_s: duration.as_secs_f64(),
             cp_rss_start_mib: s0.rss_mib(),
@@ -223,8 +226,13 @@ impl Run<'_> {
                 report.skipped += total - i;
                 break;
             }
-            let busy = self.busy();
-            let m = self.cluster.churn_step(&busy);
+            let m = match self.opts.churn_pattern {
+                ChurnPattern::Random => {
+                    let busy = self.busy();
+                    self.cluster.churn_step(&busy)
+                }
+                ChurnPattern::Rollout => self.rollout.next(&mut self.cluster),
+            };
             let Some(m) = m else {
                 report.skipped += 1;
                 continue;
@@ -282,6 +290,9 @@ impl Run<'_> {
         report.agent_p99_ms = self.tracker.per_agent.quantile_ms(0.99);
         report.bytes_per_agent_per_change =
             (m1.sum(BYTES_SENT) - m0.sum(BYTES_SENT)) / (n * report.changes.max(1)) as f64;
+        report.updates_sent = m1.sum(UPDATES_SENT) - m0.sum(UPDATES_SENT);
+        report.updates_per_agent_per_change =
+            report.updates_sent / (n * report.changes.max(1)) as f64;
         report.cp_cpu_s = s1.cpu_s - s0.cpu_s;
         report.cp_cpu_cores = report.cp_cpu_s / elapsed;
         report.harness_cpu_cores = (me1.cpu_s - me0.cpu_s) / elapsed;
@@ -291,15 +302,20 @@ impl Run<'_> {
             .max(0.0);
         report.load_average_end = procstat::load_average();
         report.cp_rss_end_mib = s1.rss_mib();
+        if self.opts.churn_pattern == ChurnPattern::Rollout {
+            report.rollout = Some(self.rollout.counts.since(&rollout0));
+        }
         report.cp_rss_max_mib = report.cp_rss_max_mib.max(s1.rss_mib());
         progress!(
             self,
-            "churn at {rate}/s: {} changes issued in {:.1} s; to the last agent p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; CP {:.2} cores, harness {:.2}, others {:.2}; RSS {:.0} -> {:.0} MiB",
+            "churn at {rate}/s: {} changes issued in {:.1} s; to the last agent p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; {:.0} updates ({:.2} per agent per change); CP {:.2} cores, harness {:.2}, others {:.2}; RSS {:.0} -> {:.0} MiB",
             report.changes,
             issued_for.as_secs_f64(),
             report.p50_ms,
             report.p99_ms,
             report.max_ms,
+            report.updates_sent,
+            report.updates_per_agent_per_change,
             report.cp_cpu_cores,
             report.harness_cpu_cores,
             report.others_cpu_cores,

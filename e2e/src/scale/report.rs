@@ -55,6 +55,7 @@ pub struct Report {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ChurnReport {
+    pub pattern: super::ChurnPattern,
     pub rate: f64,
     pub duration_s: f64,
     pub changes: usize,
@@ -70,6 +71,10 @@ pub struct ChurnReport {
     pub agent_p50_ms: f64,
     pub agent_p99_ms: f64,
     pub bytes_per_agent_per_change: f64,
+    /// Updates the control plane sent during the phase (all agents), and per
+    /// agent per change (below 1: changes coalesced into fewer updates).
+    pub updates_sent: f64,
+    pub updates_per_agent_per_change: f64,
     pub cp_cpu_s: f64,
     /// CPU seconds per second (1.0 = one core).
     pub cp_cpu_cores: f64,
@@ -81,6 +86,9 @@ pub struct ChurnReport {
     pub others_cpu_cores: f64,
     pub load_average_end: f64,
     pub not_converged: usize,
+    /// With `--churn-pattern rollout`: the transitions written in this phase.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<super::rollout::RolloutCounts>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

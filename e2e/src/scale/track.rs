@@ -1,10 +1,16 @@
-//! Timing changes to every agent: the harness registers a change (its key) at T0,
-//! just before writing it to the API stand-in; each agent reports the first update
-//! carrying that key; the change is complete when every tracked agent has it.
+//! Timing changes to every agent: the harness registers a change (its key and the
+//! trigger time it writes into the object) at T0, just before writing it to the API
+//! stand-in; each agent reports the updates carrying that key; the change is
+//! complete when every tracked agent has it.
 //!
-//! A key is changed again only after its previous change has reached every agent,
-//! so the first update carrying it after T0 carries this change. Per change the
-//! state is a bitset of agents (625 bytes at 5,000 agents), released on completion.
+//! A key may have several changes in flight (a rollout writes the same slice again
+//! before the previous write reached everyone). An update carries a key's newest
+//! content with that write's trigger time (its change cause), so it delivers every
+//! change to the key with a trigger time up to that one: a change the control plane
+//! merged into a later update is timed to that update's arrival. An update carrying
+//! the key without a cause (a full snapshot, a removal) delivers all of them. Per
+//! change the state is a bitset of agents (625 bytes at 5,000 agents), released on
+//! completion.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -19,6 +25,8 @@ use super::cluster::MutationKind;
 struct Change {
     kind: MutationKind,
     t0: Instant,
+    /// The trigger time written into the object, Unix nanoseconds.
+    trigger_ns: i64,
     seen: Vec<AtomicU64>,
     remaining: AtomicUsize,
     last_us: AtomicU64,
@@ -35,7 +43,8 @@ pub struct Done {
 /// See the module docs.
 #[derive(Debug)]
 pub struct Tracker {
-    pending: RwLock<HashMap<u32, Arc<Change>>>,
+    /// Per key, its changes in flight in the order they were written.
+    pending: RwLock<HashMap<u32, Vec<Arc<Change>>>>,
     pending_count: AtomicUsize,
     done: Mutex<Vec<Done>>,
     agents: usize,
@@ -56,19 +65,20 @@ impl Tracker {
         }
     }
 
-    /// Starts timing a change to key `key` (an interned key index), expected at
-    /// `expected` agents.
-    pub fn start(&self, key: u32, kind: MutationKind, expected: usize) {
+    /// Starts timing a change to key `key` (an interned key index) whose object
+    /// carries trigger time `trigger_ns`, expected at `expected` agents.
+    pub fn start(&self, key: u32, trigger_ns: i64, kind: MutationKind, expected: usize) {
         let change = Arc::new(Change {
             kind,
             t0: Instant::now(),
+            trigger_ns,
             seen: (0..self.agents.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             remaining: AtomicUsize::new(expected.max(1)),
             last_us: AtomicU64::new(0),
         });
-        self.write().insert(key, change);
+        self.write().entry(key).or_default().push(change);
         self.pending_count.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -82,44 +92,62 @@ impl Tracker {
         self.pending_count.load(Ordering::Relaxed)
     }
 
-    /// Agent `agent` received an update carrying `keys` at `at`.
-    pub fn observe(&self, agent: usize, keys: impl Iterator<Item = u32>, at: Instant) {
+    /// Agent `agent` received at `at` an update carrying `keys`, each with the
+    /// trigger time of its cause (None: no cause, everything in flight for it).
+    pub fn observe(
+        &self,
+        agent: usize,
+        keys: impl Iterator<Item = (u32, Option<i64>)>,
+        at: Instant,
+    ) {
         if self.in_flight() == 0 {
             return;
         }
-        let mut finished = Vec::new();
+        let mut finished = false;
         {
             let pending = self.read();
-            for k in keys {
-                let Some(c) = pending.get(&k) else { continue };
-                let bit = 1u64 << (agent % 64);
-                let Some(word) = c.seen.get(agent / 64) else {
+            for (k, trigger) in keys {
+                let Some(changes) = pending.get(&k) else {
                     continue;
                 };
-                if word.fetch_or(bit, Ordering::AcqRel) & bit != 0 {
-                    continue;
-                }
-                let us = u64::try_from(at.saturating_duration_since(c.t0).as_micros())
-                    .unwrap_or(u64::MAX);
-                self.per_agent.record(us);
-                c.last_us.fetch_max(us, Ordering::AcqRel);
-                if c.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    finished.push(k);
+                for c in changes
+                    .iter()
+                    .filter(|c| trigger.is_none_or(|t| c.trigger_ns <= t))
+                {
+                    let bit = 1u64 << (agent % 64);
+                    let Some(word) = c.seen.get(agent / 64) else {
+                        continue;
+                    };
+                    if word.fetch_or(bit, Ordering::AcqRel) & bit != 0 {
+                        continue;
+                    }
+                    let us = u64::try_from(at.saturating_duration_since(c.t0).as_micros())
+                        .unwrap_or(u64::MAX);
+                    self.per_agent.record(us);
+                    c.last_us.fetch_max(us, Ordering::AcqRel);
+                    if c.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        finished = true;
+                    }
                 }
             }
         }
-        if !finished.is_empty() {
+        if finished {
             let mut pending = self.write();
             let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
-            for k in finished {
-                if let Some(c) = pending.remove(&k) {
+            pending.retain(|_, changes| {
+                changes.retain(|c| {
+                    if c.remaining.load(Ordering::Acquire) > 0 {
+                        return true;
+                    }
                     self.pending_count.fetch_sub(1, Ordering::Relaxed);
                     done.push(Done {
                         kind: c.kind,
                         last_ms: c.last_us.load(Ordering::Acquire) as f64 / 1000.0,
                     });
-                }
-            }
+                    false
+                });
+                !changes.is_empty()
+            });
         }
     }
 
@@ -139,6 +167,7 @@ impl Tracker {
         let mut pending = self.write();
         let out = pending
             .values()
+            .flatten()
             .map(|c| c.remaining.load(Ordering::Acquire))
             .collect();
         pending.clear();
@@ -146,11 +175,11 @@ impl Tracker {
         out
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<u32, Arc<Change>>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<u32, Vec<Arc<Change>>>> {
         self.pending.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<u32, Arc<Change>>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<u32, Vec<Arc<Change>>>> {
         self.pending.write().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -268,17 +297,39 @@ mod tests {
     #[test]
     fn a_change_completes_when_every_agent_saw_it_once() {
         let t = Tracker::new(3);
-        t.start(7, MutationKind::Endpoint, 3);
+        t.start(7, 100, MutationKind::Endpoint, 3);
         assert!(t.busy(7));
         let now = Instant::now();
-        t.observe(0, [7, 8].into_iter(), now);
-        t.observe(0, [7].into_iter(), now); // a resync carrying it again: counted once
-        t.observe(1, [7].into_iter(), now);
+        t.observe(0, [(7, Some(100)), (8, None)].into_iter(), now);
+        t.observe(0, [(7, None)].into_iter(), now); // a resync carrying it again: counted once
+        t.observe(1, [(7, Some(100))].into_iter(), now);
         assert_eq!(t.done_count(), 0);
-        t.observe(2, [7].into_iter(), now);
+        t.observe(2, [(7, Some(100))].into_iter(), now);
         assert_eq!(t.take_done().len(), 1);
         assert!(!t.busy(7));
         assert_eq!(t.per_agent.count(), 3);
+    }
+
+    #[test]
+    fn an_update_delivers_the_writes_up_to_its_cause() {
+        let t = Tracker::new(2);
+        t.start(7, 100, MutationKind::Endpoint, 2);
+        t.start(7, 200, MutationKind::Endpoint, 2);
+        t.start(7, 300, MutationKind::Endpoint, 2);
+        let now = Instant::now();
+        // Agent 0 gets the first write, then one update merging the other two.
+        t.observe(0, [(7, Some(100))].into_iter(), now);
+        t.observe(0, [(7, Some(300))].into_iter(), now);
+        // Agent 1 gets the second write only: the third is still in flight.
+        t.observe(1, [(7, Some(200))].into_iter(), now);
+        assert_eq!(t.take_done().len(), 2, "the first two writes reached both");
+        assert_eq!(t.in_flight(), 1);
+        assert!(t.busy(7));
+        t.observe(1, [(7, None)].into_iter(), now);
+        assert_eq!(t.take_done().len(), 1);
+        assert_eq!(t.in_flight(), 0);
+        assert!(!t.busy(7));
+        assert_eq!(t.per_agent.count(), 6);
     }
 
     #[test]

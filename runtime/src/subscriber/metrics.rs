@@ -118,6 +118,10 @@ impl SubscriberMetrics {
             "Unix time of the last applied update",
             m.last_applied.clone(),
         );
+        // Series at 0 before the first event, so dashboards' `rate()` reads 0
+        // rather than "no data" (other reasons appear when they happen).
+        let _ = m.disconnects.get_or_create(&Reason { reason: "closed" });
+        let _ = m.nacks.get_or_create(&Reason { reason: "rejected" });
         m
     }
 

@@ -269,6 +269,41 @@ impl NftablesBackend {
             .and_then(|s| s.written.take());
         let restart = kept.is_none();
         let full = want_full || restart;
+        let kept = match kept {
+            // A resync with the state in memory: when the view is unchanged and
+            // the kernel's chain names and digests are exactly what was written,
+            // there is nothing to render or write.
+            Some(mut w) if want_full && !self.distrust => {
+                if w.update(view, &rcfg).is_empty() {
+                    let kernel = script::Kernel {
+                        chains: self
+                            .kernel_chains(family)
+                            .await
+                            .map_err(|m| fail("list", m))?,
+                        digests: self
+                            .kernel_digests(family)
+                            .await
+                            .map_err(|m| fail("list", m))?,
+                    };
+                    let base = digest::base(&render::base_script(family, &rcfg));
+                    let pending: BTreeSet<String> = self
+                        .families
+                        .get(&family)
+                        .map(|s| s.stale.keys().cloned().collect())
+                        .unwrap_or_default();
+                    if w.in_kernel(&kernel, &base, &pending) {
+                        debug!(%family, "nft resync: the kernel holds what was written");
+                        self.families.entry(family).or_default().written = Some(w);
+                        return Ok(SyncReport {
+                            full: true,
+                            ..SyncReport::default()
+                        });
+                    }
+                }
+                None
+            }
+            other => other,
+        };
         let (written, tx, changes) = if full {
             // Read what the kernel holds (chain names and digests, not the
             // rules) and rewrite only what differs.

@@ -437,3 +437,87 @@ fn a_restarted_agent_finding_its_table_in_place_writes_nothing() {
         .unwrap();
     assert_ne!(before, after);
 }
+
+#[test]
+fn a_resync_with_nothing_changed_writes_nothing_and_a_lost_digest_is_repaired() {
+    require();
+    let ns = Netns::new("nftrv").unwrap();
+    let rt = ns.runtime().unwrap();
+    let v = [random_view(11)];
+    let (quiet, b) = futures::executor::block_on(rt.run({
+        let v = v.clone();
+        async move {
+            let mut b = NftablesBackend::new(cfg());
+            b.apply(Desired {
+                views: &v,
+                full: false,
+            })
+            .await
+            .unwrap();
+            let before = b.written_by();
+            let r = b
+                .apply(Desired {
+                    views: &v,
+                    full: true,
+                })
+                .await
+                .unwrap();
+            assert!(r.full);
+            ((before, b.written_by()), b)
+        }
+    }));
+    assert_eq!(quiet.0, quiet.1, "the resync wrote nothing");
+    // Someone deletes one digest: the next resync notices and rewrites.
+    let listed = ns
+        .exec(&[
+            "nft",
+            "-j",
+            "list",
+            "set",
+            "ip",
+            DEFAULT_TABLE,
+            "meshlite-digests",
+        ])
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let one = json["nftables"][1]["set"]["elem"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ns.exec(&[
+        "nft",
+        "delete",
+        "element",
+        "ip",
+        DEFAULT_TABLE,
+        "meshlite-digests",
+        &format!("{{ {one} }}"),
+    ])
+    .unwrap();
+    let after = futures::executor::block_on(rt.run({
+        let v = v.clone();
+        let mut b = b;
+        async move {
+            b.apply(Desired {
+                views: &v,
+                full: true,
+            })
+            .await
+            .unwrap();
+            b.written_by()
+        }
+    }));
+    assert_eq!(after.nft, quiet.1.nft + 1, "repaired with one transaction");
+    let listed = ns
+        .exec(&[
+            "nft",
+            "-j",
+            "list",
+            "set",
+            "ip",
+            DEFAULT_TABLE,
+            "meshlite-digests",
+        ])
+        .unwrap();
+    assert!(listed.contains(&one), "the digest is back");
+}

@@ -193,6 +193,45 @@ impl Written {
             .collect()
     }
 
+    /// Whether the kernel holds exactly what this state says was written, judged
+    /// by the chain names and the digests alone: every digest (chains, sets and
+    /// maps, and `base`, the fixed part's) present and no other, and our chains
+    /// exactly the wanted ones (`pending`, flushed chains not yet deleted,
+    /// aside).
+    pub fn in_kernel(
+        &self,
+        kernel: &super::script::Kernel,
+        base: &str,
+        pending: &BTreeSet<String>,
+    ) -> bool {
+        let mut want: BTreeSet<std::net::Ipv6Addr> = self
+            .elements
+            .iter()
+            .filter(|((set, _), e)| *set == DIGESTS && e.written.is_some())
+            .filter_map(|((_, key), _)| key.parse().ok())
+            .collect();
+        for (set, xor) in &self.xor_written {
+            if let Ok(d) = digest::set(set, *xor).parse() {
+                want.insert(d);
+            }
+        }
+        if let Ok(d) = base.parse() {
+            want.insert(d);
+        }
+        if want != kernel.digests {
+            return false;
+        }
+        let fixed: BTreeSet<&str> = render::FIXED_CHAINS.into_iter().collect();
+        let ours: BTreeSet<String> = kernel
+            .chains
+            .iter()
+            .filter(|c| !fixed.contains(c.as_str()) && !pending.contains(*c))
+            .filter(|c| !c.starts_with("filter-") && !c.starts_with("nat-"))
+            .cloned()
+            .collect();
+        ours == self.chain_names()
+    }
+
     /// Replaces one owner's fragment `old` by `new`.
     fn replace(&mut self, p: &mut Pending, old: Option<&Fragment>, new: Option<&Fragment>) {
         let empty = Fragment::default();

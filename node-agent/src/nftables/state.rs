@@ -116,24 +116,38 @@ impl Written {
             self.replace(&mut p, Some(&old), Some(&globals));
             self.cfg = Some(cfg.clone());
         }
-        let gone: Vec<ServicePortName> = self
-            .ports
-            .keys()
-            .filter(|n| !view.ports.contains_key(*n))
-            .cloned()
-            .collect();
+        // Walk the kept ports and the view's together (both sorted by name):
+        // one key comparison per port, and a pointer comparison for the ports a
+        // rebuilt view shares with the previous one.
+        let mut gone: Vec<ServicePortName> = Vec::new();
+        let mut changed: Vec<(&ServicePortName, &Arc<ServicePortView>)> = Vec::new();
+        let mut kept = self.ports.iter().peekable();
+        for (name, sp) in &view.ports {
+            while let Some((k, _)) = kept.peek() {
+                if *k < name {
+                    gone.push((*k).clone());
+                    kept.next();
+                } else {
+                    break;
+                }
+            }
+            match kept.peek() {
+                Some((k, o)) if *k == name => {
+                    if all || !(Arc::ptr_eq(&o.view, sp) || *o.view == **sp) {
+                        changed.push((name, sp));
+                    }
+                    kept.next();
+                }
+                _ => changed.push((name, sp)),
+            }
+        }
+        gone.extend(kept.map(|(k, _)| k.clone()));
         for name in gone {
             if let Some(old) = self.ports.remove(&name) {
                 self.replace(&mut p, Some(&old.fragment), None);
             }
         }
-        for (name, sp) in &view.ports {
-            let old = self.ports.get(name);
-            // A view rebuilt for a few services shares the other ports: most
-            // are the same allocation and compare in O(1).
-            if !all && old.is_some_and(|o| Arc::ptr_eq(&o.view, sp) || *o.view == **sp) {
-                continue;
-            }
+        for (name, sp) in changed {
             let fragment = render::render_port(self.family, sp, cfg);
             let old = self.ports.insert(
                 name.clone(),

@@ -646,6 +646,7 @@ fn map_destinations(
         };
         for el in body.trim_end_matches(" }").split(", ") {
             let key = el.split(" : ").next().unwrap();
+            let key = key.split(" comment ").next().unwrap();
             let parts: Vec<&str> = key.split(" . ").collect();
             let (addr, proto, port) = match parts[..] {
                 [a, pr, po] => match a.parse::<IpAddr>() {

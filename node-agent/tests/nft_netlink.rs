@@ -160,7 +160,7 @@ fn elements_written_over_netlink_list_as_nft_writes_them() {
         ),
         (
             render::NO_ENDPOINT_SERVICES,
-            "198.19.0.2 . sctp . 9".into(),
+            "198.19.0.2 . sctp . 9 comment \"ns/svc:sctp\"".into(),
             "goto reject-chain".into(),
         ),
         (

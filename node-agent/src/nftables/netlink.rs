@@ -62,6 +62,9 @@ const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
+const NFTA_SET_ELEM_USERDATA: u16 = 6;
+/// libnftnl's user-data record type for an element comment.
+const NFTNL_UDATA_SET_ELEM_COMMENT: u8 = 0;
 
 const NFTA_IMMEDIATE_DREG: u16 = 1;
 const NFTA_IMMEDIATE_DATA: u16 = 2;
@@ -149,7 +152,7 @@ pub fn encode(family: IpFamily, table: &str, c: &Changes) -> Result<Batch, Unsup
     let mut b = Batch::default();
     b.control(NFNL_MSG_BATCH_BEGIN);
     for (set, key) in &c.delete_elements {
-        let k = element_key(family, set, key)?;
+        let k = element_key(family, set, split_comment(key).0)?;
         b.message(NFT_MSG_DELSETELEM, nfproto, 0, |m| {
             m.str(NFTA_SET_ELEM_LIST_TABLE, table);
             m.str(NFTA_SET_ELEM_LIST_SET, set);
@@ -192,8 +195,10 @@ pub fn encode(family: IpFamily, table: &str, c: &Changes) -> Result<Batch, Unsup
         }
     }
     for (set, key, value) in &c.add_elements {
+        let (key, comment) = split_comment(key);
         let k = element_key(family, set, key)?;
         let v = element_value(value)?;
+        let udata = comment.map(comment_udata).transpose()?;
         b.message(NFT_MSG_NEWSETELEM, nfproto, NLM_F_CREATE, |m| {
             m.str(NFTA_SET_ELEM_LIST_TABLE, table);
             m.str(NFTA_SET_ELEM_LIST_SET, set);
@@ -202,6 +207,9 @@ pub fn encode(family: IpFamily, table: &str, c: &Changes) -> Result<Batch, Unsup
                     m.nested(NFTA_SET_ELEM_KEY, |m| m.bytes(NFTA_DATA_VALUE, &k));
                     if let Some(v) = &v {
                         m.nested(NFTA_SET_ELEM_DATA, |m| v.write(m));
+                    }
+                    if let Some(u) = &udata {
+                        m.bytes(NFTA_SET_ELEM_USERDATA, u);
                     }
                 });
             });
@@ -696,6 +704,25 @@ fn element_key(family: IpFamily, set: &str, key: &str) -> Result<Vec<u8>, Unsupp
             out.push(0);
         }
     }
+    Ok(out)
+}
+
+/// `key comment "text"` -> (`key`, `text`).
+fn split_comment(key: &str) -> (&str, Option<&str>) {
+    match key.split_once(" comment \"") {
+        Some((k, rest)) => (k, Some(rest.trim_end_matches('"'))),
+        None => (key, None),
+    }
+}
+
+/// An element comment as the kernel keeps it: libnftnl's user-data record (type,
+/// length, the string with its NUL), which `nft list` reads back.
+fn comment_udata(comment: &str) -> Result<Vec<u8>, Unsupported> {
+    let len = u8::try_from(comment.len() + 1)
+        .map_err(|_| Unsupported(format!("comment longer than 254 bytes: {comment}")))?;
+    let mut out = vec![NFTNL_UDATA_SET_ELEM_COMMENT, len];
+    out.extend_from_slice(comment.as_bytes());
+    out.push(0);
     Ok(out)
 }
 

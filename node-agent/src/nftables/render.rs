@@ -379,7 +379,15 @@ pub fn render_port(family: IpFamily, sp: &ServicePortView, cfg: &RenderConfig) -
 fn render_port_rules(family: IpFamily, sp: &ServicePortView, cfg: &RenderConfig) -> Fragment {
     let f = family_name(family);
     let mut rs = Fragment::default();
+    // Elements of the no-endpoint maps name their service in a comment, as
+    // kube-proxy's do: nothing else there says whose they are.
+    let owner = sp.info.name.to_string();
     let el = |rs: &mut Fragment, set: &'static str, key: String, value: String| {
+        let key = if set == NO_ENDPOINT_SERVICES || set == NO_ENDPOINT_NODEPORTS {
+            format!("{key} comment \"{owner}\"")
+        } else {
+            key
+        };
         rs.elements.push((set, key, value));
     };
     {

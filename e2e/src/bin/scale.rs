@@ -3,7 +3,8 @@
 //! agent failed to converge, 2 if the harness could not run, 64 on bad flags.
 //!
 //! `scale --plot-out docs/scale-latency.svg --plot-from a.json,b.json` draws the
-//! latency-vs-agents plot from earlier reports instead.
+//! latency-vs-agents plot from earlier reports instead (`--plot-x churn-rate`: p99
+//! against the churn rate, from the reports' churn phases).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,6 +27,10 @@ struct Cli {
     /// Subtitle of the plot.
     #[arg(long, default_value = "")]
     plot_title: String,
+    /// The plot's x axis: `agents` (one single-change phase per report) or
+    /// `churn-rate` (every churn phase of the reports).
+    #[arg(long, default_value = "agents", value_parser = ["agents", "churn-rate"])]
+    plot_x: String,
 }
 
 #[tokio::main]
@@ -42,7 +47,12 @@ async fn main() -> ExitCode {
         }
     };
     if let Some(out) = cli.plot_out {
-        return match draw(&out, &cli.plot_from, &cli.plot_title) {
+        let axis = if cli.plot_x == "churn-rate" {
+            plot::Axis::ChurnRate
+        } else {
+            plot::Axis::Agents
+        };
+        return match draw(&out, &cli.plot_from, &cli.plot_title, axis) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("scale: plot: {e:#}");
@@ -73,7 +83,7 @@ async fn main() -> ExitCode {
     }
 }
 
-fn draw(out: &PathBuf, from: &[PathBuf], title: &str) -> anyhow::Result<()> {
+fn draw(out: &PathBuf, from: &[PathBuf], title: &str, axis: plot::Axis) -> anyhow::Result<()> {
     let mut reports = Vec::new();
     for f in from {
         let text = std::fs::read_to_string(f)?;
@@ -84,9 +94,12 @@ fn draw(out: &PathBuf, from: &[PathBuf], title: &str) -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("{}: no JSON report line", f.display()))?;
         reports.push(serde_json::from_str(last)?);
     }
-    let points = plot::points(&reports);
+    let points = match axis {
+        plot::Axis::Agents => plot::points(&reports),
+        plot::Axis::ChurnRate => plot::churn_points(&reports),
+    };
     anyhow::ensure!(!points.is_empty(), "no usable reports");
-    std::fs::write(out, plot::svg(&points, title))?;
+    std::fs::write(out, plot::svg(&points, axis, title))?;
     eprintln!("scale: wrote {} ({} points)", out.display(), points.len());
     Ok(())
 }

@@ -1,5 +1,7 @@
-//! A small hand-written SVG line plot: single-change latency to all agents
-//! (p50, p99, max) against the number of agents, from the harness's JSON reports.
+//! A small hand-written SVG line plot of change latency to all agents (p50, p99,
+//! max) from the harness's JSON reports: against the number of agents (one
+//! single-change phase per report), or against the churn rate (every churn phase
+//! of the reports).
 //! Hand-written because it is one chart of a few points; no plotting crate needed.
 
 use std::fmt::Write;
@@ -7,7 +9,8 @@ use std::fmt::Write;
 /// One report's point.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Point {
-    pub agents: f64,
+    /// Agents, or changes per second.
+    pub x: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
@@ -19,19 +22,54 @@ pub fn points(reports: &[serde_json::Value]) -> Vec<Point> {
         .iter()
         .filter_map(|r| {
             Some(Point {
-                agents: r["agents"].as_f64()?,
+                x: r["agents"].as_f64()?,
                 p50_ms: r["change_p50_ms"].as_f64()?,
                 p99_ms: r["change_p99_ms"].as_f64()?,
                 max_ms: r["change_max_ms"].as_f64()?,
             })
         })
         .collect();
-    pts.sort_by(|a, b| a.agents.total_cmp(&b.agents));
+    pts.sort_by(|a, b| a.x.total_cmp(&b.x));
     pts
 }
 
+/// One point per churn phase (the x axis is its rate, changes per second).
+pub fn churn_points(reports: &[serde_json::Value]) -> Vec<Point> {
+    let mut pts: Vec<Point> = reports
+        .iter()
+        .flat_map(|r| r["churn"].as_array().cloned().unwrap_or_default())
+        .filter_map(|c| {
+            Some(Point {
+                x: c["rate"].as_f64()?,
+                p50_ms: c["p50_ms"].as_f64()?,
+                p99_ms: c["p99_ms"].as_f64()?,
+                max_ms: c["max_ms"].as_f64()?,
+            })
+        })
+        .collect();
+    pts.sort_by(|a, b| a.x.total_cmp(&b.x));
+    pts
+}
+
+/// What the x axis shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Axis {
+    Agents,
+    ChurnRate,
+}
+
 /// The SVG text. `subtitle` names the cluster size.
-pub fn svg(points: &[Point], subtitle: &str) -> String {
+pub fn svg(points: &[Point], axis: Axis, subtitle: &str) -> String {
+    let (title, xlabel) = match axis {
+        Axis::Agents => (
+            "One endpoint change: time until every agent has it",
+            "agents (log scale)",
+        ),
+        Axis::ChurnRate => (
+            "Under churn: time from each change until every agent has it",
+            "changes per second (log scale)",
+        ),
+    };
     const W: f64 = 640.0;
     const H: f64 = 400.0;
     const L: f64 = 70.0;
@@ -39,11 +77,8 @@ pub fn svg(points: &[Point], subtitle: &str) -> String {
     const T: f64 = 60.0;
     const B: f64 = 60.0;
     let (pw, ph) = (W - L - R, H - T - B);
-    let xmin = points
-        .iter()
-        .map(|p| p.agents)
-        .fold(f64::INFINITY, f64::min);
-    let xmax = points.iter().map(|p| p.agents).fold(0.0, f64::max);
+    let xmin = points.iter().map(|p| p.x).fold(f64::INFINITY, f64::min);
+    let xmax = points.iter().map(|p| p.x).fold(0.0, f64::max);
     let (lx0, lx1) = if points.is_empty() {
         (0.0, 1.0)
     } else {
@@ -63,7 +98,7 @@ pub fn svg(points: &[Point], subtitle: &str) -> String {
     let _ = writeln!(s, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
     let _ = writeln!(
         s,
-        r#"<text x="{}" y="24" font-size="15" font-weight="bold">One endpoint change: time until every agent has it</text>"#,
+        r#"<text x="{}" y="24" font-size="15" font-weight="bold">{title}</text>"#,
         L
     );
     let _ = writeln!(
@@ -85,13 +120,13 @@ pub fn svg(points: &[Point], subtitle: &str) -> String {
         );
     }
     for p in points {
-        let xx = x(p.agents);
+        let xx = x(p.x);
         let _ = writeln!(
             s,
             r##"<line x1="{xx:.1}" y1="{T}" x2="{xx:.1}" y2="{:.1}" stroke="#eee"/><text x="{xx:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
             T + ph,
             T + ph + 18.0,
-            fmt_num(p.agents)
+            fmt_num(p.x)
         );
     }
     let _ = writeln!(
@@ -100,7 +135,7 @@ pub fn svg(points: &[Point], subtitle: &str) -> String {
     );
     let _ = writeln!(
         s,
-        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">agents (log scale)</text>"#,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{xlabel}</text>"#,
         L + pw / 2.0,
         H - 18.0
     );
@@ -118,7 +153,7 @@ pub fn svg(points: &[Point], subtitle: &str) -> String {
     for (i, (name, color, f)) in series.iter().enumerate() {
         let pts: Vec<String> = points
             .iter()
-            .map(|p| format!("{:.1},{:.1}", x(p.agents), y(f(p))))
+            .map(|p| format!("{:.1},{:.1}", x(p.x), y(f(p))))
             .collect();
         let dash = if *name == "max" {
             r#" stroke-dasharray="4 3""#
@@ -134,7 +169,7 @@ pub fn svg(points: &[Point], subtitle: &str) -> String {
             let _ = writeln!(
                 s,
                 r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"/>"#,
-                x(p.agents),
+                x(p.x),
                 y(f(p))
             );
         }
@@ -184,6 +219,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn plots_every_churn_phase_by_rate() {
+        let report = serde_json::json!({"churn": [
+            {"rate": 500, "p50_ms": 50.0, "p99_ms": 900.0, "max_ms": 1000.0},
+            {"rate": 50, "p50_ms": 10.0, "p99_ms": 90.0, "max_ms": 100.0},
+        ]});
+        let p = churn_points(&[report]);
+        assert_eq!(p.iter().map(|p| p.x).collect::<Vec<_>>(), [50.0, 500.0]);
+        let s = svg(&p, Axis::ChurnRate, "5,000 agents");
+        assert!(s.contains("changes per second"));
+        assert_eq!(s.matches("<circle").count(), 6);
+    }
+
+    #[test]
     fn plots_every_point() {
         let reports: Vec<serde_json::Value> = [500, 5000, 1000]
             .iter()
@@ -191,10 +239,10 @@ mod tests {
             .collect();
         let p = points(&reports);
         assert_eq!(
-            p.iter().map(|p| p.agents).collect::<Vec<_>>(),
+            p.iter().map(|p| p.x).collect::<Vec<_>>(),
             [500.0, 1000.0, 5000.0]
         );
-        let s = svg(&p, "10k services");
+        let s = svg(&p, Axis::Agents, "10k services");
         assert!(s.starts_with("<svg") && s.ends_with("</svg>\n"));
         assert_eq!(s.matches("<circle").count(), 9);
         assert!(s.contains("5,000"));

@@ -84,7 +84,18 @@ struct FamilyState {
     family: IpFamily,
     applied: Option<Applied>,
     jumps_ensured: bool,
+    /// Whether `iptables-restore` is the nf_tables variant (asked once).
+    nft: Option<bool>,
 }
+
+/// How many `nat` chains a full sync writes per transaction with the nf_tables
+/// variant of `iptables-restore`. With `--noflush` it keeps a sorted list of
+/// every chain the transaction names and walks it for each rule, so one
+/// transaction costs chains x rules: 11,000 chains in one took 6 s of CPU at
+/// 1,000 services x 10 endpoints, against 0.3 s for the same rules in
+/// transactions of this size. The legacy variant rewrites the whole table per
+/// transaction, so it gets one.
+pub const NFT_BLOCK_CHAINS: usize = 256;
 
 /// The iptables [`Backend`].
 #[derive(Debug)]
@@ -201,6 +212,7 @@ impl IptablesBackend {
                 family: *f,
                 applied: None,
                 jumps_ensured: false,
+                nft: None,
             })
             .collect();
         Self {
@@ -292,22 +304,35 @@ impl IptablesBackend {
         };
 
         // Stale chains can only be known from the kernel on a full sync (a
-        // restarted agent does not know what its predecessor wrote).
+        // restarted agent does not know what its predecessor wrote). The chains of
+        // this render are added: a restore written in several transactions may
+        // leave some of them behind when it fails, and an input that then leaves a
+        // service out must delete them.
         let existing = if full {
-            Some(
-                save_chains(runner, family, "nat")
-                    .await
-                    .map_err(|e| fail("save", e))?,
-            )
+            let mut chains = save_chains(runner, family, "nat")
+                .await
+                .map_err(|e| fail("save", e))?;
+            chains.extend(rs.active_nat_chains().into_iter().map(String::from));
+            Some(chains)
         } else {
             None
         };
+        let nft = match state.nft {
+            Some(nft) => nft,
+            None => {
+                let nft = is_nft(runner, family).await;
+                state.nft = Some(nft);
+                nft
+            }
+        };
+        let blocks = nft.then_some(NFT_BLOCK_CHAINS);
         let input = |rs: &RuleSet| {
             plan::plan(
                 rs,
                 previous.map(|p| &p.written),
                 existing.as_deref(),
                 &names,
+                blocks,
             )
         };
 
@@ -320,9 +345,13 @@ impl IptablesBackend {
             bytes = planned.text.len(),
             rules = planned.written
         );
-        let first = restore(runner, family, &planned.text)
-            .instrument(restore_span)
-            .await;
+        let first = if planned.text.is_empty() {
+            Ok(())
+        } else {
+            restore(runner, family, &planned.text)
+                .instrument(restore_span)
+                .await
+        };
         if let Err(e) = first {
             // Find the services whose rules the kernel refuses, keep their last good
             // rules, and program everyone else.
@@ -373,7 +402,9 @@ impl IptablesBackend {
             }
             rs = rs.with_services_from(&keep, previous.map(|p| &p.rules));
             planned = input(&rs);
-            if let Err(e) = restore(runner, family, &planned.text).await {
+            if !planned.text.is_empty()
+                && let Err(e) = restore(runner, family, &planned.text).await
+            {
                 state.applied = None;
                 state.jumps_ensured = false;
                 return Err(fail("restore", e));
@@ -421,6 +452,7 @@ impl IptablesBackend {
             written: Written {
                 services: planned.hashes,
                 active_chains: planned.active,
+                top: planned.top,
             },
             udp,
             rules: rs,
@@ -455,7 +487,12 @@ async fn refused_services(
     let apply = |new: &BTreeSet<ServicePortName>| {
         let keep: BTreeSet<ServicePortName> = all.difference(new).cloned().collect();
         let text = input(&rs.with_services_from(&keep, previous)).text;
-        async move { restore(runner, family, &text).await }
+        async move {
+            if text.is_empty() {
+                return Ok(());
+            }
+            restore(runner, family, &text).await
+        }
     };
     let mut refused = BTreeMap::new();
     let mut accepted: BTreeSet<ServicePortName> = BTreeSet::new();
@@ -615,6 +652,15 @@ pub async fn restore(runner: &Runner, family: IpFamily, text: &str) -> Result<()
         stderr,
     }
     .into())
+}
+
+/// Whether `iptables-restore` (`ip6tables-restore`) is the nf_tables variant:
+/// its `--version` says `(nf_tables)`. False when it cannot be asked.
+pub async fn is_nft(runner: &Runner, family: IpFamily) -> bool {
+    runner
+        .run(&tool(family, "-restore"), &["--version"], None)
+        .await
+        .is_ok_and(|o| o.success && o.stdout.contains("nf_tables"))
 }
 
 /// The chains of a table, from `iptables-save -t <table>`.

@@ -3,8 +3,10 @@
 //! - [`chains`]: chain names (kube-proxy's hashes).
 //! - [`render`]: view -> `iptables-restore` text, pure.
 //! - [`IptablesBackend`]: the kernel side. Each sync is one `iptables-restore
-//!   --noflush` per family (atomic per table); a partial sync rewrites the top-level
-//!   chains and only the service chains whose rules changed, and deletes chains of
+//!   --noflush` per family: one transaction per table, except a full sync with the
+//!   nf_tables variant, whose `nat` part is several (see [`nft_block_chains`]); a
+//!   partial sync rewrites only the service chains whose rules changed, the
+//!   top-level chains of a table only when they changed, and deletes chains of
 //!   removed services. The jumps from the built-in chains are checked and inserted
 //!   one rule at a time ([`jumps`]). After each sync, stale UDP conntrack entries
 //!   are deleted (see [`conntrack`]). Every tool runs through one [`Runner`].
@@ -89,13 +91,20 @@ struct FamilyState {
 }
 
 /// How many `nat` chains a full sync writes per transaction with the nf_tables
-/// variant of `iptables-restore`. With `--noflush` it keeps a sorted list of
-/// every chain the transaction names and walks it for each rule, so one
-/// transaction costs chains x rules: 11,000 chains in one took 6 s of CPU at
-/// 1,000 services x 10 endpoints, against 0.3 s for the same rules in
-/// transactions of this size. The legacy variant rewrites the whole table per
+/// variant of `iptables-restore`, for a ruleset of `nat_rules` rules.
+///
+/// Two costs pull apart. With `--noflush`, `iptables-nft-restore` (1.8.9) keeps a
+/// sorted list of every chain a transaction names and walks it for each rule, so
+/// a transaction of `b` chains costs about `b` squared (one transaction of 11,000
+/// chains took 6 s of CPU at 1,000 services x 10 endpoints). And the kernel
+/// checks every chain reachable from the built-in chains at each commit that adds
+/// rules, so each transaction into a populated table costs about the table's
+/// size (70 ms at 160,000 rules). The sum is least near `b = sqrt(20 x rules)`,
+/// kept between 256 and 4,096. The legacy variant rewrites the whole table per
 /// transaction, so it gets one.
-pub const NFT_BLOCK_CHAINS: usize = 256;
+pub fn nft_block_chains(nat_rules: usize) -> usize {
+    (20 * nat_rules).isqrt().clamp(256, 4096)
+}
 
 /// The iptables [`Backend`].
 #[derive(Debug)]
@@ -325,7 +334,7 @@ impl IptablesBackend {
                 nft
             }
         };
-        let blocks = nft.then_some(NFT_BLOCK_CHAINS);
+        let blocks = nft.then(|| nft_block_chains(rs.nat_rule_count));
         let input = |rs: &RuleSet| {
             plan::plan(
                 rs,
@@ -470,7 +479,10 @@ impl IptablesBackend {
 /// inputs the kernel refuses (a busy chain, an undeclared one). Every input tried
 /// is a consistent ruleset (each service either all old or all new), and a
 /// refused input changes nothing, so the kernel only ever moves between such
-/// rulesets. Services whose new rules were accepted keep them; each set that
+/// rulesets. (A full sync in several transactions may have committed the ones
+/// before the refused one: those hold whole services, not yet reachable when new,
+/// and every later full input rewrites them and deletes the chains it does not
+/// use, so the same holds.) Services whose new rules were accepted keep them; each set that
 /// fails is halved until the refused services are alone. Rules of different
 /// services do not refer to each other, so about 2 log2(n) restores find each
 /// refused service.

@@ -3,7 +3,12 @@
 //!
 //! `cargo bench -p meshlite-node-agent --bench sync` (root; needs iptables).
 //! `MESHLITE_BENCH_SERVICES` / `MESHLITE_BENCH_ENDPOINTS` / `MESHLITE_BENCH_RUNS`
-//! change the size and the number of runs.
+//! change the size and the number of runs. `MESHLITE_BENCH_IPTABLES=nft` or
+//! `legacy` runs `iptables-nft*` or `iptables-legacy*` as `iptables*` (through a
+//! directory of links put first on this process's `PATH`, the way the agent finds
+//! its tools; the system's alternatives are left alone); unset, whatever
+//! `iptables` is. Each sync is compared with a plain `iptables-restore` (no
+//! `--noflush`) of the same rules into an empty namespace.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -16,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use meshlite_node_agent::backend::{Backend, Desired};
 use meshlite_node_agent::iptables::{self, IptablesBackend, IptablesConfig, render};
+use meshlite_node_agent::netfilter::Runner;
 use meshlite_node_agent::proxy::{IpFamily, ProxyView, ServicePortName};
 use meshlite_proto::model::{
     AddressFamily, Endpoint, EndpointPort, EndpointSlice, Node, Protocol, Resource, Service,
@@ -90,8 +96,58 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
+/// Runs this benchmark again with links named `iptables*` to the `variant`'s
+/// binaries first on its `PATH`, and exits with its status.
+fn rerun_with_variant(variant: &str) -> ! {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let dir = std::env::temp_dir().join(format!("meshlite-bench-iptables-{variant}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    for family in ["iptables", "ip6tables"] {
+        for what in ["", "-restore", "-save"] {
+            let target = format!("{family}-{variant}{what}");
+            let found = std::env::split_paths(&path)
+                .map(|d| d.join(&target))
+                .find(|p| p.exists())
+                .unwrap_or_else(|| panic!("{target} is not installed"));
+            let link = dir.join(format!("{family}{what}"));
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(found, link).unwrap();
+        }
+    }
+    let joined =
+        std::env::join_paths(std::iter::once(dir).chain(std::env::split_paths(&path))).unwrap();
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(std::env::args_os().skip(1))
+        .env("PATH", joined)
+        .env("MESHLITE_BENCH_IPTABLES_SELECTED", variant)
+        .status()
+        .unwrap();
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+/// A plain `iptables-restore` (no `--noflush`) of `text` into a new namespace.
+async fn plain_restore(text: String) -> Duration {
+    let ns = netns::Netns::new("plain").expect("network namespace");
+    let rt = ns.runtime().unwrap();
+    rt.run(async move {
+        let t = Instant::now();
+        let out = Runner::System
+            .run("iptables-restore", &["-w"], Some(&text))
+            .await
+            .unwrap();
+        assert!(out.success, "plain iptables-restore: {}", out.stderr);
+        t.elapsed()
+    })
+    .await
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.
+    if let Ok(variant) = std::env::var("MESHLITE_BENCH_IPTABLES")
+        && std::env::var_os("MESHLITE_BENCH_IPTABLES_SELECTED").is_none()
+    {
+        rerun_with_variant(&variant);
+    }
     let services = env("MESHLITE_BENCH_SERVICES", 10_000);
     let endpoints = env("MESHLITE_BENCH_ENDPOINTS", 10);
     let runs = env("MESHLITE_BENCH_RUNS", 5).max(1);
@@ -154,6 +210,12 @@ fn main() {
     let partial = rs_changed.partial_text(&changed, &stale);
 
     println!("meshlite node agent sync benchmark");
+    let version = std::process::Command::new("iptables-restore")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|e| format!("iptables-restore: {e}"));
+    println!("  {version}");
     println!(
         "  size: {services} services x {endpoints} endpoints (large-cluster mode: {})",
         services * endpoints > iptables::render::LARGE_CLUSTER_ENDPOINTS
@@ -188,7 +250,11 @@ fn main() {
         .build()
         .unwrap();
     t0.block_on(async move {
-        let (first, fulls, bare_full, partials, bare_partial) = rt
+        let mut plain = Vec::new();
+        for _ in 0..runs {
+            plain.push(plain_restore(text.clone()).await);
+        }
+        let (first, fulls, partials, bare_partial) = rt
             .run(async move {
                 let mut backend = IptablesBackend::new(cfg);
                 let views = vec![ProxyView::build(&snap, "node1", IpFamily::V4)];
@@ -200,7 +266,6 @@ fn main() {
                     .unwrap();
                 let first = t.elapsed();
                 let mut fulls = Vec::new();
-                let mut bare_full = Vec::new();
                 let mut partials = Vec::new();
                 let mut bare_partial = Vec::new();
                 for _ in 0..runs {
@@ -210,9 +275,6 @@ fn main() {
                         .await
                         .unwrap();
                     fulls.push(t.elapsed());
-                    let t = Instant::now();
-                    iptables::restore(&Default::default(), IpFamily::V4, &text).await.unwrap();
-                    bare_full.push(t.elapsed());
                 }
                 for _ in 0..runs {
                     // Back to the base state, then the one-service change.
@@ -230,20 +292,28 @@ fn main() {
                     iptables::restore(&Default::default(), IpFamily::V4, &partial).await.unwrap();
                     bare_partial.push(t.elapsed());
                 }
-                (first, fulls, bare_full, partials, bare_partial)
+                (first, fulls, partials, bare_partial)
             })
             .await;
-        let (f, bf) = (median(fulls), median(bare_full));
+        let f = median(fulls);
         let (p, bp) = (median(partials), median(bare_partial));
-        println!("  (2) first sync into an empty namespace: {}", ms(first));
+        let pl = median(plain);
         println!(
-            "      full sync: {}   bare iptables-restore of the same text: {}   ratio {:.2}",
-            ms(f),
-            ms(bf),
-            f.as_secs_f64() / bf.as_secs_f64()
+            "  plain iptables-restore (no --noflush) of the full text into an empty namespace: {}",
+            ms(pl)
         );
         println!(
-            "  (3) single-service change (partial sync): {}   bare restore of the partial text: {}   ratio {:.2}",
+            "  (2) first sync into an empty namespace: {}   ratio to the plain restore {:.2}",
+            ms(first),
+            first.as_secs_f64() / pl.as_secs_f64()
+        );
+        println!(
+            "      full sync (everything rewritten): {}   ratio to the plain restore {:.2}",
+            ms(f),
+            f.as_secs_f64() / pl.as_secs_f64()
+        );
+        println!(
+            "  (3) single-service change (partial sync): {}   restore --noflush of kube-proxy's partial text (top-level chains too): {}   ratio {:.2}",
             ms(p),
             ms(bp),
             p.as_secs_f64() / bp.as_secs_f64()

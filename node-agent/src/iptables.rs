@@ -3,8 +3,10 @@
 //! - [`chains`]: chain names (kube-proxy's hashes).
 //! - [`render`]: view -> `iptables-restore` text, pure.
 //! - [`IptablesBackend`]: the kernel side. Each sync is one `iptables-restore
-//!   --noflush` per family (atomic per table); a partial sync rewrites the top-level
-//!   chains and only the service chains whose rules changed, and deletes chains of
+//!   --noflush` per family: one transaction per table, except a full sync with the
+//!   nf_tables variant, whose `nat` part is several (see [`nft_block_chains`]); a
+//!   partial sync rewrites only the service chains whose rules changed, the
+//!   top-level chains of a table only when they changed, and deletes chains of
 //!   removed services. The jumps from the built-in chains are checked and inserted
 //!   one rule at a time ([`jumps`]). After each sync, stale UDP conntrack entries
 //!   are deleted (see [`conntrack`]). Every tool runs through one [`Runner`].
@@ -84,6 +86,24 @@ struct FamilyState {
     family: IpFamily,
     applied: Option<Applied>,
     jumps_ensured: bool,
+    /// Whether `iptables-restore` is the nf_tables variant (asked once).
+    nft: Option<bool>,
+}
+
+/// How many `nat` chains a full sync writes per transaction with the nf_tables
+/// variant of `iptables-restore`, for a ruleset of `nat_rules` rules.
+///
+/// Two costs pull apart. With `--noflush`, `iptables-nft-restore` (1.8.9) keeps a
+/// sorted list of every chain a transaction names and walks it for each rule, so
+/// a transaction of `b` chains costs about `b` squared (one transaction of 11,000
+/// chains took 6 s of CPU at 1,000 services x 10 endpoints). And the kernel
+/// checks every chain reachable from the built-in chains at each commit that adds
+/// rules, so each transaction into a populated table costs about the table's
+/// size (70 ms at 160,000 rules). The sum is least near `b = sqrt(20 x rules)`,
+/// kept between 256 and 4,096. The legacy variant rewrites the whole table per
+/// transaction, so it gets one.
+pub fn nft_block_chains(nat_rules: usize) -> usize {
+    (20 * nat_rules).isqrt().clamp(256, 4096)
 }
 
 /// The iptables [`Backend`].
@@ -201,6 +221,7 @@ impl IptablesBackend {
                 family: *f,
                 applied: None,
                 jumps_ensured: false,
+                nft: None,
             })
             .collect();
         Self {
@@ -292,22 +313,35 @@ impl IptablesBackend {
         };
 
         // Stale chains can only be known from the kernel on a full sync (a
-        // restarted agent does not know what its predecessor wrote).
+        // restarted agent does not know what its predecessor wrote). The chains of
+        // this render are added: a restore written in several transactions may
+        // leave some of them behind when it fails, and an input that then leaves a
+        // service out must delete them.
         let existing = if full {
-            Some(
-                save_chains(runner, family, "nat")
-                    .await
-                    .map_err(|e| fail("save", e))?,
-            )
+            let mut chains = save_chains(runner, family, "nat")
+                .await
+                .map_err(|e| fail("save", e))?;
+            chains.extend(rs.active_nat_chains().into_iter().map(String::from));
+            Some(chains)
         } else {
             None
         };
+        let nft = match state.nft {
+            Some(nft) => nft,
+            None => {
+                let nft = is_nft(runner, family).await;
+                state.nft = Some(nft);
+                nft
+            }
+        };
+        let blocks = nft.then(|| nft_block_chains(rs.nat_rule_count));
         let input = |rs: &RuleSet| {
             plan::plan(
                 rs,
                 previous.map(|p| &p.written),
                 existing.as_deref(),
                 &names,
+                blocks,
             )
         };
 
@@ -320,9 +354,13 @@ impl IptablesBackend {
             bytes = planned.text.len(),
             rules = planned.written
         );
-        let first = restore(runner, family, &planned.text)
-            .instrument(restore_span)
-            .await;
+        let first = if planned.text.is_empty() {
+            Ok(())
+        } else {
+            restore(runner, family, &planned.text)
+                .instrument(restore_span)
+                .await
+        };
         if let Err(e) = first {
             // Find the services whose rules the kernel refuses, keep their last good
             // rules, and program everyone else.
@@ -373,7 +411,9 @@ impl IptablesBackend {
             }
             rs = rs.with_services_from(&keep, previous.map(|p| &p.rules));
             planned = input(&rs);
-            if let Err(e) = restore(runner, family, &planned.text).await {
+            if !planned.text.is_empty()
+                && let Err(e) = restore(runner, family, &planned.text).await
+            {
                 state.applied = None;
                 state.jumps_ensured = false;
                 return Err(fail("restore", e));
@@ -421,6 +461,7 @@ impl IptablesBackend {
             written: Written {
                 services: planned.hashes,
                 active_chains: planned.active,
+                top: planned.top,
             },
             udp,
             rules: rs,
@@ -438,7 +479,10 @@ impl IptablesBackend {
 /// inputs the kernel refuses (a busy chain, an undeclared one). Every input tried
 /// is a consistent ruleset (each service either all old or all new), and a
 /// refused input changes nothing, so the kernel only ever moves between such
-/// rulesets. Services whose new rules were accepted keep them; each set that
+/// rulesets. (A full sync in several transactions may have committed the ones
+/// before the refused one: those hold whole services, not yet reachable when new,
+/// and every later full input rewrites them and deletes the chains it does not
+/// use, so the same holds.) Services whose new rules were accepted keep them; each set that
 /// fails is halved until the refused services are alone. Rules of different
 /// services do not refer to each other, so about 2 log2(n) restores find each
 /// refused service.
@@ -455,7 +499,12 @@ async fn refused_services(
     let apply = |new: &BTreeSet<ServicePortName>| {
         let keep: BTreeSet<ServicePortName> = all.difference(new).cloned().collect();
         let text = input(&rs.with_services_from(&keep, previous)).text;
-        async move { restore(runner, family, &text).await }
+        async move {
+            if text.is_empty() {
+                return Ok(());
+            }
+            restore(runner, family, &text).await
+        }
     };
     let mut refused = BTreeMap::new();
     let mut accepted: BTreeSet<ServicePortName> = BTreeSet::new();
@@ -615,6 +664,15 @@ pub async fn restore(runner: &Runner, family: IpFamily, text: &str) -> Result<()
         stderr,
     }
     .into())
+}
+
+/// Whether `iptables-restore` (`ip6tables-restore`) is the nf_tables variant:
+/// its `--version` says `(nf_tables)`. False when it cannot be asked.
+pub async fn is_nft(runner: &Runner, family: IpFamily) -> bool {
+    runner
+        .run(&tool(family, "-restore"), &["--version"], None)
+        .await
+        .is_ok_and(|o| o.success && o.stdout.contains("nf_tables"))
 }
 
 /// The chains of a table, from `iptables-save -t <table>`.

@@ -17,6 +17,30 @@ pub struct Written {
     pub services: HashMap<ServicePortName, u64>,
     /// The nat chains that hold rules.
     pub active_chains: BTreeSet<String>,
+    /// Hashes of the `filter` table and of the top-level `nat` chains as written.
+    pub top: TopHashes,
+}
+
+/// Hashes of the parts of a ruleset that belong to no single service.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TopHashes {
+    pub filter: u64,
+    pub nat: u64,
+}
+
+impl TopHashes {
+    /// The hashes of `rs`'s `filter` table and top-level `nat` chains.
+    pub fn of(rs: &RuleSet) -> Self {
+        let mut f = DefaultHasher::new();
+        rs.filter.hash(&mut f);
+        let mut n = DefaultHasher::new();
+        rs.nat_chains.hash(&mut n);
+        rs.nat_rules.hash(&mut n);
+        Self {
+            filter: f.finish(),
+            nat: n.finish(),
+        }
+    }
 }
 
 /// Whether this sync rewrites everything: when asked to (periodic resync, canary,
@@ -44,16 +68,22 @@ pub struct Planned {
     pub stale: usize,
     pub hashes: HashMap<ServicePortName, u64>,
     pub active: BTreeSet<String>,
+    pub top: TopHashes,
 }
 
 /// The restore input that takes the kernel from `previous` to `rs`: everything on
-/// a full sync (`existing` holds the kernel's nat chains, to delete stale ones),
-/// else the top-level chains and the changed services' chains.
+/// a full sync (`existing` holds the kernel's nat chains, to delete stale ones;
+/// chains it names that the kernel does not hold are created and deleted again),
+/// written in `nat` transactions of about `blocks` chains each when given (see
+/// [`RuleSet::full_text_blocks`]); else the changed services' chains, and the
+/// top-level chains of each table only when they differ from what was written
+/// (empty text when nothing changed).
 pub fn plan(
     rs: &RuleSet,
     previous: Option<&Written>,
     existing: Option<&[String]>,
     names: &ChainNames,
+    blocks: Option<usize>,
 ) -> Planned {
     let hashes: HashMap<ServicePortName, u64> = rs
         .services
@@ -65,6 +95,7 @@ pub fn plan(
         .into_iter()
         .map(String::from)
         .collect();
+    let top = TopHashes::of(rs);
     match (existing, previous) {
         (existing, None) | (existing @ Some(_), Some(_)) => {
             let stale: Vec<String> = existing
@@ -73,13 +104,18 @@ pub fn plan(
                 .filter(|c| names.is_service_chain(c) && !active.contains(c.as_str()))
                 .cloned()
                 .collect();
+            let text = match blocks {
+                Some(n) => rs.full_text_blocks(&stale, n),
+                None => rs.full_text(&stale),
+            };
             Planned {
-                text: rs.full_text(&stale),
+                text,
                 written: rs.filter_rule_count + rs.nat_rule_count,
                 changed: rs.services.keys().cloned().collect(),
                 stale: stale.len(),
                 hashes,
                 active,
+                top,
             }
         }
         (None, Some(prev)) => {
@@ -89,21 +125,25 @@ pub fn plan(
                 .map(|(k, _)| k.clone())
                 .collect();
             let stale: Vec<String> = prev.active_chains.difference(&active).cloned().collect();
-            let top = rs.filter_rule_count + rs.nat_rule_count
-                - rs.services.values().map(|s| s.rule_count).sum::<usize>();
-            let written = top
+            let filter = prev.top.filter != top.filter;
+            let nat_top = prev.top.nat != top.nat;
+            let nat_top_rules =
+                rs.nat_rule_count - rs.services.values().map(|s| s.rule_count).sum::<usize>();
+            let written = if filter { rs.filter_rule_count } else { 0 }
+                + if nat_top { nat_top_rules } else { 0 }
                 + changed
                     .iter()
                     .filter_map(|k| rs.services.get(k))
                     .map(|s| s.rule_count)
                     .sum::<usize>();
             Planned {
-                text: rs.partial_text(&changed, &stale),
+                text: rs.partial_text_of(&changed, &stale, filter, nat_top),
                 written,
                 changed,
                 stale: stale.len(),
                 hashes,
                 active,
+                top,
             }
         }
     }
@@ -178,6 +218,7 @@ mod tests {
         Written {
             services: p.hashes.clone(),
             active_chains: p.active.clone(),
+            top: p.top,
         }
     }
 
@@ -201,7 +242,7 @@ mod tests {
             "KUBE-SERVICES".to_string(),
             "OTHER".to_string(),
         ];
-        let p = plan(&rs, None, Some(&existing), &n);
+        let p = plan(&rs, None, Some(&existing), &n, None);
         assert_eq!(p.stale, 1, "only the unknown service chain is stale");
         assert!(p.text.contains("-X KUBE-SVC-AAAAAAAAAAAAAAAA"));
         assert_eq!(p.changed.len(), 2);
@@ -209,22 +250,76 @@ mod tests {
     }
 
     #[test]
-    fn nothing_changed_writes_only_the_top_level_chains() {
+    fn nothing_changed_writes_nothing() {
         let n = ChainNames::new("KUBE");
         let rs = rules(3, "198.18.0.1");
-        let first = plan(&rs, None, Some(&[]), &n);
-        let again = plan(&rs, Some(&written(&first)), None, &n);
+        let first = plan(&rs, None, Some(&[]), &n, None);
+        let again = plan(&rs, Some(&written(&first)), None, &n, None);
         assert!(again.changed.is_empty());
         assert_eq!(again.stale, 0);
-        assert!(!again.text.contains("-SEP-"), "{}", again.text);
+        assert_eq!(again.text, "");
+        assert_eq!(again.written, 0);
+    }
+
+    #[test]
+    fn an_endpoint_change_leaves_the_unchanged_top_level_chains_alone() {
+        let n = ChainNames::new("KUBE");
+        let before = plan(&rules(3, "198.18.0.1"), None, Some(&[]), &n, None);
+        let rs = rules(3, "198.18.0.100");
+        let p = plan(&rs, Some(&written(&before)), None, &n, None);
+        assert!(!p.text.contains("*filter"), "{}", p.text);
+        assert!(!p.text.contains(":KUBE-SERVICES"), "{}", p.text);
+        assert!(!p.text.contains("-A KUBE-SERVICES"), "{}", p.text);
+        assert_eq!(
+            p.written,
+            rs.services.values().next().map(|s| s.rule_count).unwrap()
+        );
+        // A new service changes KUBE-SERVICES: it is written whole.
+        let p = plan(
+            &rules(4, "198.18.0.1"),
+            Some(&written(&before)),
+            None,
+            &n,
+            None,
+        );
+        assert!(p.text.contains(":KUBE-SERVICES"), "{}", p.text);
+    }
+
+    #[test]
+    fn a_full_sync_in_blocks_writes_the_same_rules() {
+        let n = ChainNames::new("KUBE");
+        let rs = rules(5, "198.18.0.1");
+        let stale = vec!["KUBE-SVC-AAAAAAAAAAAAAAAA".to_string()];
+        let one = plan(&rs, None, Some(&stale), &n, None).text;
+        let blocks = plan(&rs, None, Some(&stale), &n, Some(4)).text;
+        fn sorted(t: &str) -> Vec<&str> {
+            let mut v: Vec<&str> = t
+                .lines()
+                .filter(|l| !l.starts_with('*') && *l != "COMMIT")
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        }
+        assert_eq!(sorted(&one), sorted(&blocks));
+        // 5 services of 2 chains in blocks of 4 chains: 3 blocks, then the
+        // top-level chains, the flush and the deletion of the stale chain.
+        assert_eq!(blocks.matches("*nat\n").count(), 6, "{blocks}");
+        // KUBE-MARK-MASQ, which the services jump to, comes first; KUBE-SERVICES,
+        // which jumps to them, after every service chain.
+        let nat = &blocks[blocks.find("*nat").unwrap()..];
+        let at = |s: &str| nat.find(s).unwrap();
+        assert!(at(":KUBE-MARK-MASQ") < at(":KUBE-SVC-"));
+        assert!(at(":KUBE-SERVICES") > nat.rfind(":KUBE-SEP-").unwrap());
+        assert!(at("-X KUBE-SVC-AAAA") > at(":KUBE-SVC-AAAA"));
     }
 
     #[test]
     fn an_endpoint_change_rewrites_that_service_and_deletes_its_old_endpoint_chain() {
         let n = ChainNames::new("KUBE");
-        let before = plan(&rules(3, "198.18.0.1"), None, Some(&[]), &n);
+        let before = plan(&rules(3, "198.18.0.1"), None, Some(&[]), &n, None);
         let rs = rules(3, "198.18.0.100");
-        let p = plan(&rs, Some(&written(&before)), None, &n);
+        let p = plan(&rs, Some(&written(&before)), None, &n, None);
         assert_eq!(names(&p), ["ns/svc0:p80"]);
         assert_eq!(p.stale, 1, "the old endpoint's chain");
         assert!(p.text.contains("198.18.0.100"));
@@ -237,8 +332,14 @@ mod tests {
     #[test]
     fn a_removed_service_has_its_chains_deleted() {
         let n = ChainNames::new("KUBE");
-        let before = plan(&rules(3, "198.18.0.1"), None, Some(&[]), &n);
-        let p = plan(&rules(2, "198.18.0.1"), Some(&written(&before)), None, &n);
+        let before = plan(&rules(3, "198.18.0.1"), None, Some(&[]), &n, None);
+        let p = plan(
+            &rules(2, "198.18.0.1"),
+            Some(&written(&before)),
+            None,
+            &n,
+            None,
+        );
         assert!(p.changed.is_empty());
         assert_eq!(p.stale, 2, "its service and endpoint chains");
         assert_eq!(p.text.matches("\n-X ").count(), 2, "{}", p.text);

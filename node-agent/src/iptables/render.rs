@@ -312,6 +312,171 @@ impl RuleSet {
         self.text(Some(changed), stale)
     }
 
+    /// The restore input of a partial sync that leaves out the top-level chains of
+    /// a table when they are what the kernel already holds: `filter` / `nat_top`
+    /// say whether that table's top-level chains are written. Empty when nothing
+    /// is to be written.
+    pub fn partial_text_of(
+        &self,
+        changed: &BTreeSet<ServicePortName>,
+        stale: &[String],
+        filter: bool,
+        nat_top: bool,
+    ) -> String {
+        let mut out = String::new();
+        if filter {
+            out.push_str("*filter\n");
+            out.push_str(&self.filter);
+            out.push_str("COMMIT\n");
+        }
+        let services: Vec<&ServiceRules> = self
+            .services
+            .iter()
+            .filter(|(k, _)| changed.contains(*k))
+            .map(|(_, v)| v)
+            .collect();
+        if !nat_top && services.is_empty() && stale.is_empty() {
+            return out;
+        }
+        out.push_str("*nat\n");
+        if nat_top {
+            for c in &self.nat_chains {
+                chain_line(&mut out, c);
+            }
+        }
+        for s in &services {
+            for c in &s.chains {
+                chain_line(&mut out, c);
+            }
+        }
+        for c in stale {
+            chain_line(&mut out, c);
+        }
+        if nat_top {
+            out.push_str(&self.nat_rules);
+        }
+        for s in &services {
+            out.push_str(&s.rules);
+        }
+        for c in stale {
+            let _ = writeln!(out, "-X {c}");
+        }
+        out.push_str("COMMIT\n");
+        out
+    }
+
+    /// The complete restore input written as several `nat` transactions of about
+    /// `max_chains` chains each, for `iptables-nft-restore --noflush`, whose work
+    /// per transaction grows with the number of chains times the number of rules
+    /// in it. The same rules as [`RuleSet::full_text`], in this order: `filter`;
+    /// the top-level `nat` chains the services' rules jump to (which jump nowhere
+    /// else, so they can be written first); the services' chains, whole services
+    /// per transaction (so each service moves from its old to its new rules at
+    /// once, and is not yet reachable when it is new); the other top-level chains,
+    /// which switch to the new services; then the `stale` chains, all flushed
+    /// before any is deleted. Every transaction only jumps to chains declared in
+    /// it or written by an earlier one. One transaction, as `full_text`, when the
+    /// top-level chains the services use also jump elsewhere.
+    pub fn full_text_blocks(&self, stale: &[String], max_chains: usize) -> String {
+        let top: BTreeSet<&str> = self.nat_chains.iter().map(String::as_str).collect();
+        let lead: BTreeSet<&str> = self
+            .services
+            .values()
+            .flat_map(|s| s.rules.lines())
+            .filter_map(jump_target)
+            .filter(|t| top.contains(t))
+            .collect();
+        let is_lead = |l: &&str| rule_chain(l).is_some_and(|c| lead.contains(c));
+        let lead_rules: Vec<&str> = self.nat_rules.lines().filter(is_lead).collect();
+        if lead_rules
+            .iter()
+            .filter_map(|l| jump_target(l))
+            .any(|t| !lead.contains(t) && !BUILTIN.contains(&t))
+        {
+            return self.full_text(stale);
+        }
+        let max_chains = max_chains.max(1);
+        let mut out = String::with_capacity(
+            self.filter.len()
+                + self.nat_rules.len()
+                + self
+                    .services
+                    .values()
+                    .map(|s| s.rules.len() + s.chains.len() * 30)
+                    .sum::<usize>()
+                + stale.len() * 60
+                + 64,
+        );
+        out.push_str("*filter\n");
+        out.push_str(&self.filter);
+        out.push_str("COMMIT\n");
+        let mut block: Vec<&ServiceRules> = Vec::new();
+        let mut chains = 0;
+        let mut first = true;
+        let write = |out: &mut String, block: &[&ServiceRules], first: bool| {
+            out.push_str("*nat\n");
+            if first {
+                for c in &lead {
+                    chain_line(out, c);
+                }
+            }
+            for c in block.iter().flat_map(|s| s.chains.iter()) {
+                chain_line(out, c);
+            }
+            if first {
+                for l in &lead_rules {
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+            for s in block {
+                out.push_str(&s.rules);
+            }
+            out.push_str("COMMIT\n");
+        };
+        for s in self.services.values() {
+            if !block.is_empty() && chains + s.chains.len() > max_chains {
+                write(&mut out, &block, first);
+                first = false;
+                block.clear();
+                chains = 0;
+            }
+            chains += s.chains.len();
+            block.push(s);
+        }
+        if !block.is_empty() || first {
+            write(&mut out, &block, first);
+        }
+        out.push_str("*nat\n");
+        for c in self
+            .nat_chains
+            .iter()
+            .filter(|c| !lead.contains(c.as_str()))
+        {
+            chain_line(&mut out, c);
+        }
+        for l in self.nat_rules.lines().filter(|l| !is_lead(l)) {
+            out.push_str(l);
+            out.push('\n');
+        }
+        out.push_str("COMMIT\n");
+        for part in stale.chunks(max_chains) {
+            out.push_str("*nat\n");
+            for c in part {
+                chain_line(&mut out, c);
+            }
+            out.push_str("COMMIT\n");
+        }
+        for part in stale.chunks(max_chains) {
+            out.push_str("*nat\n");
+            for c in part {
+                let _ = writeln!(out, "-X {c}");
+            }
+            out.push_str("COMMIT\n");
+        }
+        out
+    }
+
     fn text(&self, only: Option<&BTreeSet<ServicePortName>>, stale: &[String]) -> String {
         let selected = || {
             self.services
@@ -350,6 +515,16 @@ impl RuleSet {
         out.push_str("COMMIT\n");
         out
     }
+}
+
+/// The chain a `-A <chain> ...` line appends to.
+fn rule_chain(line: &str) -> Option<&str> {
+    line.strip_prefix("-A ")?.split(' ').next()
+}
+
+/// The chain or target a rule line jumps to (`-j <target>`).
+fn jump_target(line: &str) -> Option<&str> {
+    line.split(" -j ").nth(1)?.split(' ').next()
 }
 
 fn chain_line(out: &mut String, chain: &str) {

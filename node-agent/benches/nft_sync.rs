@@ -224,7 +224,7 @@ async fn size(services: usize, endpoints: usize, runs: usize) {
         noop.push(t.elapsed());
     }
     println!(
-        "  (2) full resync, nothing changed (rewrites all): {}",
+        "  (2) full resync, nothing changed (verifies, writes nothing): {}",
         range(&resync)
     );
     println!(

@@ -58,6 +58,12 @@ pub fn set(set: &str, xor: u128) -> String {
     element(digest(&[b"set", set.as_bytes(), &xor.to_be_bytes()]))
 }
 
+/// A set's digest element, from all its elements (key, value).
+pub fn set_of<'a>(set: &str, items: impl IntoIterator<Item = (&'a String, &'a String)>) -> String {
+    let xor = items.into_iter().fold(0, |x, (k, v)| x ^ member(set, k, v));
+    self::set(set, xor)
+}
+
 /// The fixed part's digest element (declarations and base chains).
 pub fn base(script: &str) -> String {
     element(digest(&[b"base", script.as_bytes()]))

@@ -302,6 +302,12 @@ pub fn base_script(family: IpFamily, cfg: &RenderConfig) -> String {
     s
 }
 
+/// Whether `chain` is a per-service chain (ours, and not part of the fixed
+/// table: base chains are named `filter-*` and `nat-*`).
+pub fn is_service_chain(chain: &str) -> bool {
+    !FIXED_CHAINS.contains(&chain) && !chain.starts_with("filter-") && !chain.starts_with("nat-")
+}
+
 /// The regular chains of the fixed part.
 pub const FIXED_CHAINS: [&str; 8] = [
     "cluster-ips-check",
@@ -330,15 +336,11 @@ pub fn render(view: &ProxyView, cfg: &RenderConfig) -> Ruleset {
         if set == DIGESTS {
             continue;
         }
-        let xor = rs.elements.get(set).map_or(0, |items| {
-            items
-                .iter()
-                .fold(0, |x, (k, v)| x ^ digest::member(set, k, v))
-        });
+        let d = digest::set_of(set, rs.elements.get(set).into_iter().flatten());
         rs.elements
             .entry(DIGESTS)
             .or_default()
-            .insert(digest::set(set, xor), String::new());
+            .insert(d, String::new());
     }
     rs
 }

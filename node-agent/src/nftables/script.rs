@@ -133,11 +133,10 @@ pub fn verify(family: IpFamily, cfg: &RenderConfig, rs: &Ruleset, kernel: &Kerne
         .into_iter()
         .filter(|(_, name, _)| *name != DIGESTS)
         .filter(|(_, name, _)| {
-            let items = rs.elements.get(name).unwrap_or(&empty);
-            let xor = items
-                .iter()
-                .fold(0, |x, (k, v)| x ^ digest::member(name, k, v));
-            !has(&digest::set(name, xor))
+            !has(&digest::set_of(
+                name,
+                rs.elements.get(name).into_iter().flatten(),
+            ))
         })
         .map(|(kind, name, _)| (kind, name))
         .collect();
@@ -187,12 +186,10 @@ pub fn verify(family: IpFamily, cfg: &RenderConfig, rs: &Ruleset, kernel: &Kerne
         DIGESTS,
         want.difference(&kernel.digests).map(Ipv6Addr::to_string),
     );
-    let fixed: BTreeSet<&str> = render::FIXED_CHAINS.into_iter().collect();
     let stale: Vec<String> = kernel
         .chains
         .iter()
-        .filter(|c| !rs.chains.contains_key(*c) && !fixed.contains(c.as_str()))
-        .filter(|c| !c.starts_with("filter-") && !c.starts_with("nat-"))
+        .filter(|c| !rs.chains.contains_key(*c) && render::is_service_chain(c))
         .cloned()
         .collect();
     for name in &stale {

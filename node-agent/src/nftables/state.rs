@@ -235,12 +235,10 @@ impl Written {
         if want != kernel.digests {
             return false;
         }
-        let fixed: BTreeSet<&str> = render::FIXED_CHAINS.into_iter().collect();
         let ours: BTreeSet<String> = kernel
             .chains
             .iter()
-            .filter(|c| !fixed.contains(c.as_str()) && !pending.contains(*c))
-            .filter(|c| !c.starts_with("filter-") && !c.starts_with("nat-"))
+            .filter(|c| render::is_service_chain(c) && !pending.contains(*c))
             .cloned()
             .collect();
         ours == self.chain_names()

@@ -5,7 +5,8 @@
 //!
 //! `cargo bench -p meshlite-node-agent --bench nft_sync` (root; needs `nft`).
 //! `MESHLITE_BENCH_SIZES=10000x10,50000x5` and `MESHLITE_BENCH_RUNS` change the
-//! sizes and the number of runs.
+//! sizes and the number of runs; `MESHLITE_BENCH_DUMP=DIR` writes each full
+//! script to DIR.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -169,6 +170,11 @@ async fn size(services: usize, endpoints: usize, runs: usize) {
     let rcfg = cfg().render_config(&base[0]);
     let text = script::full(IpFamily::V4, &rcfg, &render::render(&base[0], &rcfg), &[]).text;
     println!("  script: {} bytes", text.len());
+    if let Some(dir) = std::env::var_os("MESHLITE_BENCH_DUMP") {
+        let path = std::path::Path::new(&dir).join(format!("full-{services}x{endpoints}.nft"));
+        std::fs::write(&path, &text).unwrap();
+        println!("  script written to {}", path.display());
+    }
 
     let (mut first, mut bare) = (Vec::new(), Vec::new());
     let mut backend = NftablesBackend::new(cfg());

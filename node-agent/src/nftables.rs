@@ -324,17 +324,22 @@ impl NftablesBackend {
             let _ = w.update(view, &rcfg);
             let rs = w.ruleset();
             let rules: usize = rs.chains.values().map(Vec::len).sum();
-            let tx = script::verify(family, &rcfg, &rs, &kernel);
+            let v = script::verified(family, &rcfg, &rs, &kernel);
+            let tx = script::verify_text(family, &rcfg, &v);
             debug!(%family, rules, bytes = tx.text.len(), chains = tx.chains_written, "nft verifying transaction");
-            (w, tx, None)
+            (w, tx, v)
         } else {
             let mut w = kept.unwrap_or_else(|| Written::new(family));
-            let c = w.update(view, &rcfg);
-            let tx = script::changes(family, &rcfg, &c);
-            (w, tx, Some(c))
+            let changes = w.update(view, &rcfg);
+            let tx = script::changes(family, &rcfg, &changes);
+            let v = script::Verified {
+                base: String::new(),
+                changes,
+            };
+            (w, tx, v)
         };
         if !tx.text.is_empty() {
-            self.write(family, &tx, changes.as_ref()).await?;
+            self.write(family, &tx, &changes).await?;
         }
         let now = Instant::now();
         let state = self.families.entry(family).or_default();
@@ -342,15 +347,12 @@ impl NftablesBackend {
             state.stale.entry(c.clone()).or_insert(now);
         }
         // A chain wanted again is no longer stale.
-        match &changes {
-            Some(c) => {
-                for (name, _) in &c.chains {
-                    state.stale.remove(name);
-                }
-            }
-            None => {
-                let wanted = written.chain_names();
-                state.stale.retain(|c, _| !wanted.contains(c));
+        if full {
+            let wanted = written.chain_names();
+            state.stale.retain(|c, _| !wanted.contains(c));
+        } else {
+            for (name, _) in &changes.changes.chains {
+                state.stale.remove(name);
             }
         }
         let mut deleted = 0;
@@ -375,30 +377,38 @@ impl NftablesBackend {
         })
     }
 
-    /// Writes one transaction: an incremental one as a netlink batch when every
-    /// rule in it compiles (no `nft` process, no cache read), else through
-    /// `nft -f`.
+    /// Writes one sync: as a netlink batch when every rule in it compiles (no
+    /// `nft` process, no cache read), else as `tx` through `nft -f`. A
+    /// verifying sync that must also rewrite the fixed part (a new table, a
+    /// changed node configuration) writes that part first through `nft -f`, in
+    /// a transaction of its own: the fixed part is not compiled here.
     async fn write(
         &mut self,
         family: IpFamily,
         tx: &script::Transaction,
-        changes: Option<&Changes>,
+        v: &script::Verified,
     ) -> Result<(), BackendError> {
         debug!(%family, bytes = tx.text.len(), chains = tx.chains_written, elements = tx.elements_written, "nft transaction");
-        if self.netlink
-            && let Some(c) = changes
-        {
-            match netlink::encode(family, &self.cfg.table, c) {
-                Ok(batch) => match batch.send() {
-                    Ok(()) => {
-                        self.written_by.netlink += 1;
-                        return Ok(());
+        if self.netlink {
+            match netlink::encode(family, &self.cfg.table, &v.changes) {
+                Ok(batch) => {
+                    let base = if v.base.is_empty() {
+                        Ok(())
+                    } else {
+                        self.nft(&v.base).await
+                    };
+                    match base.map(|()| batch.send()) {
+                        Ok(Ok(())) => {
+                            self.written_by.netlink += 1;
+                            return Ok(());
+                        }
+                        // `nft` reports the same refusal with the rule's text.
+                        Ok(Err(e)) => {
+                            debug!(%family, error = %e, "netlink batch refused; retrying with nft")
+                        }
+                        Err(e) => debug!(%family, error = %e, "fixed part refused; retrying whole"),
                     }
-                    // `nft` reports the same refusal with the rule's text.
-                    Err(e) => {
-                        debug!(%family, error = %e, "netlink batch refused; retrying with nft")
-                    }
-                },
+                }
                 Err(e) => debug!(%family, reason = %e.0, "change written with nft"),
             }
         }

@@ -19,6 +19,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use ipnet::IpNet;
+use nix::sys::socket::{setsockopt, sockopt};
 
 use super::state::Changes;
 use crate::proxy::IpFamily;
@@ -135,6 +136,8 @@ pub struct Batch {
     seq: u32,
     /// Sequence numbers the kernel acknowledges.
     acked: Vec<u32>,
+    /// Where the last message so far starts.
+    last: Option<usize>,
 }
 
 /// Encodes `c` for table `table` of `family`.
@@ -151,18 +154,14 @@ pub fn encode(family: IpFamily, table: &str, c: &Changes) -> Result<Batch, Unsup
     }
     let mut b = Batch::default();
     b.control(NFNL_MSG_BATCH_BEGIN);
+    let mut deletes = Elements::new(NFT_MSG_DELSETELEM, 0);
     for (set, key) in &c.delete_elements {
         let k = element_key(family, set, split_comment(key).0)?;
-        b.message(NFT_MSG_DELSETELEM, nfproto, 0, |m| {
-            m.str(NFTA_SET_ELEM_LIST_TABLE, table);
-            m.str(NFTA_SET_ELEM_LIST_SET, set);
-            m.nested(NFTA_SET_ELEM_LIST_ELEMENTS, |m| {
-                m.nested(NFTA_LIST_ELEM, |m| {
-                    m.nested(NFTA_SET_ELEM_KEY, |m| m.bytes(NFTA_DATA_VALUE, &k));
-                });
-            });
+        deletes.push(&mut b, nfproto, table, set, |m| {
+            m.nested(NFTA_SET_ELEM_KEY, |m| m.bytes(NFTA_DATA_VALUE, &k));
         });
     }
+    deletes.finish(&mut b, nfproto, table);
     let rules: Vec<(&String, Vec<Vec<Expr>>)> = c
         .chains
         .iter()
@@ -180,6 +179,13 @@ pub fn encode(family: IpFamily, table: &str, c: &Changes) -> Result<Batch, Unsup
             m.str(NFTA_CHAIN_NAME, name);
         });
     }
+    for set in &c.flush_sets {
+        // A set-element deletion naming no element empties the set.
+        b.message(NFT_MSG_DELSETELEM, nfproto, 0, |m| {
+            m.str(NFTA_SET_ELEM_LIST_TABLE, table);
+            m.str(NFTA_SET_ELEM_LIST_SET, set);
+        });
+    }
     for (name, exprs) in &rules {
         flush(&mut b, nfproto, table, name);
         for rule in exprs {
@@ -194,32 +200,83 @@ pub fn encode(family: IpFamily, table: &str, c: &Changes) -> Result<Batch, Unsup
             });
         }
     }
+    let mut adds = Elements::new(NFT_MSG_NEWSETELEM, NLM_F_CREATE);
     for (set, key, value) in &c.add_elements {
         let (key, comment) = split_comment(key);
         let k = element_key(family, set, key)?;
         let v = element_value(value)?;
         let udata = comment.map(comment_udata).transpose()?;
-        b.message(NFT_MSG_NEWSETELEM, nfproto, NLM_F_CREATE, |m| {
-            m.str(NFTA_SET_ELEM_LIST_TABLE, table);
-            m.str(NFTA_SET_ELEM_LIST_SET, set);
-            m.nested(NFTA_SET_ELEM_LIST_ELEMENTS, |m| {
-                m.nested(NFTA_LIST_ELEM, |m| {
-                    m.nested(NFTA_SET_ELEM_KEY, |m| m.bytes(NFTA_DATA_VALUE, &k));
-                    if let Some(v) = &v {
-                        m.nested(NFTA_SET_ELEM_DATA, |m| v.write(m));
-                    }
-                    if let Some(u) = &udata {
-                        m.bytes(NFTA_SET_ELEM_USERDATA, u);
-                    }
-                });
-            });
+        adds.push(&mut b, nfproto, table, set, |m| {
+            m.nested(NFTA_SET_ELEM_KEY, |m| m.bytes(NFTA_DATA_VALUE, &k));
+            if let Some(v) = &v {
+                m.nested(NFTA_SET_ELEM_DATA, |m| v.write(m));
+            }
+            if let Some(u) = &udata {
+                m.bytes(NFTA_SET_ELEM_USERDATA, u);
+            }
         });
     }
+    adds.finish(&mut b, nfproto, table);
     for name in &c.flush {
         flush(&mut b, nfproto, table, name);
     }
     b.control(NFNL_MSG_BATCH_END);
     Ok(b)
+}
+
+/// Bytes of encoded elements per set-element message: the element list is one
+/// netlink attribute, whose length is 16 bits.
+const ELEMENTS_PER_MESSAGE_BYTES: usize = 32 * 1024;
+
+/// Consecutive elements of one set, gathered into as few messages as the
+/// attribute length allows (one message per element would make a full sync
+/// send 100k+ messages).
+struct Elements {
+    ty: u16,
+    flags: u16,
+    set: Option<&'static str>,
+    encoded: Vec<u8>,
+}
+
+impl Elements {
+    fn new(ty: u16, flags: u16) -> Self {
+        Self {
+            ty,
+            flags,
+            set: None,
+            encoded: Vec::new(),
+        }
+    }
+
+    fn push(
+        &mut self,
+        b: &mut Batch,
+        nfproto: u8,
+        table: &str,
+        set: &'static str,
+        body: impl FnOnce(&mut Attrs<'_>),
+    ) {
+        if self.set != Some(set) || self.encoded.len() >= ELEMENTS_PER_MESSAGE_BYTES {
+            self.finish(b, nfproto, table);
+            self.set = Some(set);
+        }
+        Attrs {
+            buf: &mut self.encoded,
+        }
+        .nested(NFTA_LIST_ELEM, body);
+    }
+
+    fn finish(&mut self, b: &mut Batch, nfproto: u8, table: &str) {
+        let Some(set) = self.set.take() else {
+            return;
+        };
+        let encoded = std::mem::take(&mut self.encoded);
+        b.message(self.ty, nfproto, self.flags, |m| {
+            m.str(NFTA_SET_ELEM_LIST_TABLE, table);
+            m.str(NFTA_SET_ELEM_LIST_SET, set);
+            m.nested(NFTA_SET_ELEM_LIST_ELEMENTS, |m| m.raw(&encoded));
+        });
+    }
 }
 
 fn flush(b: &mut Batch, nfproto: u8, table: &str, chain: &str) {
@@ -238,6 +295,17 @@ impl Batch {
     }
 
     fn control(&mut self, ty: u16) {
+        if ty == NFNL_MSG_BATCH_END
+            && let Some(last) = self.last.take()
+        {
+            // Only the last message asks for an acknowledgement: a refused one
+            // is answered anyway, and a full sync's 100k acknowledgements would
+            // overflow the socket's receive buffer.
+            let at = last + 6;
+            let flags = u16::from_ne_bytes([self.buf[at], self.buf[at + 1]]) | NLM_F_ACK;
+            self.buf[at..at + 2].copy_from_slice(&flags.to_ne_bytes());
+            self.acked = vec![u32_at(&self.buf, last + 8)];
+        }
         let start = self.header(ty, NLM_F_REQUEST, 0);
         // nfgenmsg: AF_UNSPEC, version 0, the subsystem (big-endian).
         self.buf.extend_from_slice(&[0, 0]);
@@ -247,13 +315,8 @@ impl Batch {
     }
 
     fn message(&mut self, ty: u16, nfproto: u8, flags: u16, body: impl FnOnce(&mut Attrs<'_>)) {
-        let seq = self.seq;
-        let start = self.header(
-            (NFNL_SUBSYS_NFTABLES << 8) | ty,
-            NLM_F_REQUEST | NLM_F_ACK | flags,
-            0,
-        );
-        self.acked.push(seq);
+        let start = self.header((NFNL_SUBSYS_NFTABLES << 8) | ty, NLM_F_REQUEST | flags, 0);
+        self.last = Some(start);
         self.buf.extend_from_slice(&[nfproto, 0, 0, 0]);
         body(&mut Attrs { buf: &mut self.buf });
         self.finish(start);
@@ -289,8 +352,14 @@ impl Batch {
             Type::RAW,
             Some(Protocol::from(NETLINK_NETFILTER)),
         )?;
-        sock.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let _ = sock.set_send_buffer_size(self.buf.len().max(1 << 16) * 2);
+        sock.set_read_timeout(Some(Duration::from_secs(30)))?;
+        // A batch is one datagram: the send buffer must hold all of it (a full
+        // sync at 10k services is tens of MiB). The forced option, as root,
+        // lifts the `wmem_max` cap; the plain one is the fallback.
+        let size = self.buf.len().saturating_add(1 << 16);
+        if setsockopt(&sock, sockopt::SndBufForce, &size).is_err() {
+            let _ = sock.set_send_buffer_size(size);
+        }
         let _ = sock.set_recv_buffer_size(1 << 20);
         let sent = sock.send(&self.buf)?;
         if sent != self.buf.len() {
@@ -382,6 +451,11 @@ impl Attrs<'_> {
         let mut d = s.as_bytes().to_vec();
         d.push(0);
         self.bytes(ty, &d);
+    }
+
+    /// Attributes encoded elsewhere.
+    fn raw(&mut self, encoded: &[u8]) {
+        self.buf.extend_from_slice(encoded);
     }
 
     fn be32(&mut self, ty: u16, v: u32) {

@@ -99,37 +99,48 @@ pub fn full(family: IpFamily, cfg: &RenderConfig, rs: &Ruleset, stale: &[String]
     verify(family, cfg, rs, &kernel)
 }
 
-/// Brings the table from what `kernel` says it holds to `rs`: the fixed part,
-/// each set or map, and each chain is rewritten only when its digest is missing;
-/// the digests are made exactly `rs`'s; chains of ours no longer wanted are
-/// flushed. Empty when the kernel already holds `rs`.
-pub fn verify(family: IpFamily, cfg: &RenderConfig, rs: &Ruleset, kernel: &Kernel) -> Transaction {
-    let t = table(family, cfg);
+/// What a verifying sync writes, chosen by comparing `rs` with what the kernel
+/// holds; put in words by [`verify`] and in netlink by [`Verified::changes`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Verified {
+    /// The fixed part (table, sets, maps, base chains), when its digest is
+    /// missing; empty otherwise.
+    pub base: String,
+    /// Everything else, as one sync's changes: the chains whose digest is
+    /// missing, each set or map whose digest is missing flushed
+    /// ([`Changes::flush_sets`]) and refilled, the digests made exactly `rs`'s,
+    /// and chains of ours no longer wanted flushed.
+    pub changes: Changes,
+}
+
+/// Chooses what [`verify`] writes.
+pub fn verified(family: IpFamily, cfg: &RenderConfig, rs: &Ruleset, kernel: &Kernel) -> Verified {
     let has = |d: &str| {
         d.parse::<Ipv6Addr>()
             .is_ok_and(|d| kernel.digests.contains(&d))
     };
-    let mut s = String::new();
     let base = render::base_script(family, cfg);
     let base_digest = digest::base(&base);
-    if !has(&base_digest) {
-        s.push_str(&base);
-    }
-    let chains: Vec<(&String, &Vec<String>)> = rs
-        .chains
+    let mut c = Changes {
+        chains: rs
+            .chains
+            .iter()
+            .filter(|(name, rules)| {
+                !kernel.chains.contains(*name) || !has(&digest::chain(name, rules))
+            })
+            .map(|(name, rules)| (name.clone(), rules.clone()))
+            .collect(),
+        ..Changes::default()
+    };
+    let written: BTreeSet<&str> = c.chains.iter().map(|(n, _)| n.as_str()).collect();
+    c.affinity_sets = rs
+        .affinity_sets
         .iter()
-        .filter(|(name, rules)| !kernel.chains.contains(*name) || !has(&digest::chain(name, rules)))
+        .filter(|(name, _)| written.contains(name.replacen("affinity-", "endpoint-", 1).as_str()))
+        .map(|(name, timeout)| (name.clone(), *timeout))
         .collect();
-    let written: BTreeSet<&str> = chains.iter().map(|(n, _)| n.as_str()).collect();
-    for (name, timeout) in &rs.affinity_sets {
-        let chain = name.replacen("affinity-", "endpoint-", 1);
-        if written.contains(chain.as_str()) {
-            write_affinity_set(&mut s, family, &t, name, *timeout);
-        }
-    }
-    declare_chains(&mut s, &t, chains.iter().map(|(n, _)| *n));
     let empty = BTreeMap::new();
-    let refill: Vec<(&str, &str)> = render::containers(family)
+    c.flush_sets = render::containers(family)
         .into_iter()
         .filter(|(_, name, _)| *name != DIGESTS)
         .filter(|(_, name, _)| {
@@ -138,24 +149,12 @@ pub fn verify(family: IpFamily, cfg: &RenderConfig, rs: &Ruleset, kernel: &Kerne
                 rs.elements.get(name).into_iter().flatten(),
             ))
         })
-        .map(|(kind, name, _)| (kind, name))
+        .map(|(_, name, _)| name)
         .collect();
-    for (kind, name) in &refill {
-        let _ = writeln!(s, "flush {kind} {t} {name}");
-    }
-    for (name, rules) in &chains {
-        write_chain(&mut s, &t, name, rules);
-    }
-    let mut elements = 0;
-    for (_, set) in &refill {
-        let items = rs.elements.get(set).unwrap_or(&empty);
-        elements += write_elements(
-            &mut s,
-            "add",
-            &t,
-            set,
-            items.iter().map(|(k, v)| element(k, v)),
-        );
+    for set in &c.flush_sets {
+        for (k, v) in rs.elements.get(set).unwrap_or(&empty) {
+            c.add_elements.push((set, k.clone(), v.clone()));
+        }
     }
     let mut want: BTreeSet<Ipv6Addr> = rs
         .elements
@@ -170,6 +169,69 @@ pub fn verify(family: IpFamily, cfg: &RenderConfig, rs: &Ruleset, kernel: &Kerne
     if kernel.digests.is_empty() {
         // Nothing known (a new table, or one changed behind our back): whatever
         // the set holds is forgotten.
+        c.flush_sets.push(DIGESTS);
+    }
+    c.delete_elements = kernel
+        .digests
+        .difference(&want)
+        .map(|d| (DIGESTS, d.to_string()))
+        .collect();
+    c.add_elements.extend(
+        want.difference(&kernel.digests)
+            .map(|d| (DIGESTS, d.to_string(), String::new())),
+    );
+    c.flush = kernel
+        .chains
+        .iter()
+        .filter(|ch| !rs.chains.contains_key(*ch) && render::is_service_chain(ch))
+        .cloned()
+        .collect();
+    Verified {
+        base: if has(&base_digest) {
+            String::new()
+        } else {
+            base
+        },
+        changes: c,
+    }
+}
+
+/// Brings the table from what `kernel` says it holds to `rs`: the fixed part,
+/// each set or map, and each chain is rewritten only when its digest is missing;
+/// the digests are made exactly `rs`'s; chains of ours no longer wanted are
+/// flushed. Empty when the kernel already holds `rs`.
+pub fn verify(family: IpFamily, cfg: &RenderConfig, rs: &Ruleset, kernel: &Kernel) -> Transaction {
+    verify_text(family, cfg, &verified(family, cfg, rs, kernel))
+}
+
+/// [`Verified`] as one `nft -f` transaction.
+pub fn verify_text(family: IpFamily, cfg: &RenderConfig, v: &Verified) -> Transaction {
+    let t = table(family, cfg);
+    let c = &v.changes;
+    let mut s = v.base.clone();
+    for (name, timeout) in &c.affinity_sets {
+        write_affinity_set(&mut s, family, &t, name, *timeout);
+    }
+    declare_chains(&mut s, &t, c.chains.iter().map(|(n, _)| n));
+    for set in c.flush_sets.iter().filter(|s| **s != DIGESTS) {
+        let _ = writeln!(s, "flush {} {t} {set}", container_kind(family, set));
+    }
+    for (name, rules) in &c.chains {
+        write_chain(&mut s, &t, name, rules);
+    }
+    let mut elements = 0;
+    let (digests, refill): (Vec<_>, Vec<_>) = c
+        .add_elements
+        .iter()
+        .partition(|(set, _, _)| *set == DIGESTS);
+    for set in c.flush_sets.iter().filter(|s| **s != DIGESTS) {
+        let items = refill
+            .iter()
+            .filter(|(s, _, _)| s == set)
+            .map(|(_, k, v)| element(k, v));
+        elements += write_elements(&mut s, "add", &t, set, items);
+    }
+    if c.flush_sets.contains(&DIGESTS) {
         let _ = writeln!(s, "flush set {t} {DIGESTS}");
     }
     elements += write_elements(
@@ -177,29 +239,23 @@ pub fn verify(family: IpFamily, cfg: &RenderConfig, rs: &Ruleset, kernel: &Kerne
         "delete",
         &t,
         DIGESTS,
-        kernel.digests.difference(&want).map(Ipv6Addr::to_string),
+        c.delete_elements.iter().map(|(_, k)| k.clone()),
     );
     elements += write_elements(
         &mut s,
         "add",
         &t,
         DIGESTS,
-        want.difference(&kernel.digests).map(Ipv6Addr::to_string),
+        digests.iter().map(|(_, k, _)| k.clone()),
     );
-    let stale: Vec<String> = kernel
-        .chains
-        .iter()
-        .filter(|c| !rs.chains.contains_key(*c) && render::is_service_chain(c))
-        .cloned()
-        .collect();
-    for name in &stale {
+    for name in &c.flush {
         let _ = writeln!(s, "flush chain {t} {name}");
     }
     Transaction {
         text: s,
-        chains_written: chains.len(),
+        chains_written: c.chains.len(),
         elements_written: elements,
-        flushed: stale,
+        flushed: c.flush.clone(),
     }
 }
 
@@ -215,6 +271,9 @@ pub fn changes(family: IpFamily, cfg: &RenderConfig, c: &Changes) -> Transaction
         write_affinity_set(&mut s, family, &t, name, *timeout);
     }
     declare_chains(&mut s, &t, c.chains.iter().map(|(n, _)| n));
+    for set in &c.flush_sets {
+        let _ = writeln!(s, "flush {} {t} {set}", container_kind(family, set));
+    }
     for (name, rules) in &c.chains {
         write_chain(&mut s, &t, name, rules);
     }
@@ -234,6 +293,14 @@ pub fn changes(family: IpFamily, cfg: &RenderConfig, c: &Changes) -> Transaction
         elements_written: elements,
         flushed: c.flush.clone(),
     }
+}
+
+/// `set` or `map`, for one of the fixed sets and maps.
+fn container_kind(family: IpFamily, name: &str) -> &'static str {
+    render::containers(family)
+        .into_iter()
+        .find(|(_, n, _)| *n == name)
+        .map_or("set", |(kind, _, _)| kind)
 }
 
 /// Groups items by set, in set order.

@@ -27,6 +27,9 @@ pub struct Changes {
     pub affinity_sets: Vec<(String, u32)>,
     /// Chains created or rewritten whole.
     pub chains: Vec<(String, Vec<String>)>,
+    /// Sets and maps emptied before the elements are added (a verifying sync
+    /// refilling them whole; an incremental one never does).
+    pub flush_sets: Vec<&'static str>,
     /// (set or map, key, value; empty for sets).
     pub add_elements: Vec<(&'static str, String, String)>,
     /// Chains to flush now and delete later.
@@ -75,6 +78,7 @@ impl Changes {
         self.delete_elements.is_empty()
             && self.affinity_sets.is_empty()
             && self.chains.is_empty()
+            && self.flush_sets.is_empty()
             && self.add_elements.is_empty()
             && self.flush.is_empty()
     }

@@ -42,7 +42,7 @@ fn shapes_not_compiled_fall_back_to_nft() {
 }
 
 #[test]
-fn a_batch_is_framed_by_begin_and_end_and_acks_every_message() {
+fn a_batch_is_framed_by_begin_and_end_and_acks_its_last_message() {
     let c = Changes {
         delete_elements: vec![("cluster-ips", "198.19.0.1".into())],
         chains: vec![(
@@ -55,15 +55,8 @@ fn a_batch_is_framed_by_begin_and_end_and_acks_every_message() {
     };
     let b = encode(IpFamily::V4, "kube-proxy", &c).unwrap();
     let bytes = b.bytes();
-    let mut types = Vec::new();
-    let mut off = 0;
-    while off < bytes.len() {
-        let len = u32_at(bytes, off) as usize;
-        assert!(len >= 20 && len.is_multiple_of(4));
-        types.push(u16::from_ne_bytes([bytes[off + 4], bytes[off + 5]]));
-        off += len;
-    }
-    assert_eq!(off, bytes.len());
+    let messages = messages(bytes);
+    let types: Vec<u16> = messages.iter().map(|(ty, _, _)| *ty).collect();
     let m = |t: u16| (NFNL_SUBSYS_NFTABLES << 8) | t;
     assert_eq!(
         types,
@@ -78,5 +71,65 @@ fn a_batch_is_framed_by_begin_and_end_and_acks_every_message() {
             NFNL_MSG_BATCH_END,
         ]
     );
-    assert_eq!(b.acked.len(), 6);
+    let acks: Vec<bool> = messages
+        .iter()
+        .map(|(_, flags, _)| flags & NLM_F_ACK != 0)
+        .collect();
+    assert_eq!(
+        acks,
+        [false, false, false, false, false, false, true, false]
+    );
+    assert_eq!(b.acked, [messages[6].2]);
+}
+
+/// (type, flags, sequence number) of each message in a batch.
+fn messages(bytes: &[u8]) -> Vec<(u16, u16, u32)> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off < bytes.len() {
+        let len = u32_at(bytes, off) as usize;
+        assert!(len >= 20 && len.is_multiple_of(4));
+        out.push((
+            u16::from_ne_bytes([bytes[off + 4], bytes[off + 5]]),
+            u16::from_ne_bytes([bytes[off + 6], bytes[off + 7]]),
+            u32_at(bytes, off + 8),
+        ));
+        off += len;
+    }
+    assert_eq!(off, bytes.len());
+    out
+}
+
+#[test]
+fn elements_of_one_set_share_messages_and_a_flushed_set_names_no_element() {
+    let m = |t: u16| (NFNL_SUBSYS_NFTABLES << 8) | t;
+    let c = Changes {
+        flush_sets: vec!["cluster-ips"],
+        add_elements: (0..3000u32)
+            .map(|i| {
+                let ip = std::net::Ipv4Addr::from(0xc613_0000 + i);
+                ("cluster-ips", ip.to_string(), String::new())
+            })
+            .chain([("nodeport-ips", "198.18.0.1".to_string(), String::new())])
+            .collect(),
+        ..Changes::default()
+    };
+    let b = encode(IpFamily::V4, "kube-proxy", &c).unwrap();
+    let types: Vec<u16> = messages(b.bytes()).iter().map(|(ty, _, _)| *ty).collect();
+    // One emptying message, then 3000 elements of 20 bytes in two messages
+    // (32 KiB each at most), then the other set's own message.
+    assert_eq!(
+        types,
+        [
+            NFNL_MSG_BATCH_BEGIN,
+            m(NFT_MSG_DELSETELEM),
+            m(NFT_MSG_NEWSETELEM),
+            m(NFT_MSG_NEWSETELEM),
+            m(NFT_MSG_NEWSETELEM),
+            NFNL_MSG_BATCH_END,
+        ]
+    );
+    // The emptying message has no element list.
+    let flush_len = u32_at(b.bytes(), 20) as usize;
+    assert!(flush_len < 64, "{flush_len}");
 }

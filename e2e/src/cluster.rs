@@ -3,7 +3,7 @@
 //! ```text
 //!                         fabric (router, no way out)
 //!              198.18.0.1/32 |                  | 198.18.0.2/32
-//!                        node1                 node2        <- node agents, iptables
+//!                        node1                 node2        <- node agents (mode per node)
 //!   198.18.1.0/24  pods: webui-a, testpod    webui-b, webui-c, dns   198.18.2.0/24
 //! ```
 //!
@@ -299,6 +299,13 @@ impl Cluster {
     /// `iptables` in a node's namespace.
     pub fn iptables(&self, node: &str, args: &[&str]) -> Result<String> {
         let mut v = vec!["iptables", "-w"];
+        v.extend_from_slice(args);
+        self.node(node)?.ns.exec(&v)
+    }
+
+    /// `nft` in a node's namespace.
+    pub fn nft(&self, node: &str, args: &[&str]) -> Result<String> {
+        let mut v = vec!["nft"];
         v.extend_from_slice(args);
         self.node(node)?.ns.exec(&v)
     }

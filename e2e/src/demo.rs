@@ -313,6 +313,7 @@ pub async fn run(opts: Options) -> Result<usize> {
         env: vec![],
         fast: true,
         control_plane_replicas: 1,
+        modes: Default::default(),
     };
     let stack = Stack::start(&cluster, &cfg, work.path(), Duration::from_secs(30)).await?;
     for r in stack.all() {

@@ -1,17 +1,23 @@
-//! The whole-system lab shared by the end-to-end and fault suites: two nodes, three
-//! web pods, a client pod, two DNS pods, an off-cluster client, the API stand-in as
-//! the control plane's source (inside node1), and meshlite's three binaries.
+//! The whole-system lab shared by the end-to-end and fault suites: two nodes (node1's
+//! agent in iptables mode, node2's in nftables mode), three web pods, a client pod
+//! on each node, two DNS pods, an off-cluster client, the API stand-in as the
+//! control plane's source (inside node1), and meshlite's three binaries.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::apiserver::ApiServer;
 use crate::cluster::Cluster;
-use crate::stack::{Source, Stack, StackConfig};
+use crate::stack::{ProxyMode, Source, Stack, StackConfig};
 
 /// Generous bound for anything to happen in the lab.
 pub const T: Duration = Duration::from_secs(30);
 /// The DNS service's ClusterIP.
 pub const DNS_IP: &str = "198.19.0.10";
+/// The node whose agent runs in nftables mode; the other runs in iptables mode.
+pub const NFT_NODE: &str = "node2";
+/// Each node's client pod: its requests go through that node's rules.
+pub const CLIENTS: [(&str, &str); 2] = [("node1", "testpod"), ("node2", "testpod2")];
 
 /// See the module docs.
 pub struct System {
@@ -68,6 +74,7 @@ pub async fn system_with_replicas(prefix: &str, replicas: usize) -> System {
         ("web-2", "node2", "198.18.2.1", true),
         ("web-3", "node2", "198.18.2.2", true),
         ("testpod", "node1", "198.18.1.10", false),
+        ("testpod2", "node2", "198.18.2.10", false),
         ("dns-a", "node1", "198.18.1.53", false),
         ("dns-b", "node2", "198.18.2.53", false),
     ] {
@@ -77,18 +84,20 @@ pub async fn system_with_replicas(prefix: &str, replicas: usize) -> System {
             .unwrap();
     }
     cluster.add_external("outside", 2).unwrap();
-    cluster
-        .write_resolv_conf(
-            "testpod",
-            DNS_IP.parse().unwrap(),
-            &[
-                "default.svc.cluster.local",
-                "svc.cluster.local",
-                "cluster.local",
-            ],
-            5,
-        )
-        .unwrap();
+    for (_, pod) in CLIENTS {
+        cluster
+            .write_resolv_conf(
+                pod,
+                DNS_IP.parse().unwrap(),
+                &[
+                    "default.svc.cluster.local",
+                    "svc.cluster.local",
+                    "cluster.local",
+                ],
+                5,
+            )
+            .unwrap();
+    }
 
     // The API stand-in serves inside node1, where the control plane runs.
     let node1 = cluster.node("node1").unwrap();
@@ -122,6 +131,7 @@ pub async fn system_with_replicas(prefix: &str, replicas: usize) -> System {
         env: vec![],
         fast: true,
         control_plane_replicas: replicas,
+        modes: BTreeMap::from([(NFT_NODE.to_string(), ProxyMode::Nftables)]),
     };
     let stack = Stack::start(&cluster, &cfg, dir.path(), T)
         .await
@@ -167,10 +177,21 @@ impl System {
 
     /// `dig @server name type` from testpod: (status, sorted answers).
     pub fn dig(&self, server: &str, name: &str, qtype: &str) -> (String, Vec<String>) {
+        self.dig_from("testpod", server, name, qtype)
+    }
+
+    /// `dig @server name type` from `pod`: (status, sorted answers).
+    pub fn dig_from(
+        &self,
+        pod: &str,
+        server: &str,
+        name: &str,
+        qtype: &str,
+    ) -> (String, Vec<String>) {
         let out = self
             .cluster
             .exec_in(
-                "testpod",
+                pod,
                 &[
                     "dig",
                     &format!("@{server}"),
@@ -202,6 +223,163 @@ impl System {
     pub fn nat(&self, node: &str) -> String {
         self.cluster.iptables(node, &["-t", "nat", "-S"]).unwrap()
     }
+
+    /// The mode of `node`'s agent.
+    pub fn mode(&self, node: &str) -> ProxyMode {
+        self.stack.mode(node)
+    }
+
+    /// `node`'s service rules as text, comparable across a fault: `iptables -t nat
+    /// -S` in iptables mode; in nftables mode `nft list table ip kube-proxy` (empty
+    /// when there is no table) without counters and with every set's and map's
+    /// elements sorted (the kernel lists a hash set in its own order).
+    pub fn rules(&self, node: &str) -> String {
+        match self.mode(node) {
+            ProxyMode::Nftables => self
+                .cluster
+                .nft(node, &["list", "table", "ip", "kube-proxy"])
+                .map(|t| normalize_nft(&t))
+                .unwrap_or_default(),
+            ProxyMode::Iptables | ProxyMode::Ipvs => self.nat(node),
+        }
+    }
+
+    /// Whether `node`'s rules send TCP traffic to `ip:port` (a cluster, external or
+    /// load-balancer IP) to the service port `svc` (`namespace/name:port`).
+    pub fn serves(&self, node: &str, svc: &str, ip: &str, port: u16) -> bool {
+        let rules = self.rules(node);
+        match self.mode(node) {
+            ProxyMode::Nftables => {
+                let chain = nft_chain_suffix(svc);
+                let key = format!("{ip} . tcp . {port} : goto ");
+                rules.match_indices(&key).any(|(i, _)| {
+                    rules[i + key.len()..]
+                        .split([',', ' ', '}', '\n'])
+                        .next()
+                        .is_some_and(|c| c.ends_with(&chain))
+                })
+            }
+            ProxyMode::Iptables | ProxyMode::Ipvs => rules.lines().any(|l| {
+                l.starts_with("-A KUBE-SERVICES ")
+                    && (l.contains(&format!("-d {ip}/32 ")) || l.contains(&format!("-d {ip} ")))
+                    && l.contains(&format!("--comment \"{svc} "))
+                    && l.contains(&format!("--dport {port} "))
+            }),
+        }
+    }
+
+    /// Whether `node`'s rules DNAT some service traffic to `endpoint` (`ip:port`).
+    pub fn dnat_to(&self, node: &str, endpoint: &str) -> bool {
+        let rules = self.rules(node);
+        match self.mode(node) {
+            ProxyMode::Nftables => rules.contains(&format!("dnat to {endpoint}")),
+            ProxyMode::Iptables | ProxyMode::Ipvs => {
+                rules.contains(&format!("--to-destination {endpoint}"))
+            }
+        }
+    }
+
+    /// Whether anything in `node`'s rules still refers to the service port `svc`
+    /// (`namespace/name:port`). In nftables mode a removed service's chains stay,
+    /// empty and unreferenced, until they are deleted a little later (as kube-proxy
+    /// does), so an empty chain does not count.
+    pub fn mentions(&self, node: &str, svc: &str) -> bool {
+        let rules = self.rules(node);
+        match self.mode(node) {
+            ProxyMode::Nftables => {
+                let chain = nft_chain_suffix(svc);
+                let mut in_chain = false;
+                rules.lines().map(str::trim).any(|l| {
+                    if let Some(name) = l.strip_prefix("chain ") {
+                        in_chain = name.trim_end_matches(" {").ends_with(&chain);
+                        return false;
+                    }
+                    if l == "}" {
+                        in_chain = false;
+                        return false;
+                    }
+                    in_chain || l.contains(&chain)
+                })
+            }
+            ProxyMode::Iptables | ProxyMode::Ipvs => rules.contains(svc),
+        }
+    }
+}
+
+/// `namespace/name:port` -> the end of its nftables chain names
+/// (`-namespace/name/tcp/port`).
+fn nft_chain_suffix(svc: &str) -> String {
+    let (name, port) = svc.split_once(':').unwrap_or((svc, ""));
+    format!("-{name}/tcp/{port}")
+}
+
+/// `nft list` text without counters and dynamic timeouts, each `elements = { ... }`
+/// on one line with its elements sorted.
+pub fn normalize_nft(listing: &str) -> String {
+    let mut out = String::new();
+    let mut pending: Option<String> = None;
+    for line in listing.lines() {
+        let line = strip_volatile(line);
+        let mut text = match pending.take() {
+            Some(mut p) => {
+                p.push(' ');
+                p.push_str(line.trim());
+                p
+            }
+            None if line.trim_start().starts_with("elements = {") => line.clone(),
+            None => {
+                out.push_str(&line);
+                out.push('\n');
+                continue;
+            }
+        };
+        if !text.trim_end().ends_with('}') {
+            pending = Some(text);
+            continue;
+        }
+        if let (Some(open), Some(close)) = (text.find('{'), text.rfind('}')) {
+            let mut elements: Vec<&str> = text[open + 1..close]
+                .split(',')
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+                .collect();
+            elements.sort_unstable();
+            text = format!("{}{{ {} }}", &text[..open], elements.join(", "));
+        }
+        out.push_str(&text);
+        out.push('\n');
+    }
+    if let Some(p) = pending {
+        out.push_str(&p);
+        out.push('\n');
+    }
+    out
+}
+
+/// A listing line without `counter packets N bytes M` and `expires ...`.
+fn strip_volatile(line: &str) -> String {
+    let body = line.trim_start();
+    let indent = &line[..line.len() - body.len()];
+    let mut words: Vec<&str> = Vec::new();
+    let mut it = body.split(' ').peekable();
+    while let Some(w) = it.next() {
+        match w {
+            "counter" if it.peek() == Some(&"packets") => {
+                // packets N bytes M
+                for _ in 0..4 {
+                    it.next();
+                }
+            }
+            "expires" => {
+                // The remaining time, which may end the element (`2h59m58s,`).
+                if let Some(rest) = it.next().and_then(|t| t.find([',', '}']).map(|i| &t[i..])) {
+                    words.push(rest);
+                }
+            }
+            _ => words.push(w),
+        }
+    }
+    format!("{indent}{}", words.join(" "))
 }
 
 /// Polls until `f` holds; returns the time it took; panics after `limit`.
@@ -263,5 +441,41 @@ impl RequestLoop {
     pub async fn finish(self) -> LoopResult {
         let _ = self.stop.send(true);
         self.handle.await.unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nft_listings_compare_without_counters_or_element_order() {
+        let a = "table ip kube-proxy {\n\tset s {\n\t\ttype ipv4_addr\n\t\telements = { 198.18.2.2 . 198.18.2.2,\n\t\t\t     198.18.1.1 . 198.18.1.1 }\n\t}\n\tchain c {\n\t\tcounter packets 3 bytes 180 jump d\n\t}\n}\n";
+        let b = "table ip kube-proxy {\n\tset s {\n\t\ttype ipv4_addr\n\t\telements = { 198.18.1.1 . 198.18.1.1, 198.18.2.2 . 198.18.2.2 }\n\t}\n\tchain c {\n\t\tcounter packets 0 bytes 0 jump d\n\t}\n}\n";
+        assert_eq!(normalize_nft(a), normalize_nft(b));
+        assert!(
+            normalize_nft(a)
+                .contains("elements = { 198.18.1.1 . 198.18.1.1, 198.18.2.2 . 198.18.2.2 }"),
+            "{}",
+            normalize_nft(a)
+        );
+        assert!(normalize_nft(a).contains("\t\tjump d\n"));
+        let aff = "\t\telements = { 198.18.200.2 timeout 3h expires 2h59m58s40ms }\n";
+        assert_eq!(
+            normalize_nft(aff),
+            "\t\telements = { 198.18.200.2 timeout 3h }\n"
+        );
+        assert_ne!(
+            normalize_nft(a),
+            normalize_nft(&a.replace("198.18.2.2", "198.18.2.3"))
+        );
+    }
+
+    #[test]
+    fn nft_chain_names_end_with_the_service_port() {
+        assert_eq!(
+            nft_chain_suffix("default/web:http"),
+            "-default/web/tcp/http"
+        );
     }
 }

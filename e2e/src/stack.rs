@@ -44,6 +44,19 @@ pub struct StackConfig {
     /// and agents dial a [`Front`] on the usual address that forwards each new
     /// connection to the first replica that accepts it.
     pub control_plane_replicas: usize,
+    /// Each node agent's `--mode`, by node name; a node not named runs
+    /// [`ProxyMode::Iptables`].
+    pub modes: BTreeMap<String, ProxyMode>,
+}
+
+/// A node agent's `--mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ProxyMode {
+    #[default]
+    Iptables,
+    Nftables,
+    /// Not available in the lab (this kernel has no IPVS); here for completeness.
+    Ipvs,
 }
 
 /// A running process and its admin address (inside its namespace).
@@ -124,11 +137,41 @@ pub struct Stack {
     /// The address agents dial, with more than one replica.
     pub front: Option<Front>,
     pub node_agents: BTreeMap<String, Running>,
+    /// Each node agent's mode, by node name.
+    pub modes: BTreeMap<String, ProxyMode>,
     pub dns_agents: BTreeMap<String, Running>,
 }
 
 fn s(v: impl ToString) -> String {
     v.to_string()
+}
+
+// === impl ProxyMode ===
+
+impl ProxyMode {
+    /// The flag value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Iptables => "iptables",
+            Self::Nftables => "nftables",
+            Self::Ipvs => "ipvs",
+        }
+    }
+}
+
+impl std::fmt::Display for ProxyMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// === impl StackConfig ===
+
+impl StackConfig {
+    /// The mode `node`'s agent runs in.
+    pub fn mode(&self, node: &str) -> ProxyMode {
+        self.modes.get(node).copied().unwrap_or_default()
+    }
 }
 
 impl Stack {
@@ -213,7 +256,12 @@ impl Stack {
         let endpoint = format!("https://{cp_ip}:{CONTROL_PLANE_PORT}");
 
         let mut node_agents = BTreeMap::new();
+        let mut modes = BTreeMap::new();
+        if cfg.modes.values().any(|m| *m == ProxyMode::Nftables) {
+            crate::netns::require_root_and_tools(&["nft"])?;
+        }
         for node in cluster.nodes.values() {
+            modes.insert(node.name.clone(), cfg.mode(&node.name));
             let (cert, key) = pki.leaf(
                 &format!("node-agent-{}", node.name),
                 &[&format!("{}.nodes.meshlite", node.name)],
@@ -222,7 +270,7 @@ impl Stack {
             let mut args = vec![
                 format!("--control-plane={endpoint}"),
                 format!("--node-name={}", node.name),
-                s("--mode=iptables"),
+                format!("--mode={}", cfg.mode(&node.name)),
                 s("--admin-listen=127.0.0.1:0"),
                 s("--healthz-bind-address=0.0.0.0:10256"),
                 format!("--tls-cert={}", cert.display()),
@@ -302,6 +350,7 @@ impl Stack {
             more_control_planes,
             front,
             node_agents,
+            modes,
             dns_agents,
         };
         stack.wait_ready(cluster, timeout).await?;
@@ -315,6 +364,11 @@ impl Stack {
             .chain(self.node_agents.values())
             .chain(self.dns_agents.values())
             .collect()
+    }
+
+    /// The mode `node`'s agent runs in.
+    pub fn mode(&self, node: &str) -> ProxyMode {
+        self.modes.get(node).copied().unwrap_or_default()
     }
 
     /// Waits until every process's `/readyz` answers 200.

@@ -5,17 +5,23 @@
 //! plane stays away for a while, an agent never ACKs while the cluster churns, and
 //! agents move between two control-plane replicas (a replica killed, then a rolling
 //! update of both).
+//! node1's agent runs in iptables mode and node2's in nftables mode; rules are
+//! compared across a fault in each node's own mode (`System::rules`). R2 restarts
+//! both agents under a loop through each node; R4 flushes node1's iptables chain and
+//! R4n node2's nftables table.
 //! Each prints a `FAULT` line: what happened and how many requests were lost.
 //!
-//! Needs root, iptables, conntrack, curl, dig and the built binaries.
+//! Needs root, iptables, nft, conntrack, curl, dig and the built binaries.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
 
 use meshlite_e2e::apiserver::Collection;
-use meshlite_e2e::lab::{System, T, system, system_with_replicas, webui_slice, within};
-use meshlite_e2e::stack::Running;
+use meshlite_e2e::lab::{
+    CLIENTS, NFT_NODE, System, T, system, system_with_replicas, webui_slice, within,
+};
+use meshlite_e2e::stack::{ProxyMode, Running};
 use meshlite_e2e::stack::{admin_get, metric};
 
 const VIP: &str = "198.19.7.7:80";
@@ -39,22 +45,25 @@ async fn with_web(s: System) -> System {
     s.api
         .apply_yaml("apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec: {clusterIP: 198.19.7.7, ports: [{name: http, port: 80}]}\n")
         .unwrap();
-    within("service up", T, || {
-        s.curl("testpod", "http://198.19.7.7/").starts_with("web-")
-    })
-    .await;
+    for (node, pod) in CLIENTS {
+        within(&format!("service up via {node}"), T, || {
+            s.curl(pod, "http://198.19.7.7/").starts_with("web-")
+        })
+        .await;
+    }
     within("rules on both nodes", T, || {
         ["node1", "node2"]
             .iter()
-            .all(|n| s.nat(n).contains("default/web:http -> 198.18.2.2:80"))
+            .all(|n| s.dnat_to(n, "198.18.2.2:80"))
     })
     .await;
     s
 }
 
-/// `iptables -t nat -S` without counters, for comparing rules across a fault.
+/// A node's rules in its agent's mode (`iptables -t nat -S`, or the nftables table
+/// without counters, elements sorted), for comparing rules across a fault.
 fn rules(s: &System, node: &str) -> String {
-    s.nat(node)
+    s.rules(node)
 }
 
 async fn cp_metric(s: &System, name: &str) -> f64 {
@@ -70,6 +79,20 @@ async fn metric_of(s: &System, r: &Running, name: &str) -> f64 {
             l.starts_with(name) && (name.ends_with('}') || l[name.len()..].starts_with([' ', '{']))
         })
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// How long one request of a [`System::request_loop`] waits before it fails.
+const REQUEST_TIMEOUT: Duration = Duration::from_millis(2500);
+
+/// The canary failures a node agent counted.
+async fn canary_failures(s: &System, node: &str) -> f64 {
+    let (_, m) = admin_get(&s.cluster, &s.stack.node_agents[node], "/metrics")
+        .await
+        .unwrap();
+    m.lines()
+        .filter(|l| !l.starts_with('#') && l.contains("canary_failures"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
 
@@ -132,31 +155,57 @@ async fn r1_control_plane_killed_and_restarted() {
     assert!(r.failed.is_empty(), "lost requests: {:?}", r.failed);
 }
 
+/// Both node agents (node1 iptables, node2 nftables) are killed and restarted while
+/// a loop runs through each node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r2_node_agent_killed_and_restarted() {
     let mut s = lab("mlr2").await;
-    let before = rules(&s, "node1");
-    let lp = s.request_loop("testpod", VIP.parse().unwrap());
+    let before = (rules(&s, "node1"), rules(&s, "node2"));
+    let loops: Vec<_> = CLIENTS
+        .iter()
+        .map(|(node, pod)| (*node, s.request_loop(pod, VIP.parse().unwrap())))
+        .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let agent = s.stack.node_agents.get_mut("node1").unwrap();
-    agent.kill();
+    for agent in s.stack.node_agents.values_mut() {
+        agent.kill();
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    agent.start_again(T).unwrap();
+    for agent in s.stack.node_agents.values_mut() {
+        agent.start_again(T).unwrap();
+    }
     s.stack.wait_ready(&s.cluster, T).await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let r = lp.finish().await;
+    let mut results = Vec::new();
+    for (node, lp) in loops {
+        results.push((node, lp.finish().await));
+    }
+    let after = (rules(&s, "node1"), rules(&s, "node2"));
     assert_eq!(
-        rules(&s, "node1"),
-        before,
-        "the restarted agent changed the rules"
+        after.0, before.0,
+        "the restarted agent changed node1's rules"
     );
-    report(
-        "R2 node agent SIGKILL, restarted after 1 s",
-        "no flush at startup: rules stayed, the new agent resumed and re-applied the same rules",
-        r.failed.len(),
-        r.ok + r.failed.len() as u64,
+    assert_eq!(
+        after.1, before.1,
+        "the restarted agent changed node2's rules"
     );
-    assert!(r.failed.is_empty(), "lost requests: {:?}", r.failed);
+    for (node, r) in &results {
+        report(
+            &format!(
+                "R2 node agent SIGKILL, restarted after 1 s ({node}, {})",
+                s.mode(node)
+            ),
+            "no flush at startup: rules stayed, the new agent resumed and re-applied the same rules",
+            r.failed.len(),
+            r.ok + r.failed.len() as u64,
+        );
+    }
+    for (node, r) in &results {
+        assert!(
+            r.failed.is_empty(),
+            "lost requests via {node}: {:?}",
+            r.failed
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,14 +264,7 @@ async fn r4_chains_flushed_externally_are_repaired() {
     let repaired = flushed.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let r = lp.finish().await;
-    let (_, m) = admin_get(&s.cluster, &s.stack.node_agents["node1"], "/metrics")
-        .await
-        .unwrap();
-    let detected = m
-        .lines()
-        .filter(|l| l.contains("canary_failures"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>();
+    let detected = canary_failures(&s, "node1").await;
     assert!(detected >= 1.0, "the canary did not count the flush");
     assert!(
         repaired < Duration::from_secs(31),
@@ -236,6 +278,77 @@ async fn r4_chains_flushed_externally_are_repaired() {
         ),
         r.failed.len(),
         r.ok + r.failed.len() as u64,
+    );
+}
+
+/// R4 for the nftables node: `nft flush table ip kube-proxy` removes every rule of
+/// the table (its sets and maps stay). The canary finds the `services` dispatch
+/// rule gone and a full sync rewrites the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r4n_nft_table_flushed_externally_is_repaired() {
+    let s = lab("mlr4n").await;
+    assert_eq!(s.mode(NFT_NODE), ProxyMode::Nftables);
+    let before = rules(&s, NFT_NODE);
+    let loop_start = Instant::now();
+    let through_nft = s.request_loop("testpod2", VIP.parse().unwrap());
+    let through_ipt = s.request_loop("testpod", VIP.parse().unwrap());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.cluster
+        .nft(NFT_NODE, &["flush", "table", "ip", "kube-proxy"])
+        .unwrap();
+    let flushed = Instant::now();
+    within("repaired", Duration::from_secs(40), || {
+        let now = rules(&s, NFT_NODE);
+        now.contains("vmap @service-ips") && now.contains("dnat to 198.18.2.2:80")
+    })
+    .await;
+    let repaired = flushed.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let r = through_nft.finish().await;
+    let other = through_ipt.finish().await;
+    assert_eq!(
+        rules(&s, NFT_NODE),
+        before,
+        "the repaired table differs from the one flushed"
+    );
+    assert!(
+        canary_failures(&s, NFT_NODE).await >= 1.0,
+        "the canary did not count the flush"
+    );
+    // The canary runs every 10 s, checked on a 1 s tick; the full sync follows on
+    // the same tick.
+    assert!(
+        repaired < Duration::from_secs(13),
+        "not repaired within one canary period: {repaired:?}"
+    );
+    report(
+        "R4n `nft flush table ip kube-proxy` on node2 (nftables)",
+        &format!(
+            "canary detected it, table rewritten identical after {:.1} s (canary period 10 s); \
+             new connections through node2 fail until then; node1's loop lost {} of {}",
+            repaired.as_secs_f64(),
+            other.failed.len(),
+            other.ok + other.failed.len() as u64,
+        ),
+        r.failed.len(),
+        r.ok + r.failed.len() as u64,
+    );
+    assert!(
+        other.failed.is_empty(),
+        "requests through node1 (iptables) were lost: {:?}",
+        other.failed
+    );
+    // Only requests started between the flush and the repair failed (each gives
+    // up after 2 s).
+    let window = (flushed - loop_start)..(flushed - loop_start) + repaired + REQUEST_TIMEOUT;
+    let outside: Vec<_> = r
+        .failed
+        .iter()
+        .filter(|(t, _)| !window.contains(t))
+        .collect();
+    assert!(
+        outside.is_empty(),
+        "requests failed outside the flush window {window:?}: {outside:?}"
     );
 }
 
@@ -278,7 +391,9 @@ async fn r5_control_plane_away_for_a_while() {
     // And changes flow again.
     assert!(s.api.delete(Collection::Service, "default", "web"));
     within("change after recovery", T, || {
-        !rules(&s, "node1").contains("default/web:http")
+        ["node1", "node2"]
+            .iter()
+            .all(|n| !s.mentions(n, "default/web:http"))
     })
     .await;
     let r = lp.finish().await;
@@ -467,7 +582,7 @@ async fn r7_agents_move_between_control_plane_replicas() {
     within("a change after the rolling update", T, || {
         ["node1", "node2"]
             .iter()
-            .all(|n| !s.nat(n).contains("198.18.2.2:80"))
+            .all(|n| !s.dnat_to(n, "198.18.2.2:80"))
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -1,9 +1,11 @@
 //! The whole system: the three real binaries over real mTLS, the control plane
 //! watching the Kubernetes API stand-in (real list/watch), node agents programming
-//! iptables in node namespaces and DNS agents serving the cluster zone, checked with
-//! real traffic (`curl`) and real DNS queries (`dig`) from pods.
+//! the kernel in node namespaces (node1 in iptables mode, node2 in nftables mode)
+//! and DNS agents serving the cluster zone, checked with real traffic (`curl`) and
+//! real DNS queries (`dig`) from a pod on each node, so every check of a service
+//! address runs through both modes' rules.
 //!
-//! Needs root, iptables, conntrack, curl and dig; fails with a message otherwise.
+//! Needs root, iptables, nft, conntrack, curl and dig; fails with a message otherwise.
 //! Run one case: `cargo nextest run -p meshlite-e2e --test system <name>` (build the
 //! binaries first: `cargo build --workspace --bins`).
 
@@ -12,8 +14,45 @@
 use std::time::{Duration, Instant};
 
 use meshlite_e2e::apiserver::Collection;
-use meshlite_e2e::lab::{DNS_IP, T, system, webui_slice, within};
-use meshlite_e2e::stack::{admin_get, metric};
+use meshlite_e2e::lab::{CLIENTS, DNS_IP, NFT_NODE, System, T, system, webui_slice, within};
+use meshlite_e2e::stack::{ProxyMode, admin_get, metric};
+
+/// Each node's agent programs only its own mode: node2's rules are in the
+/// `ip kube-proxy` nftables table (with `service`'s chains) and iptables holds
+/// none of ours there; node1 is the other way round.
+fn assert_modes(s: &System, service: &str) {
+    assert_eq!(s.mode(NFT_NODE), ProxyMode::Nftables);
+    for node in ["node1", "node2"] {
+        let ns = &s.cluster.node(node).unwrap().ns;
+        let table = s.cluster.nft(node, &["list", "table", "ip", "kube-proxy"]);
+        let nat = ns.exec(&["iptables-save", "-t", "nat"]).unwrap();
+        match s.mode(node) {
+            ProxyMode::Nftables => {
+                let table = table.unwrap_or_else(|e| panic!("{node}: no nftables table: {e:#}"));
+                assert!(
+                    table.contains("chain services {")
+                        && table.contains(&format!("-{service} {{"))
+                        && table.contains("dnat to "),
+                    "{node}: the nftables table lacks the service chains of {service}:
+{table}"
+                );
+                assert!(
+                    !nat.contains("KUBE-SERVICES"),
+                    "{node} runs nftables but has iptables rules:
+{nat}"
+                );
+            }
+            ProxyMode::Iptables | ProxyMode::Ipvs => {
+                assert!(
+                    table.is_err(),
+                    "{node} runs {} but has an nftables table",
+                    s.mode(node)
+                );
+                assert!(nat.contains(":KUBE-SERVICES"), "{node}:\n{nat}");
+            }
+        }
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_lifecycle_by_vip_and_name() {
@@ -37,19 +76,32 @@ async fn service_lifecycle_by_vip_and_name() {
     let mut rules_at = Vec::new();
     for node in ["node1", "node2"] {
         within(&format!("rules on {node}"), T, || {
-            s.nat(node).contains("default/web:http cluster IP")
+            s.serves(node, "default/web:http", "198.19.7.7", 80)
         })
         .await;
         rules_at.push((node, t0.elapsed()));
     }
-    let by_vip = within("reachable by VIP", T, || {
-        s.curl("testpod", "http://198.19.7.7/").starts_with("web-")
-    })
-    .await;
-    let by_name = within("reachable by name", T, || {
-        s.curl("testpod", "http://web/").starts_with("web-")
-    })
-    .await;
+    // From each node's client: through node1's iptables and node2's nftables rules
+    // (the name through the DNS service's ClusterIP, on the same node).
+    let mut by_vip = Vec::new();
+    let mut by_name = Vec::new();
+    for (node, pod) in CLIENTS {
+        by_vip.push((
+            node,
+            within(&format!("reachable by VIP via {node}"), T, || {
+                s.curl(pod, "http://198.19.7.7/").starts_with("web-")
+            })
+            .await,
+        ));
+        by_name.push((
+            node,
+            within(&format!("reachable by name via {node}"), T, || {
+                s.curl(pod, "http://web/").starts_with("web-")
+            })
+            .await,
+        ));
+    }
+    assert_modes(&s, "default/web/tcp/http");
     let mut dns_at = Vec::new();
     for server in ["198.18.1.53", "198.18.2.53"] {
         within("DNS answer", T, || {
@@ -82,12 +134,18 @@ async fn service_lifecycle_by_vip_and_name() {
             ],
         ))
         .unwrap();
-    within("headless answers ready endpoints", T, || {
-        s.dig(DNS_IP, "web-headless.default.svc.cluster.local", "A")
-            .1
-            == ["198.18.1.1", "198.18.2.2"]
-    })
-    .await;
+    for (node, pod) in CLIENTS {
+        within(
+            &format!("headless answers ready endpoints via {node}"),
+            T,
+            || {
+                s.dig_from(pod, DNS_IP, "web-headless.default.svc.cluster.local", "A")
+                    .1
+                    == ["198.18.1.1", "198.18.2.2"]
+            },
+        )
+        .await;
+    }
 
     // Readiness flips: web-1 goes unready; traffic and DNS follow.
     let t1 = Instant::now();
@@ -114,7 +172,7 @@ async fn service_lifecycle_by_vip_and_name() {
     within("traffic leaves the unready pod", T, || {
         ["node1", "node2"]
             .iter()
-            .all(|n| !s.nat(n).contains("198.18.1.1:80"))
+            .all(|n| !s.dnat_to(n, "198.18.1.1:80"))
     })
     .await;
     let traffic = t1.elapsed();
@@ -141,31 +199,34 @@ async fn service_lifecycle_by_vip_and_name() {
     // asking for a full snapshot).
     let nacks = metric(&m, "meshlite_control_plane_nacks_total");
     assert_eq!(nacks, Some(0.0), "NACKs: {nacks:?}");
-    for _ in 0..20 {
-        assert!(
-            !s.curl("testpod", "http://198.19.7.7/")
-                .starts_with("web-1 "),
-            "served by the unready pod"
-        );
+    for (node, pod) in CLIENTS {
+        for _ in 0..10 {
+            assert!(
+                !s.curl(pod, "http://198.19.7.7/").starts_with("web-1 "),
+                "served by the unready pod via {node}"
+            );
+        }
     }
 
     // Delete the service: the VIP rejects, the name is NXDOMAIN, its chains are gone.
     let t2 = Instant::now();
     assert!(s.api.delete(Collection::Service, "default", "web"));
-    within("VIP rejects", T, || {
-        s.curl_code("testpod", "http://198.19.7.7/") == 7
-    })
-    .await;
+    for (node, pod) in CLIENTS {
+        within(&format!("VIP rejects via {node}"), T, || {
+            s.curl_code(pod, "http://198.19.7.7/") == 7
+        })
+        .await;
+    }
     within("name is NXDOMAIN", T, || {
         s.dig(DNS_IP, "web.default.svc.cluster.local", "A").0 == "NXDOMAIN"
     })
     .await;
     println!("delete: VIP refused and NXDOMAIN after {:?}", t2.elapsed());
     for node in ["node1", "node2"] {
-        let nat = s.nat(node);
         assert!(
-            !nat.contains("default/web:http"),
-            "{node} still has the service's chains:\n{nat}"
+            !s.mentions(node, "default/web:http"),
+            "{node} still has the service's rules:\n{}",
+            s.rules(node)
         );
     }
 }
@@ -208,16 +269,19 @@ async fn nodeport_local_traffic_policy_and_affinity() {
         })
         .await;
     }
-    // Session affinity: one client sticks to one pod.
-    let first = s.curl("outside", "http://198.18.0.1:30090/");
-    let pod = first.split_whitespace().next().unwrap().to_string();
-    for _ in 0..15 {
-        let b = s.curl("outside", "http://198.18.0.1:30090/");
-        assert_eq!(
-            b.split_whitespace().next(),
-            Some(pod.as_str()),
-            "affinity broke: {b}"
-        );
+    // Session affinity: one client sticks to one pod, through either mode.
+    for node_ip in ["198.18.0.1", "198.18.0.2"] {
+        let url = format!("http://{node_ip}:30090/");
+        let first = s.curl("outside", &url);
+        let pod = first.split_whitespace().next().unwrap().to_string();
+        for _ in 0..8 {
+            let b = s.curl("outside", &url);
+            assert_eq!(
+                b.split_whitespace().next(),
+                Some(pod.as_str()),
+                "affinity broke via {node_ip}: {b}"
+            );
+        }
     }
 
     // Local policy: node1 has the endpoint and keeps the client's address (no SNAT);
@@ -334,29 +398,28 @@ async fn a_service_for_another_proxy_is_left_alone_but_resolves() {
         .apply_yaml("apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec: {type: LoadBalancer, clusterIP: 198.19.7.7, ports: [{name: http, port: 80, nodePort: 30080}]}\nstatus: {loadBalancer: {ingress: [{ip: 198.19.9.1, ipMode: Proxy}, {ip: 198.19.9.2}]}}\n")
         .unwrap();
     for node in ["node1", "node2"] {
-        within(&format!("web on {node}"), T, || {
-            s.nat(node).contains("default/web:http loadbalancer IP")
+        // The VIP-mode load-balancer IP is captured.
+        within(&format!("web's load-balancer IP on {node}"), T, || {
+            s.serves(node, "default/web:http", "198.19.9.2", 80)
         })
         .await;
-        let nat = s.nat(node);
+        let rules = s.rules(node);
         assert!(
-            !nat.contains("default/other"),
-            "{node} programs another proxy's service:\n{nat}"
+            !s.mentions(node, "default/other:http"),
+            "{node} programs another proxy's service:\n{rules}"
         );
         assert!(
-            nat.contains("198.19.9.2/32"),
-            "the VIP-mode load-balancer IP is captured"
-        );
-        assert!(
-            !nat.contains("198.19.9.1"),
-            "a Proxy-mode load-balancer IP was captured:\n{nat}"
+            !rules.contains("198.19.9.1"),
+            "a Proxy-mode load-balancer IP was captured on {node}:\n{rules}"
         );
     }
-    assert_ne!(
-        s.curl_code("testpod", "http://198.19.7.8/"),
-        0,
-        "nothing serves its VIP here"
-    );
+    for (node, pod) in CLIENTS {
+        assert_ne!(
+            s.curl_code(pod, "http://198.19.7.8/"),
+            0,
+            "nothing serves its VIP via {node}"
+        );
+    }
     for server in ["198.18.1.53", "198.18.2.53"] {
         within("DNS answers for the other proxy's service", T, || {
             s.dig(server, "other.default.svc.cluster.local", "A").1 == ["198.19.7.8"]
@@ -386,7 +449,7 @@ async fn rule_sync_dashboard_queries_what_the_processes_export() {
         .unwrap();
     for node in ["node1", "node2"] {
         within(&format!("both endpoints on {node}"), T, || {
-            s.nat(node).contains("198.18.2.1:80")
+            s.dnat_to(node, "198.18.2.1:80")
         })
         .await;
     }

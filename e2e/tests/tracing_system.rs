@@ -88,6 +88,7 @@ async fn one_change_is_traced_from_the_api_to_every_agent() {
         env,
         fast: true,
         control_plane_replicas: 1,
+        modes: Default::default(),
     };
     let stack = Stack::start(&cluster, &cfg, dir.path(), T)
         .await

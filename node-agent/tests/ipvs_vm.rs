@@ -3,8 +3,13 @@
 //! emulation; no NIC) with this crate's node agent binary and the control plane
 //! binary, and runs `tests/vm/ipvs.sh` as the guest scenario: real servers in a
 //! network namespace, the control plane (file source) feeding the agent in
-//! `--mode ipvs`, real connections from a client namespace. Every check is reported
-//! on the serial console as `@@IPVSVM CHECK OK|FAIL <name>`.
+//! `--mode ipvs`, real connections from a client namespace. Last, the agent is
+//! stopped, `cleanup` run and the agent started in another mode, through
+//! iptables -> nftables -> ipvs -> iptables -> ipvs -> nftables: each mode answers
+//! with only its own kernel state, and each cleanup leaves no KUBE-* chain (nat and
+//! filter, both families), `kube-proxy` nftables table, IPVS virtual server, KUBE-*
+//! ipset or `kube-ipvs0`. Every check is reported on the serial console as
+//! `@@IPVSVM CHECK OK|FAIL <name>`.
 //!
 //! The test fails (never skips) when `qemu-system-x86_64` is missing:
 //! `tools/ipvs-vm.sh --prepare` installs it and caches the kernel (`tasks.sh test`
@@ -42,6 +47,7 @@ const CHECKS: &[&str] = &[
     "removal-no-new",
     "removal-deleted",
     "cleanup",
+    "mode-switch",
 ];
 
 fn repo() -> PathBuf {

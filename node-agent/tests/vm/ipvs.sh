@@ -6,7 +6,8 @@
 # namespace "backends" holds four real servers (busybox httpd, 198.18.1.1-4, whose
 # CGI answers "rsN client=<peer>"), namespace "client" an off-cluster client
 # (198.18.200.2). The control plane (file source, /manifests) and the node agent
-# (--mode ipvs) run on the node.
+# (--mode ipvs) run on the node; at the end it is stopped, cleaned up and started
+# in each other mode in turn (iptables, nftables, ipvs).
 set -u
 PATH=/usr/local/bin:/usr/sbin:/usr/bin
 FAILS=
@@ -133,7 +134,7 @@ meshlite-control-plane --source file:/manifests --listen 127.0.0.1:0 --admin-lis
 CP_PID=$!
 wait_for 60 test -s /run/cp.json || fail setup "control plane wrote no addresses"
 GRPC=$(json /run/cp.json grpc)
-start_agent() {
+start_agent() { # log file; runs $AGENT_ARGS
     rm -f /run/agent.json
     RUST_LOG=info,meshlite_node_agent::ipvs=debug meshlite-node-agent $AGENT_ARGS \
         --control-plane "http://$GRPC" > "$1" 2>&1 &
@@ -285,4 +286,55 @@ else
     fail cleanup "rc=$rc foreign kept=$foreign_kept virtual servers=$left_vs sets=$left_sets chains=$left_chains"
     ip link show kube-ipvs0; (iptables-save; ip6tables-save) | grep KUBE-
 fi
+
+sec "mode switches: stop the agent, cleanup, start it in another mode"
+# What every mode can leave in the kernel, on one line. iptables-save lists only
+# iptables' own tables (iptables-nft's included), nft's kube-proxy tables are ours.
+# kubelet's KUBE-FIREWALL (which the iptables mode also writes, as kube-proxy
+# does) and KUBE-KUBELET-CANARY are kubelet's: cleanup keeps them, as kube-proxy's.
+state() {
+    ipt=$( (iptables-save -t nat; iptables-save -t filter; ip6tables-save -t nat; ip6tables-save -t filter) 2>/dev/null |
+        grep '^:KUBE-' | grep -c -v -E '^:KUBE-(FIREWALL|KUBELET-CANARY) ')
+    svc=$( (iptables-save -t nat; ip6tables-save -t nat) 2>/dev/null | grep -c '^:KUBE-S[VE][CP]-')
+    nft=$(nft list tables 2>/dev/null | grep -c ' kube-proxy$')
+    vs=$(ipvsadm -Sn | wc -l)
+    sets=$(ipset list -n | grep -c '^KUBE-')
+    ip link show kube-ipvs0 >/dev/null 2>&1 && dummy=yes || dummy=no
+    echo "ipt=$ipt svc-chains=$svc nft=$nft vs=$vs sets=$sets dummy=$dummy"
+}
+meshlite-control-plane --source file:/manifests --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
+    --insecure --addresses-file /run/cp2.json > /run/cp2.log 2>&1 &
+CP_PID=$!
+wait_for 60 test -s /run/cp2.json || fail mode-switch "control plane wrote no addresses"
+GRPC=$(json /run/cp2.json grpc)
+MODE_ARGS="--node-name node1 --insecure --ip-families ipv4,ipv6
+  --admin-listen 127.0.0.1:0 --healthz-bind-address 127.0.0.1:0 --addresses-file /run/agent.json $RULE_ARGS"
+prev=clean path=clean before=$FAILS
+for m in iptables nftables ipvs iptables ipvs nftables; do
+    AGENT_ARGS="--mode $m $MODE_ARGS"
+    start_agent /run/agent-switch.log || { fail mode-switch "$prev -> $m: agent did not start"; break; }
+    r=$(who 198.19.0.10)
+    s=$(state)
+    # The running mode's own state only; the IPVS mode has iptables rules too,
+    # but none of the iptables mode's per-service chains.
+    case $m:$s in
+        "iptables:ipt="[1-9]*" nft=0 vs=0 sets=0 dummy=no") good=yes ;;
+        "nftables:ipt=0 svc-chains=0 nft=2 vs=0 sets=0 dummy=no") good=yes ;;
+        "ipvs:ipt="[1-9]*" svc-chains=0 nft=0 vs="[1-9]*" sets="[1-9]*" dummy=yes") good=yes ;;
+        *) good=no ;;
+    esac
+    case $r in rs1|rs2|rs3) ;; *) good=no ;; esac
+    echo "$prev -> $m: 198.19.0.10 answered '$r'; $s"
+    [ $good = yes ] || fail mode-switch "$prev -> $m: answered '$r'; $s"
+    kill -TERM $AGENT_PID; wait $AGENT_PID
+    out=$(meshlite-node-agent cleanup 2>&1); rc=$?
+    echo "$out" | sed 's/^/  cleanup: /'
+    s=$(state)
+    [ $rc = 0 ] && [ "$s" = "ipt=0 svc-chains=0 nft=0 vs=0 sets=0 dummy=no" ] ||
+        fail mode-switch "after $m and cleanup (rc=$rc): $s"
+    prev=$m path="$path -> $m"
+done
+kill -TERM $CP_PID 2>/dev/null; wait $CP_PID 2>/dev/null
+[ "$FAILS" = "$before" ] && [ "$prev" = nftables ] &&
+    ok mode-switch "$path: each mode answered with only its own state; cleanup left nothing"
 [ -z "$FAILS" ]

@@ -32,12 +32,33 @@ pub enum RenderError {
     Preview(#[from] PreviewError),
 }
 
-/// The backend `--mode` selects.
+/// The backend `--mode` selects, and what other modes may have left on the node.
 #[derive(Debug)]
-pub enum AnyBackend {
+pub struct AnyBackend {
+    inner: Inner,
+    /// Removed after the first sync that succeeds, then `None`.
+    leftovers: Option<Leftovers>,
+}
+
+#[derive(Debug)]
+enum Inner {
     Iptables(IptablesBackend),
     Ipvs(Box<IpvsBackend>),
     Nftables(NftablesBackend),
+}
+
+/// Another mode's rules, as kube-proxy removes them when it starts: the nftables
+/// mode removes what the iptables-based modes (iptables, IPVS) programmed, and
+/// those remove the nftables table. Between iptables and IPVS nothing is removed
+/// (they share chains), as in kube-proxy. Unlike kube-proxy, which does it before
+/// its first sync, the agent does it after its own rules are in place, so a node
+/// switching modes is never without service rules.
+#[derive(Debug)]
+struct Leftovers {
+    kinds: Vec<BackendKind>,
+    prefix: String,
+    ipvs_interface: String,
+    ipvs_exclude: Vec<ipnet::IpNet>,
 }
 
 // === impl AnyBackend ===
@@ -50,40 +71,84 @@ impl AnyBackend {
     /// The kernel lacks what the backend needs (IPVS: modules, sysctls); the
     /// message names what is missing.
     pub async fn start(cfg: &Config) -> Result<Self, StartError> {
-        Ok(match cfg.backend {
-            BackendKind::Iptables => Self::Iptables(IptablesBackend::new(cfg.iptables())),
+        let inner = match cfg.backend {
+            BackendKind::Iptables => Inner::Iptables(IptablesBackend::new(cfg.iptables())),
             // Checks the kernel (modules, sysctls) before anything listens, so a node
             // without IPVS fails at once with the missing modules named.
-            BackendKind::Ipvs => Self::Ipvs(Box::new(IpvsBackend::start(cfg.ipvs()).await?)),
-            BackendKind::Nftables => Self::Nftables(NftablesBackend::new(
+            BackendKind::Ipvs => Inner::Ipvs(Box::new(IpvsBackend::start(cfg.ipvs()).await?)),
+            BackendKind::Nftables => Inner::Nftables(NftablesBackend::new(
                 NftablesConfig::from_rules(cfg.iptables()),
             )),
+        };
+        Ok(Self {
+            inner,
+            leftovers: Some(Leftovers {
+                kinds: other_modes(cfg.backend),
+                prefix: cfg.chain_prefix.clone(),
+                ipvs_interface: cfg.ipvs_interface.clone(),
+                ipvs_exclude: cfg.ipvs_exclude_cidrs.clone(),
+            }),
         })
+    }
+
+    /// Removes the other modes' leftovers (see [`Leftovers`]); a failure is
+    /// logged and not retried (`meshlite-node-agent cleanup` does it by hand).
+    async fn remove_leftovers(&mut self) {
+        let Some(l) = self.leftovers.take() else {
+            return;
+        };
+        let target = CleanupTarget {
+            prefix: &l.prefix,
+            ipvs_interface: &l.ipvs_interface,
+            ipvs_exclude: &l.ipvs_exclude,
+        };
+        let mut report = Report::default();
+        for kind in &l.kinds {
+            cleanup(*kind, &target, &mut report).await;
+        }
+        for line in &report.lines {
+            tracing::info!("other modes' leftovers: {line}");
+        }
+        for e in &report.errors {
+            tracing::warn!(
+                "other modes' leftovers not removed: {e}; `meshlite-node-agent cleanup` with the agent stopped removes them"
+            );
+        }
+    }
+}
+
+/// The modes whose rules a node running `mode` removes when it starts.
+pub fn other_modes(mode: BackendKind) -> Vec<BackendKind> {
+    match mode {
+        BackendKind::Nftables => vec![BackendKind::Iptables, BackendKind::Ipvs],
+        BackendKind::Iptables | BackendKind::Ipvs => vec![BackendKind::Nftables],
     }
 }
 
 impl Backend for AnyBackend {
     async fn apply(&mut self, desired: Desired<'_>) -> Result<SyncReport, BackendError> {
-        match self {
-            Self::Iptables(b) => b.apply(desired).await,
-            Self::Ipvs(b) => b.apply(desired).await,
-            Self::Nftables(b) => b.apply(desired).await,
-        }
+        let report = match &mut self.inner {
+            Inner::Iptables(b) => b.apply(desired).await,
+            Inner::Ipvs(b) => b.apply(desired).await,
+            Inner::Nftables(b) => b.apply(desired).await,
+        }?;
+        self.remove_leftovers().await;
+        Ok(report)
     }
 
     async fn check(&mut self) -> bool {
-        match self {
-            Self::Iptables(b) => b.check().await,
-            Self::Ipvs(b) => b.check().await,
-            Self::Nftables(b) => b.check().await,
+        match &mut self.inner {
+            Inner::Iptables(b) => b.check().await,
+            Inner::Ipvs(b) => b.check().await,
+            Inner::Nftables(b) => b.check().await,
         }
     }
 
     async fn housekeeping(&mut self) {
-        match self {
-            Self::Iptables(b) => b.housekeeping().await,
-            Self::Ipvs(b) => b.housekeeping().await,
-            Self::Nftables(b) => b.housekeeping().await,
+        match &mut self.inner {
+            Inner::Iptables(b) => b.housekeeping().await,
+            Inner::Ipvs(b) => b.housekeeping().await,
+            Inner::Nftables(b) => b.housekeeping().await,
         }
     }
 }

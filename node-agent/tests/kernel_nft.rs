@@ -343,3 +343,82 @@ async fn nft_cleanup_leaves_nothing_of_either_mode() {
     let o = from_client(&lab, addr("198.19.0.20", 80), Duration::from_millis(500)).await;
     assert!(o.served().is_none(), "{o:?}");
 }
+
+/// The backend `--mode` starts, as `meshlite-node-agent` would (flags parsed and
+/// validated), for this lab's node.
+fn mode_backend(mode: &str) -> meshlite_node_agent::config::Config {
+    use clap::Parser;
+    let cli = meshlite_node_agent::config::Cli::try_parse_from([
+        "meshlite-node-agent",
+        "--node-name",
+        NODE,
+        "--control-plane",
+        "http://127.0.0.1:1",
+        "--insecure",
+        "--mode",
+        mode,
+        "--ip-families",
+        "ipv4",
+        "--cluster-cidr",
+        CLUSTER_CIDR,
+        "--node-ip",
+        NODE_IP,
+    ])
+    .unwrap();
+    cli.run.validate().unwrap()
+}
+
+/// Switching modes without `cleanup`, as kube-proxy allows: the nftables mode
+/// removes the iptables mode's chains once its own rules are in, and the
+/// iptables mode removes the nftables table; the service answers throughout.
+#[tokio::test]
+async fn a_mode_switch_removes_the_other_modes_rules_after_the_first_sync() {
+    use meshlite_node_agent::backend::{Backend, Desired};
+    use meshlite_node_agent::backends::AnyBackend;
+    use meshlite_node_agent::proxy::ProxyView;
+    if let Err(e) = netns::require_root_and_tools(&["nft", "iptables"]) {
+        panic!("{e:#}");
+    }
+    let lab = Lab::new(1).await.unwrap();
+    let views = vec![ProxyView::build(
+        &Snapshot::from_resources(vec![
+            Resource::Service(service("sw", "198.19.0.21")),
+            slice("sw", vec![ep(&lab, 0, NODE)]),
+        ]),
+        NODE,
+        IpFamily::V4,
+    )];
+    for (mode, left_iptables, left_nft) in [
+        ("iptables", true, false),
+        ("nftables", false, true),
+        ("iptables", true, false),
+    ] {
+        let cfg = mode_backend(mode);
+        let v = views.clone();
+        lab.node_rt
+            .run(async move {
+                let mut b = AnyBackend::start(&cfg).await.unwrap();
+                b.apply(Desired {
+                    views: &v,
+                    full: true,
+                })
+                .await
+                .unwrap();
+            })
+            .await;
+        let nat = lab.node_iptables(&["-t", "nat", "-S"]).unwrap();
+        assert_eq!(
+            nat.contains("KUBE-SERVICES"),
+            left_iptables,
+            "after starting in {mode} mode, iptables nat:\n{nat}"
+        );
+        let tables = lab.node.exec(&["nft", "list", "tables"]).unwrap();
+        assert_eq!(
+            tables.contains(&format!("ip {DEFAULT_TABLE}")),
+            left_nft,
+            "after starting in {mode} mode, nft tables:\n{tables}"
+        );
+        let o = from_client(&lab, addr("198.19.0.21", 80), Duration::from_secs(2)).await;
+        assert!(o.served().is_some(), "{mode} mode: {o:?}");
+    }
+}

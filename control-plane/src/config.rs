@@ -94,10 +94,10 @@ pub struct Args {
     #[arg(long, env = "MESHLITE_FILE_POLL_INTERVAL", default_value = "200ms", value_parser = humantime::parse_duration)]
     pub file_poll_interval: Duration,
     /// Largest update chunk sent (keep under agents' 4 MiB receive limit). Every
-    /// stream keeps an encode buffer as large as the largest chunk it sent (about
-    /// 1.5x), so this times the number of agents is resident memory: 16 KiB costs
-    /// ~40 KiB less per agent than 64 KiB (for ~20 % more CPU per full snapshot),
-    /// and 1 MiB ~1.5 MiB per agent.
+    /// stream keeps an encode buffer as large as the largest chunk it sent, so this
+    /// times the number of agents is resident memory: 16 KiB costs ~40 KiB less per
+    /// agent than 64 KiB (for ~20 % more CPU per full snapshot), and 1 MiB ~1.5 MiB
+    /// per agent.
     #[arg(long, env = "MESHLITE_CHUNK_BYTES", default_value_t = 16 * 1024)]
     pub chunk_bytes: usize,
     /// Largest message accepted from an agent.

@@ -2,7 +2,8 @@
 //!
 //! - [`v1`]: the wire types generated from `proto/meshlite/v1/mesh.proto` (checked in
 //!   under `src/gen/`, kept fresh by `tests/generated.rs`), with the gRPC client.
-//! - [`server`]: the generated gRPC server, which sends [`v1::UpdateFrame`]s.
+//! - [`server`]: the generated gRPC server, which sends [`v1::UpdateFrame`]s, with
+//!   [`codec::LeanCodec`] (small per-stream buffers).
 //! - [`model`]: validated domain types; agents convert wire types at the edge with
 //!   `TryFrom` and never handle prost structs past it.
 //! - [`patch`]: EndpointSlice patches (diff on the control plane, apply on agents).
@@ -19,6 +20,7 @@ pub mod server {
     include!("gen/server/meshlite.v1.rs");
 }
 
+pub mod codec;
 pub mod hash;
 pub mod model;
 pub mod patch;

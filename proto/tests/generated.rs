@@ -33,6 +33,7 @@ fn generate(out: &Path) -> anyhow_free::Result {
         .build_client(false)
         .extern_path(".meshlite.v1", "crate::v1")
         .extern_path(".meshlite.v1.Update", "crate::v1::UpdateFrame")
+        .codec_path("crate::codec::LeanCodec")
         .out_dir(&server)
         .compile_fds(fds)?;
     Ok(())

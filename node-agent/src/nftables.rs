@@ -397,7 +397,7 @@ impl NftablesBackend {
                     } else {
                         self.nft(&v.base).await
                     };
-                    match base.map(|()| batch.send()) {
+                    match base.map(|()| send_blocking(&batch)) {
                         Ok(Ok(())) => {
                             self.written_by.netlink += 1;
                             return Ok(());
@@ -465,6 +465,18 @@ impl NftablesBackend {
                 Err(e) => warn!(%family, error = %e, "deleting stale chains failed"),
             }
         }
+    }
+}
+
+/// Sends a batch from this thread (its network namespace is the one written).
+/// A full sync's batch keeps the kernel busy for about a second at 10k services;
+/// on a multi-threaded runtime the thread's other tasks move elsewhere meanwhile.
+fn send_blocking(batch: &netlink::Batch) -> Result<(), netlink::SendError> {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+            tokio::task::block_in_place(|| batch.send())
+        }
+        _ => batch.send(),
     }
 }
 

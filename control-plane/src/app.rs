@@ -38,6 +38,8 @@ pub enum Error {
     Task(#[from] tokio::task::JoinError),
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error("the API watch thread: {0}")]
+    WatchThread(#[source] std::io::Error),
     #[error("write {path}: {source}")]
     AddressesFile {
         path: std::path::PathBuf,
@@ -89,6 +91,7 @@ pub async fn start_with(
     let opts = meshlite_k8s::Options {
         service_proxy_name: config.service_proxy_name.clone(),
     };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     match &config.source {
         SourceSpec::File(dir) => {
             let src = crate::source::file::FileSource::new(
@@ -101,7 +104,14 @@ pub async fn start_with(
             tokio::spawn(src.run());
         }
         SourceSpec::Kube => {
-            let client = kube_client(&config).await?;
+            // The client is made on the watch thread too: its request dispatcher and
+            // its connections' tasks are spawned where it is made.
+            let watches = watch_thread(stop_rx.clone()).map_err(Error::WatchThread)?;
+            let kcfg = config.clone();
+            let client = watches
+                .spawn(async move { kube_client(&kcfg).await })
+                .await??;
+            let _on_it = watches.enter();
             crate::source::kube::spawn(client, opts, store.clone(), metrics.clone());
         }
     }
@@ -218,7 +228,6 @@ pub async fn start_with(
         )?;
     }
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -251,6 +260,29 @@ pub async fn start_with(
         },
         task,
     ))
+}
+
+/// A thread of its own for the API watches, until `stop`: under a heavy fan-out
+/// the agents' stream tasks on the main runtime would otherwise delay reading the
+/// watches, and every change with them (measured: at 5,000 agents and 500 changes/s
+/// the control plane had read ~17,600 of ~27,900 events 57 s in). The watches need
+/// little CPU; on their own thread the kernel's scheduler gives it to them when an
+/// event arrives.
+fn watch_thread(
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<tokio::runtime::Handle> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = rt.handle().clone();
+    std::thread::Builder::new()
+        .name("meshlite-watch".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            });
+        })?;
+    Ok(handle)
 }
 
 async fn kube_client(config: &Config) -> Result<kube::Client, Error> {

@@ -293,6 +293,9 @@ async fn r4n_nft_table_flushed_externally_is_repaired() {
     let through_nft = s.request_loop("testpod2", VIP.parse().unwrap());
     let through_ipt = s.request_loop("testpod", VIP.parse().unwrap());
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // Taken before the command: a request started while `nft` runs may already
+    // meet the flushed table.
+    let flush_started = Instant::now();
     s.cluster
         .nft(NFT_NODE, &["flush", "table", "ip", "kube-proxy"])
         .unwrap();
@@ -339,8 +342,11 @@ async fn r4n_nft_table_flushed_externally_is_repaired() {
         other.failed
     );
     // Only requests started between the flush and the repair failed (each gives
-    // up after 2 s).
-    let window = (flushed - loop_start)..(flushed - loop_start) + repaired + REQUEST_TIMEOUT;
+    // up after 2 s). The loops time requests from their own start, a little after
+    // `loop_start`: the window opens a little early to allow for it.
+    let slack = Duration::from_millis(100);
+    let window = (flush_started - loop_start).saturating_sub(slack)
+        ..(flushed - loop_start) + repaired + REQUEST_TIMEOUT;
     let outside: Vec<_> = r
         .failed
         .iter()

@@ -510,7 +510,13 @@ fn a_resync_with_nothing_changed_writes_nothing_and_a_lost_digest_is_repaired() 
             b.written_by()
         }
     }));
-    assert_eq!(after.nft, quiet.1.nft + 1, "repaired with one transaction");
+    // Over netlink, or through `nft` when the chain behind the lost digest has a
+    // shape netlink does not compile (session affinity).
+    assert_eq!(
+        after.nft + after.netlink,
+        quiet.1.nft + quiet.1.netlink + 1,
+        "repaired with one transaction"
+    );
     let listed = ns
         .exec(&[
             "nft",

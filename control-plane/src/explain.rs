@@ -86,6 +86,8 @@ struct HistoryInner {
     /// slice key -> its service and endpoint `ip:port`s, kept up to date from the
     /// changed entries only (no full decode per publish).
     slices: HashMap<Arc<str>, (ServiceName, BTreeSet<String>)>,
+    /// service -> the keys of its slices in `slices`.
+    members: HashMap<ServiceName, BTreeSet<Arc<str>>>,
     /// service -> (version, publish time, endpoint `ip:port`s), oldest first.
     services: BTreeMap<ServiceName, VecDeque<Recorded>>,
 }
@@ -93,14 +95,28 @@ struct HistoryInner {
 /// A version of a service's endpoints: version, publish time, `ip:port`s.
 type Recorded = (u64, Option<SystemTime>, BTreeSet<String>);
 
+// === impl HistoryInner ===
+
+impl HistoryInner {
+    /// Forgets that slice `key` belongs to `svc`.
+    fn unlink(&mut self, svc: &ServiceName, key: &Arc<str>) {
+        if let Some(keys) = self.members.get_mut(svc) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.members.remove(svc);
+            }
+        }
+    }
+}
+
 // === impl History ===
 
 impl History {
     /// Records the services changed since the last call (run after each publish).
-    /// Decodes only the resources changed since then.
+    /// Reads and decodes only the resources changed since then, from the store's
+    /// change log (the whole store only when the log no longer reaches back).
     pub fn record(&self, store: &Store) {
         let newest = store.version();
-        let entries = store.entries();
         let Ok(mut h) = self.inner.lock() else {
             return;
         };
@@ -109,6 +125,21 @@ impl History {
         }
         let h = &mut *h;
         let seen = h.seen;
+        let (written, removed) = match store.changed_since(seen) {
+            Some(c) => c,
+            None => {
+                let entries = store.entries();
+                let live: HashSet<&Arc<str>> = entries.iter().map(|e| &e.key).collect();
+                let gone: Vec<Arc<str>> = h
+                    .slices
+                    .keys()
+                    .filter(|k| !live.contains(k))
+                    .cloned()
+                    .collect();
+                let written = entries.into_iter().filter(|e| e.seq > seen).collect();
+                (written, gone)
+            }
+        };
         let mut changed: BTreeMap<ServiceName, (u64, Option<SystemTime>)> = BTreeMap::new();
         let mut mark = |svc: ServiceName, seq: u64, when: Option<SystemTime>| {
             let e = changed.entry(svc).or_insert((seq, when));
@@ -116,7 +147,7 @@ impl History {
                 *e = (seq, when);
             }
         };
-        for e in entries.iter().filter(|e| e.seq > seen) {
+        for e in &written {
             let Some(r) = v1::Resource::decode(e.bytes.as_ref())
                 .ok()
                 .and_then(|r| Resource::try_from(&r).ok())
@@ -141,36 +172,32 @@ impl History {
                     if let Some((old, _)) = h.slices.insert(e.key.clone(), (svc.clone(), eps))
                         && old != svc
                     {
+                        h.unlink(&old, &e.key);
                         mark(old, e.seq, e.published);
                     }
+                    h.members
+                        .entry(svc.clone())
+                        .or_default()
+                        .insert(e.key.clone());
                     mark(svc, e.seq, e.published);
                 }
                 Resource::Node(_) => {}
             }
         }
         // Slices gone since: their services changed at (at the latest) `newest`.
-        let live: HashSet<&Arc<str>> = entries.iter().map(|e| &e.key).collect();
-        let gone: Vec<Arc<str>> = h
-            .slices
-            .keys()
-            .filter(|k| !live.contains(k))
-            .cloned()
-            .collect();
-        for k in gone {
+        for k in removed {
             if let Some((svc, _)) = h.slices.remove(&k) {
+                h.unlink(&svc, &k);
                 mark(svc, newest, None);
             }
         }
-        let mut now: BTreeMap<ServiceName, BTreeSet<String>> = BTreeMap::new();
-        for (svc, eps) in h.slices.values() {
-            if changed.contains_key(svc) {
-                now.entry(svc.clone())
-                    .or_default()
-                    .extend(eps.iter().cloned());
-            }
-        }
         for (svc, (version, when)) in changed {
-            let eps = now.remove(&svc).unwrap_or_default();
+            let mut eps = BTreeSet::new();
+            for key in h.members.get(&svc).into_iter().flatten() {
+                if let Some((_, e)) = h.slices.get(key) {
+                    eps.extend(e.iter().cloned());
+                }
+            }
             let q = h.services.entry(svc).or_default();
             if q.back().map(|b| &b.2) != Some(&eps) {
                 q.push_back((version, when, eps));
@@ -588,5 +615,35 @@ mod tests {
             stale.endpoints.as_deref(),
             Some(&["198.18.2.1:8080".to_string()][..])
         );
+    }
+
+    /// The history reads only what changed since its last call, from the store's
+    /// change log: writes in version order, deletions by key.
+    #[test]
+    fn the_store_tells_what_changed_since_a_version() {
+        let store = Store::new(Duration::from_secs(60), [Kind::Service]);
+        let v1 = apply(&store, vec![slice(&["198.18.2.1"])]);
+        let nothing = store.changed_since(v1).unwrap();
+        assert!(nothing.0.is_empty() && nothing.1.is_empty());
+        let v2 = apply(&store, vec![slice(&["198.18.2.2"])]);
+        let (written, removed) = store.changed_since(v1).unwrap();
+        assert_eq!(written.len(), 1);
+        assert_eq!(
+            (&*written[0].key, written[0].seq),
+            ("endpointslice/default/web-1", v2)
+        );
+        assert!(removed.is_empty());
+        store.apply(vec![Change::Delete {
+            key: meshlite_proto::model::ResourceKey::EndpointSlice {
+                namespace: "default".into(),
+                name: "web-1".into(),
+            },
+            cause: Cause::observed_now(None),
+        }]);
+        store.publish();
+        let (written, removed) = store.changed_since(v1).unwrap();
+        assert!(written.is_empty());
+        assert_eq!(removed.len(), 1);
+        assert_eq!(&*removed[0], "endpointslice/default/web-1");
     }
 }

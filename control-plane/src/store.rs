@@ -443,6 +443,30 @@ impl Store {
         v
     }
 
+    /// What changed after version `seen`, from the change log: the entries written
+    /// since (in version order) and the keys removed since. `None` when the log no
+    /// longer reaches back to `seen` (compacted); then [`Store::entries`] is the
+    /// way.
+    pub fn changed_since(&self, seen: u64) -> Option<(Vec<StoredEntry>, Vec<Arc<str>>)> {
+        let inner = self.read();
+        if seen < inner.compacted {
+            return None;
+        }
+        let (mut written, mut removed) = (Vec::new(), Vec::new());
+        for (_, (_, key)) in inner.log.range(seen + 1..) {
+            match inner.entries.get(key) {
+                Some(e) => written.push(StoredEntry {
+                    key: key.clone(),
+                    seq: e.seq,
+                    published: e.published,
+                    bytes: e.bytes.clone(),
+                }),
+                None => removed.push(key.clone()),
+            }
+        }
+        Some((written, removed))
+    }
+
     /// Everything in the view, replacing what the subscriber has.
     pub fn full(&self, view: &View) -> Delta {
         let inner = self.read();

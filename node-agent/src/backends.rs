@@ -97,15 +97,7 @@ impl AnyBackend {
         let Some(l) = self.leftovers.take() else {
             return;
         };
-        let target = CleanupTarget {
-            prefix: &l.prefix,
-            ipvs_interface: &l.ipvs_interface,
-            ipvs_exclude: &l.ipvs_exclude,
-        };
-        let mut report = Report::default();
-        for kind in &l.kinds {
-            cleanup(*kind, &target, &mut report).await;
-        }
+        let report = cleanup::of(&l.kinds, &l.prefix, &l.ipvs_interface, &l.ipvs_exclude).await;
         for line in &report.lines {
             tracing::info!("other modes' leftovers: {line}");
         }

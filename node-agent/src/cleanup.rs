@@ -52,14 +52,19 @@ pub struct IptablesPlan {
 /// `prefix` and the IPVS mode's dummy interface `interface`, keeping virtual
 /// servers in `exclude`.
 pub async fn run(prefix: &str, interface: &str, exclude: &[IpNet]) -> Report {
+    of(&BackendKind::ALL, prefix, interface, exclude).await
+}
+
+/// Runs the cleanup of the modes `kinds`, in that order (see [`run`]).
+pub async fn of(kinds: &[BackendKind], prefix: &str, interface: &str, exclude: &[IpNet]) -> Report {
     let mut report = Report::default();
     let target = CleanupTarget {
         prefix,
         ipvs_interface: interface,
         ipvs_exclude: exclude,
     };
-    for kind in BackendKind::ALL {
-        crate::backends::cleanup(kind, &target, &mut report).await;
+    for kind in kinds {
+        crate::backends::cleanup(*kind, &target, &mut report).await;
     }
     report
 }

@@ -471,8 +471,8 @@ fn a_resync_with_nothing_changed_writes_nothing_and_a_lost_digest_is_repaired() 
     }));
     assert_eq!(quiet.0, quiet.1, "the resync wrote nothing");
     // Someone deletes one digest: the next resync notices and rewrites.
-    let listed = ns
-        .exec(&[
+    let digests = || {
+        ns.exec(&[
             "nft",
             "-j",
             "list",
@@ -481,7 +481,9 @@ fn a_resync_with_nothing_changed_writes_nothing_and_a_lost_digest_is_repaired() 
             DEFAULT_TABLE,
             "meshlite-digests",
         ])
-        .unwrap();
+        .unwrap()
+    };
+    let listed = digests();
     let json: serde_json::Value = serde_json::from_str(&listed).unwrap();
     let one = json["nftables"][1]["set"]["elem"][0]
         .as_str()
@@ -517,16 +519,6 @@ fn a_resync_with_nothing_changed_writes_nothing_and_a_lost_digest_is_repaired() 
         quiet.1.nft + quiet.1.netlink + 1,
         "repaired with one transaction"
     );
-    let listed = ns
-        .exec(&[
-            "nft",
-            "-j",
-            "list",
-            "set",
-            "ip",
-            DEFAULT_TABLE,
-            "meshlite-digests",
-        ])
-        .unwrap();
+    let listed = digests();
     assert!(listed.contains(&one), "the digest is back");
 }

@@ -17,7 +17,7 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 declare -A PKG_OF=(
   [iptables]=iptables [ip6tables]=iptables [iptables-restore]=iptables
   [ipset]=ipset [ip]=iproute2 [dig]=dnsutils [conntrack]=conntrack
-  [nft]=nftables [curl]=curl [python3]=python3
+  [nft]=nftables [curl]=curl [python3]=python3 [make]=make [cc]=gcc
 )
 
 need_packages() {
@@ -36,6 +36,8 @@ need_packages() {
 
 need_rust() {
   command -v cargo >/dev/null || die "cargo not found: install Rust 1.89 or newer (https://rustup.rs)"
+  # A C compiler for ring, and make for jemalloc (the control plane's allocator).
+  need_packages cc make
 }
 
 # cargo-machete finds dependencies a crate declares but does not use (stable Rust;

@@ -44,7 +44,7 @@ pub mod wire;
 use cluster::{Cluster, Mutation, Op};
 use fleet::{Fleet, FleetConfig, KeyTable};
 use procstat::{Metrics, ProcSample};
-pub use report::{ChurnReport, Report, StormReport, StuckReport, WatchesReport};
+pub use report::{ChurnReport, Report, StagesReport, StormReport, StuckReport, WatchesReport};
 use track::Tracker;
 
 const BYTES_SENT: &str = "meshlite_control_plane_update_bytes_sent_total";

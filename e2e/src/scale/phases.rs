@@ -8,10 +8,10 @@ use tokio::time::Instant;
 
 use super::cluster::{self, MutationKind};
 use super::fleet::{Fleet, FleetConfig};
-use super::track::quantile;
+use super::track::{Timeline, quantile};
 use super::{
-    BYTES_SENT, ChurnPattern, ChurnReport, REFUSED, Run, StormReport, StuckReport, UPDATES_SENT,
-    WatchesReport, procstat, watchers,
+    BYTES_SENT, ChurnPattern, ChurnReport, REFUSED, Run, StagesReport, StormReport, StuckReport,
+    UPDATES_SENT, WatchesReport, procstat, watchers,
 };
 
 impl Run<'_> {
@@ -200,6 +200,7 @@ impl Run<'_> {
             }
         );
         self.tracker.per_agent.reset();
+        self.tracker.stages.reset();
         self.tracker.take_done();
         let m0 = self.metrics().await;
         let s0 = self.cp_sample();
@@ -288,6 +289,7 @@ impl Run<'_> {
         report.max_ms = quantile(&times, 1.0);
         report.agent_p50_ms = self.tracker.per_agent.quantile_ms(0.5);
         report.agent_p99_ms = self.tracker.per_agent.quantile_ms(0.99);
+        report.stages = StagesReport::of(&self.tracker.stages);
         report.bytes_per_agent_per_change =
             (m1.sum(BYTES_SENT) - m0.sum(BYTES_SENT)) / (n * report.changes.max(1)) as f64;
         report.updates_sent = m1.sum(UPDATES_SENT) - m0.sum(UPDATES_SENT);
@@ -322,6 +324,35 @@ impl Run<'_> {
             report.cp_rss_start_mib,
             report.cp_rss_end_mib
         );
+        progress!(self, "churn at {rate}/s: {}", report.stages);
+        // Slow completions by the second they were written in: how many, and the
+        // stages of the slowest.
+        let t0 = meshlite_runtime::subscriber::to_nanos(std::time::SystemTime::now())
+            - (elapsed * 1e9) as i64;
+        let mut by_second: std::collections::BTreeMap<i64, (usize, Timeline, bool, u64)> =
+            std::collections::BTreeMap::new();
+        for (t, own, last_us) in self.tracker.stages.slow() {
+            let e = by_second
+                .entry((t.trigger_ns - t0) / 1_000_000_000)
+                .or_insert((0, t, own, 0));
+            e.0 += 1;
+            if last_us > e.3 {
+                (e.1, e.2, e.3) = (t, own, last_us);
+            }
+        }
+        for (second, (count, t, own, last_us)) in by_second {
+            let ms = |a: i64, b: i64| (b - a) as f64 / 1e6;
+            progress!(
+                self,
+                "  slow in second {second}: {count}, worst {:.0} ms: {}watch {:.0}, publish {:.0}, pace {:.0}, wire {:.0} ms",
+                last_us as f64 / 1000.0,
+                if own { "" } else { "(merged) " },
+                ms(t.trigger_ns, t.observed_ns),
+                ms(t.observed_ns, t.published_ns),
+                ms(t.published_ns, t.sent_ns),
+                ms(t.sent_ns, t.received_ns),
+            );
+        }
         Ok(report)
     }
 

@@ -71,6 +71,8 @@ pub struct ChurnReport {
     pub agent_p50_ms: f64,
     pub agent_p99_ms: f64,
     pub bytes_per_agent_per_change: f64,
+    /// Where the time to the last agent went.
+    pub stages: StagesReport,
     /// Updates the control plane sent during the phase (all agents), and per
     /// agent per change (below 1: changes coalesced into fewer updates).
     pub updates_sent: f64,
@@ -89,6 +91,64 @@ pub struct ChurnReport {
     /// With `--churn-pattern rollout`: the transitions written in this phase.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rollout: Option<super::rollout::RolloutCounts>,
+}
+
+/// p50 / p99 of each stage of a change's way to its last agent, in milliseconds
+/// (see `track::Stages`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StagesReport {
+    /// Changes split into all four stages (their last agent got the change's own write).
+    pub split: u64,
+    /// Changes whose last agent got them merged into a later write (pace and wire only).
+    pub merged: u64,
+    /// Changes whose last agent got them without a cause (no stages).
+    pub uncaused: u64,
+    pub watch_p50_ms: f64,
+    pub watch_p99_ms: f64,
+    pub publish_p50_ms: f64,
+    pub publish_p99_ms: f64,
+    pub pace_p50_ms: f64,
+    pub pace_p99_ms: f64,
+    pub wire_p50_ms: f64,
+    pub wire_p99_ms: f64,
+}
+
+impl StagesReport {
+    pub fn of(s: &super::track::Stages) -> Self {
+        Self {
+            split: s.watch.count(),
+            merged: s.merged.load(std::sync::atomic::Ordering::Relaxed),
+            uncaused: s.uncaused.load(std::sync::atomic::Ordering::Relaxed),
+            watch_p50_ms: s.watch.quantile_ms(0.5),
+            watch_p99_ms: s.watch.quantile_ms(0.99),
+            publish_p50_ms: s.publish.quantile_ms(0.5),
+            publish_p99_ms: s.publish.quantile_ms(0.99),
+            pace_p50_ms: s.pace.quantile_ms(0.5),
+            pace_p99_ms: s.pace.quantile_ms(0.99),
+            wire_p50_ms: s.wire.quantile_ms(0.5),
+            wire_p99_ms: s.wire.quantile_ms(0.99),
+        }
+    }
+}
+
+impl std::fmt::Display for StagesReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "stages p50/p99 ms: watch {:.0}/{:.0}, publish {:.0}/{:.0}, pace {:.0}/{:.0}, wire {:.0}/{:.0} ({} split, {} merged, {} without a cause)",
+            self.watch_p50_ms,
+            self.watch_p99_ms,
+            self.publish_p50_ms,
+            self.publish_p99_ms,
+            self.pace_p50_ms,
+            self.pace_p99_ms,
+            self.wire_p50_ms,
+            self.wire_p99_ms,
+            self.split,
+            self.merged,
+            self.uncaused
+        )
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

@@ -50,6 +50,88 @@ pub struct Tracker {
     agents: usize,
     /// Latency of every (change, agent) arrival.
     pub per_agent: Histogram,
+    /// Where the time to the last agent went, per change (see [`Stages`]).
+    pub stages: Stages,
+}
+
+/// When the control plane handled the write an update carries for a key (its
+/// change cause), and when the update was sent and received; Unix nanoseconds,
+/// one clock (one machine).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timeline {
+    pub trigger_ns: i64,
+    pub observed_ns: i64,
+    pub published_ns: i64,
+    pub sent_ns: i64,
+    pub received_ns: i64,
+}
+
+/// The time from a write to its last agent, split at the control plane's
+/// timestamps: the API and its watch (trigger -> observed), the store and its
+/// debounce (observed -> published), the fan-out's queue and pacing (published
+/// -> sent), and the wire plus the simulated agent's own scheduling (sent ->
+/// received). Recorded for the arrival that completes a change; when that update
+/// carries a later write the change was merged into, only pace and wire.
+#[derive(Debug, Default)]
+pub struct Stages {
+    pub watch: Histogram,
+    pub publish: Histogram,
+    pub pace: Histogram,
+    pub wire: Histogram,
+    /// Completions that arrived in an update carrying a later write.
+    pub merged: AtomicU64,
+    /// Completions that arrived in an update without a cause for the key (a full
+    /// snapshot, a removal): no stages.
+    pub uncaused: AtomicU64,
+    slow: Mutex<Vec<(Timeline, bool, u64)>>,
+}
+
+/// A completion this slow is kept for the report (the first [`SLOW_KEPT`]).
+pub const SLOW_US: u64 = 900_000;
+const SLOW_KEPT: usize = 20_000;
+
+impl Stages {
+    /// Records a completing arrival whose update carried `t` (the change's own
+    /// write when `own`, else a later one it was merged into: then only the
+    /// update's own stages, pace and wire, are the change's).
+    fn record(&self, t: &Timeline, own: bool, last_us: u64) {
+        let us = |a: i64, b: i64| u64::try_from((b - a).max(0) / 1000).unwrap_or(0);
+        if t.published_ns == 0 {
+            // A cause of a version not yet published when the update was built
+            // (the agent got it before its publish stamp): no split.
+            self.uncaused.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if own {
+            self.watch.record(us(t.trigger_ns, t.observed_ns));
+            self.publish.record(us(t.observed_ns, t.published_ns));
+        } else {
+            self.merged.fetch_add(1, Ordering::Relaxed);
+        }
+        self.pace.record(us(t.published_ns, t.sent_ns));
+        self.wire.record(us(t.sent_ns, t.received_ns));
+        if last_us >= SLOW_US {
+            let mut slow = self.slow.lock().unwrap_or_else(|p| p.into_inner());
+            if slow.len() < SLOW_KEPT {
+                slow.push((*t, own, last_us));
+            }
+        }
+    }
+
+    /// The slow completions (at least [`SLOW_US`]; the first 20,000) since the last reset:
+    /// their timeline, whether it was the change's own write, and the total.
+    pub fn slow(&self) -> Vec<(Timeline, bool, u64)> {
+        self.slow.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn reset(&self) {
+        for h in [&self.watch, &self.publish, &self.pace, &self.wire] {
+            h.reset();
+        }
+        self.merged.store(0, Ordering::Relaxed);
+        self.uncaused.store(0, Ordering::Relaxed);
+        self.slow.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
 }
 
 // === impl Tracker ===
@@ -62,6 +144,7 @@ impl Tracker {
             done: Mutex::new(Vec::new()),
             agents,
             per_agent: Histogram::default(),
+            stages: Stages::default(),
         }
     }
 
@@ -93,11 +176,11 @@ impl Tracker {
     }
 
     /// Agent `agent` received at `at` an update carrying `keys`, each with the
-    /// trigger time of its cause (None: no cause, everything in flight for it).
+    /// timeline of its cause (None: no cause, everything in flight for it).
     pub fn observe(
         &self,
         agent: usize,
-        keys: impl Iterator<Item = (u32, Option<i64>)>,
+        keys: impl Iterator<Item = (u32, Option<Timeline>)>,
         at: Instant,
     ) {
         if self.in_flight() == 0 {
@@ -107,12 +190,13 @@ impl Tracker {
         {
             let pending = self.read();
             for (k, trigger) in keys {
+                let trigger = trigger.as_ref();
                 let Some(changes) = pending.get(&k) else {
                     continue;
                 };
                 for c in changes
                     .iter()
-                    .filter(|c| trigger.is_none_or(|t| c.trigger_ns <= t))
+                    .filter(|c| trigger.is_none_or(|t| c.trigger_ns <= t.trigger_ns))
                 {
                     let bit = 1u64 << (agent % 64);
                     let Some(word) = c.seen.get(agent / 64) else {
@@ -127,6 +211,13 @@ impl Tracker {
                     c.last_us.fetch_max(us, Ordering::AcqRel);
                     if c.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
                         finished = true;
+                        let last = c.last_us.load(Ordering::Acquire);
+                        match trigger {
+                            Some(t) => self.stages.record(t, t.trigger_ns == c.trigger_ns, last),
+                            None => {
+                                self.stages.uncaused.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
                     }
                 }
             }
@@ -294,17 +385,25 @@ mod tests {
         assert_eq!(h.quantile_ms(1.0), 1000.0);
     }
 
+    fn tl(trigger_ns: i64) -> Timeline {
+        Timeline {
+            trigger_ns,
+            published_ns: trigger_ns + 1,
+            ..Timeline::default()
+        }
+    }
+
     #[test]
     fn a_change_completes_when_every_agent_saw_it_once() {
         let t = Tracker::new(3);
         t.start(7, 100, MutationKind::Endpoint, 3);
         assert!(t.busy(7));
         let now = Instant::now();
-        t.observe(0, [(7, Some(100)), (8, None)].into_iter(), now);
+        t.observe(0, [(7, Some(tl(100))), (8, None)].into_iter(), now);
         t.observe(0, [(7, None)].into_iter(), now); // a resync carrying it again: counted once
-        t.observe(1, [(7, Some(100))].into_iter(), now);
+        t.observe(1, [(7, Some(tl(100)))].into_iter(), now);
         assert_eq!(t.done_count(), 0);
-        t.observe(2, [(7, Some(100))].into_iter(), now);
+        t.observe(2, [(7, Some(tl(100)))].into_iter(), now);
         assert_eq!(t.take_done().len(), 1);
         assert!(!t.busy(7));
         assert_eq!(t.per_agent.count(), 3);
@@ -318,10 +417,10 @@ mod tests {
         t.start(7, 300, MutationKind::Endpoint, 2);
         let now = Instant::now();
         // Agent 0 gets the first write, then one update merging the other two.
-        t.observe(0, [(7, Some(100))].into_iter(), now);
-        t.observe(0, [(7, Some(300))].into_iter(), now);
+        t.observe(0, [(7, Some(tl(100)))].into_iter(), now);
+        t.observe(0, [(7, Some(tl(300)))].into_iter(), now);
         // Agent 1 gets the second write only: the third is still in flight.
-        t.observe(1, [(7, Some(200))].into_iter(), now);
+        t.observe(1, [(7, Some(tl(200)))].into_iter(), now);
         assert_eq!(t.take_done().len(), 2, "the first two writes reached both");
         assert_eq!(t.in_flight(), 1);
         assert!(t.busy(7));
@@ -330,6 +429,35 @@ mod tests {
         assert_eq!(t.in_flight(), 0);
         assert!(!t.busy(7));
         assert_eq!(t.per_agent.count(), 6);
+        // The second write completed in an update carrying the third.
+        // The first write completed in an update carrying the second, the third
+        // in one without a cause.
+        assert_eq!(t.stages.merged.load(Ordering::Relaxed), 1);
+        assert_eq!(t.stages.uncaused.load(Ordering::Relaxed), 1);
+        assert_eq!(t.stages.watch.count(), 1);
+        assert_eq!(t.stages.wire.count(), 2);
+    }
+
+    #[test]
+    fn the_completing_arrival_splits_its_time_into_stages() {
+        let t = Tracker::new(2);
+        t.start(7, 1_000_000, MutationKind::Endpoint, 2);
+        let now = Instant::now();
+        let timeline = Timeline {
+            trigger_ns: 1_000_000,
+            observed_ns: 3_000_000,
+            published_ns: 8_000_000,
+            sent_ns: 408_000_000,
+            received_ns: 409_000_000,
+        };
+        t.observe(0, [(7, Some(timeline))].into_iter(), now);
+        assert_eq!(t.stages.pace.count(), 0, "only the last agent's arrival");
+        t.observe(1, [(7, Some(timeline))].into_iter(), now);
+        assert_eq!(t.stages.watch.quantile_ms(1.0), 2.0);
+        assert_eq!(t.stages.publish.quantile_ms(1.0), 5.0);
+        assert_eq!(t.stages.pace.quantile_ms(1.0), 400.0);
+        assert_eq!(t.stages.wire.quantile_ms(1.0), 1.0);
+        assert_eq!(t.stages.merged.load(Ordering::Relaxed), 0);
     }
 
     #[test]

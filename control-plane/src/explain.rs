@@ -88,12 +88,82 @@ struct HistoryInner {
     slices: HashMap<Arc<str>, (ServiceName, BTreeSet<String>)>,
     /// service -> the keys of its slices in `slices`.
     members: HashMap<ServiceName, BTreeSet<Arc<str>>>,
-    /// service -> (version, publish time, endpoint `ip:port`s), oldest first.
-    services: BTreeMap<ServiceName, VecDeque<Recorded>>,
+    /// service -> its endpoints now and its last [`HISTORY`] changes.
+    services: BTreeMap<ServiceName, ServiceHistory>,
 }
 
-/// A version of a service's endpoints: version, publish time, `ip:port`s.
-type Recorded = (u64, Option<SystemTime>, BTreeSet<String>);
+/// A service's endpoint `ip:port`s now, and the changes that led there. A change
+/// keeps only what it added and removed (a rollout's write changes one endpoint
+/// of thousands): an older version is the current set with the newer changes
+/// undone.
+#[derive(Debug, Default)]
+struct ServiceHistory {
+    current: BTreeSet<String>,
+    /// Oldest first; the oldest one's diff is never undone, so it is kept empty.
+    changes: VecDeque<Recorded>,
+}
+
+/// One version of a service's endpoints, as a diff from the one before.
+#[derive(Debug)]
+struct Recorded {
+    version: u64,
+    published: Option<SystemTime>,
+    added: Vec<String>,
+    removed: Vec<String>,
+}
+
+// === impl ServiceHistory ===
+
+impl ServiceHistory {
+    /// Records `eps` as the endpoints at `version`, if they changed.
+    fn push(&mut self, version: u64, published: Option<SystemTime>, eps: BTreeSet<String>) {
+        if !self.changes.is_empty() && self.current == eps {
+            return;
+        }
+        let (added, removed) = if self.changes.is_empty() {
+            (Vec::new(), Vec::new())
+        } else {
+            (
+                eps.difference(&self.current).cloned().collect(),
+                self.current.difference(&eps).cloned().collect(),
+            )
+        };
+        self.changes.push_back(Recorded {
+            version,
+            published,
+            added,
+            removed,
+        });
+        self.current = eps;
+        while self.changes.len() > HISTORY {
+            self.changes.pop_front();
+            if let Some(first) = self.changes.front_mut() {
+                first.added = Vec::new();
+                first.removed = Vec::new();
+            }
+        }
+    }
+
+    /// The endpoints at `version`, if remembered.
+    fn at(&self, version: u64) -> Option<BTreeSet<String>> {
+        if version < self.changes.front()?.version {
+            return None;
+        }
+        let mut set = self.current.clone();
+        for c in self
+            .changes
+            .iter()
+            .rev()
+            .take_while(|c| c.version > version)
+        {
+            for a in &c.added {
+                set.remove(a);
+            }
+            set.extend(c.removed.iter().cloned());
+        }
+        Some(set)
+    }
+}
 
 // === impl HistoryInner ===
 
@@ -198,13 +268,7 @@ impl History {
                     eps.extend(e.iter().cloned());
                 }
             }
-            let q = h.services.entry(svc).or_default();
-            if q.back().map(|b| &b.2) != Some(&eps) {
-                q.push_back((version, when, eps));
-            }
-            while q.len() > HISTORY {
-                q.pop_front();
-            }
+            h.services.entry(svc).or_default().push(version, when, eps);
         }
         h.seen = newest;
     }
@@ -212,19 +276,18 @@ impl History {
     /// The service's endpoints at `version`, if remembered.
     fn at(&self, svc: &ServiceName, version: u64) -> Option<BTreeSet<String>> {
         let h = self.inner.lock().ok()?;
-        let q = h.services.get(svc)?;
-        let first = q.front()?;
-        if version < first.0 {
-            return None;
-        }
-        q.iter().rev().find(|e| e.0 <= version).map(|e| e.2.clone())
+        h.services.get(svc)?.at(version)
     }
 
     /// The newest recorded change (it sees deletions, which the store's live
     /// entries do not).
     fn last_change(&self, svc: &ServiceName) -> Option<(u64, Option<SystemTime>)> {
         let h = self.inner.lock().ok()?;
-        h.services.get(svc)?.back().map(|e| (e.0, e.1))
+        h.services
+            .get(svc)?
+            .changes
+            .back()
+            .map(|c| (c.version, c.published))
     }
 
     /// The first recorded change after `version`.
@@ -232,9 +295,10 @@ impl History {
         let h = self.inner.lock().ok()?;
         h.services
             .get(svc)?
+            .changes
             .iter()
-            .find(|e| e.0 > version)
-            .map(|e| (e.0, e.1))
+            .find(|c| c.version > version)
+            .map(|c| (c.version, c.published))
     }
 }
 
@@ -521,6 +585,42 @@ mod tests {
                 .collect(),
         );
         store.publish()
+    }
+
+    /// Versions are kept as diffs; any remembered version reads back whole, also
+    /// after the oldest ones were dropped.
+    #[test]
+    fn a_service_history_reads_back_every_remembered_version() {
+        let set = |n: std::ops::Range<usize>| -> BTreeSet<String> {
+            n.map(|i| format!("198.18.0.{i}:80")).collect()
+        };
+        let mut h = ServiceHistory::default();
+        // Version 10 + i holds endpoints i..i+5: one in, one out per version.
+        for i in 0..HISTORY + 8 {
+            h.push(10 + i as u64, None, set(i..i + 5));
+        }
+        h.push(100, None, set(HISTORY + 7..HISTORY + 12)); // unchanged: not recorded
+        assert_eq!(h.changes.len(), HISTORY);
+        assert_eq!(h.at(17), None, "dropped");
+        for i in 8..HISTORY + 8 {
+            assert_eq!(
+                h.at(10 + i as u64),
+                Some(set(i..i + 5)),
+                "version {}",
+                10 + i
+            );
+        }
+        assert_eq!(h.at(1_000), Some(set(HISTORY + 7..HISTORY + 12)));
+        let kept: usize = h
+            .changes
+            .iter()
+            .map(|c| c.added.len() + c.removed.len())
+            .sum();
+        assert_eq!(
+            kept,
+            2 * (HISTORY - 1),
+            "one in and one out per kept change"
+        );
     }
 
     #[test]

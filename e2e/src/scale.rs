@@ -32,6 +32,7 @@ use crate::apiserver::ApiServer;
 use crate::procs::{self, Process};
 
 pub mod cluster;
+pub mod connections;
 pub mod fleet;
 pub mod plot;
 pub mod procstat;
@@ -54,6 +55,8 @@ const REFUSED: &str = "meshlite_control_plane_streams_refused_total";
 /// The phases, in the order they run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Phase {
+    /// Before the agents subscribe: an idle connection's cost per layer.
+    Connections,
     Initial,
     Change,
     Churn,
@@ -288,6 +291,20 @@ pub async fn run(opts: &Options) -> Result<Report> {
     );
     run.wait_cp_ready().await?;
 
+    if opts.phases.contains(&Phase::Connections) {
+        let r = connections::measure(grpc, &client, opts.agents, cp_pid).await?;
+        progress!(
+            run,
+            "connections: {} idle connections cost the control plane {:.1} KiB each with TCP open, {:.1} KiB with TLS, {:.1} KiB with TLS and HTTP/2 (RSS {:.0} MiB before, {:.0} after)",
+            r.connections,
+            r.tcp_kib,
+            r.tls_kib,
+            r.h2_kib,
+            r.base_rss_mib,
+            r.end_rss_mib
+        );
+        run.report.connections = Some(r);
+    }
     let tls = client.load()?;
     run.phase_initial(FleetConfig {
         endpoint: format!("https://{grpc}"),
@@ -389,6 +406,7 @@ impl Run<'_> {
         }
         let s = self.cp_sample();
         self.report.api_watch_streams = self.api.stats.open_watches.load(Ordering::Relaxed);
+        self.report.cp_rss_synced_mib = s.rss_mib();
         progress!(
             self,
             "control plane synced from the stand-in: RSS {:.0} MiB, CPU {:.1} s, {} watch streams",

@@ -42,9 +42,13 @@ pub struct Report {
     pub others_cpu_cores_initial: f64,
     pub load_average_start: f64,
     pub load_average_end: f64,
+    /// Control-plane RSS once synced from the API, before any agent connected.
+    pub cp_rss_synced_mib: f64,
     pub churn: Vec<ChurnReport>,
     pub stuck: Option<StuckReport>,
     pub storm: Option<StormReport>,
+    /// `--phases connections`: an idle connection's cost, layer by layer.
+    pub connections: Option<ConnectionsReport>,
     pub watches: Option<WatchesReport>,
     /// The control plane's flags (besides addresses and certificates).
     pub cp_flags: Vec<String>,
@@ -91,6 +95,21 @@ pub struct ChurnReport {
     /// With `--churn-pattern rollout`: the transitions written in this phase.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rollout: Option<super::rollout::RolloutCounts>,
+}
+
+/// Control-plane RSS per idle connection, by layer (see `connections`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConnectionsReport {
+    pub connections: usize,
+    /// RSS before the first layer and after the last was closed.
+    pub base_rss_mib: f64,
+    pub end_rss_mib: f64,
+    /// KiB per connection with TCP open (accepted, TLS not started).
+    pub tcp_kib: f64,
+    /// ... with TLS established, client certificate verified.
+    pub tls_kib: f64,
+    /// ... with TLS and an HTTP/2 connection, no stream.
+    pub h2_kib: f64,
 }
 
 /// p50 / p99 of each stage of a change's way to its last agent, in milliseconds
@@ -182,6 +201,8 @@ pub struct StormReport {
     pub refused_streams: f64,
     pub cp_cpu_s: f64,
     pub cp_rss_end_mib: f64,
+    /// Five seconds later, the old streams' memory returned.
+    pub cp_rss_settled_mib: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

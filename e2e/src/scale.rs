@@ -105,11 +105,12 @@ pub struct Options {
     /// Single endpoint changes in the change and watches phases.
     #[arg(long, default_value_t = 100)]
     pub changes: usize,
-    /// Phases to run (initial always runs: the others need synced agents).
+    /// Phases to run (initial always runs: the others need synced agents;
+    /// connections runs before it).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "initial,change,churn,stuck,storm,watches"
+        default_value = "connections,initial,change,churn,stuck,storm,watches"
     )]
     pub phases: Vec<Phase>,
     /// Churn rate of the stuck-agent phase (default: the highest --churn rate).

@@ -63,6 +63,19 @@ async fn tiny_cluster_every_phase_converges_with_sane_figures() {
     let storm = r.storm.as_ref().unwrap();
     assert_eq!(storm.full_updates, 0.0, "unchanged agents get no snapshot");
     assert!(storm.resume_fraction < 0.05, "{}", storm.resume_fraction);
+    assert!(storm.cp_rss_settled_mib > 1.0, "{storm:?}");
+
+    // Every layer's connections were opened and measured (20 connections are too
+    // few to compare the layers' costs: RSS moves by pages).
+    let c = r.connections.as_ref().unwrap();
+    assert_eq!(c.connections, 20);
+    assert!(c.base_rss_mib > 1.0 && c.end_rss_mib > 1.0, "{c:?}");
+    assert!(
+        [c.tcp_kib, c.tls_kib, c.h2_kib]
+            .iter()
+            .all(|k| k.is_finite()),
+        "{c:?}"
+    );
 
     let w = r.watches.as_ref().unwrap();
     assert_eq!(w.meshlite_watch_streams, 3);

@@ -167,7 +167,7 @@ impl MeshService {
 
 #[tonic::async_trait]
 impl mesh_server::Mesh for MeshService {
-    type StreamStream = ReceiverStream<Result<v1::UpdateFrame, Status>>;
+    type StreamStream = Frames;
 
     async fn stream(
         &self,
@@ -261,7 +261,27 @@ impl mesh_server::Mesh for MeshService {
             }
             .instrument(span),
         );
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Frames(ReceiverStream::new(rx))))
+    }
+}
+
+/// A stream's outgoing frames. The channel carries them boxed: a tokio channel
+/// allocates its slots 32 at a time for as long as the stream lives, and an
+/// unboxed `Result<UpdateFrame, Status>` made that 5.7 KiB per agent (jemalloc's
+/// heap profile at 2,000 agents); boxed, 256 bytes.
+#[derive(Debug)]
+pub struct Frames(ReceiverStream<Box<v1::UpdateFrame>>);
+
+impl tokio_stream::Stream for Frames {
+    type Item = Result<v1::UpdateFrame, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::pin::Pin::new(&mut self.0)
+            .poll_next(cx)
+            .map(|f| f.map(|f| Ok(*f)))
     }
 }
 
@@ -297,7 +317,7 @@ struct Subscription {
     shared: Arc<Shared>,
     hello: v1::Hello,
     view: View,
-    tx: mpsc::Sender<Result<v1::UpdateFrame, Status>>,
+    tx: mpsc::Sender<Box<v1::UpdateFrame>>,
     /// The version the agent holds (None until known: after a full snapshot's ACK):
     /// the base of its next delta.
     holds: Option<u64>,
@@ -346,7 +366,7 @@ impl Subscription {
         shared: Arc<Shared>,
         hello: v1::Hello,
         view: View,
-        tx: mpsc::Sender<Result<v1::UpdateFrame, Status>>,
+        tx: mpsc::Sender<Box<v1::UpdateFrame>>,
     ) -> Self {
         let agent = shared.agents.register(&hello, view_role(&view));
         shared.metrics.convergence.connected(agent.id());
@@ -620,7 +640,7 @@ impl Subscription {
     }
 
     async fn send_frame(&self, frame: v1::UpdateFrame) -> Result<(), EndReason> {
-        match tokio::time::timeout(self.shared.config.send_timeout, self.tx.send(Ok(frame))).await {
+        match tokio::time::timeout(self.shared.config.send_timeout, self.tx.send(Box::new(frame))).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(EndReason::AgentClosed),
             Err(_) => Err(EndReason::SendTimeout),

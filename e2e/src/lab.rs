@@ -279,6 +279,21 @@ impl System {
         }
     }
 
+    /// `node`'s conntrack entries to `ip` that were not DNATed (their reply is
+    /// expected from `ip` itself): left by packets that reached the node before its
+    /// rules for `ip`. Until they expire, a new connection with the same addresses
+    /// and ports matches one of them and is not DNATed.
+    pub fn not_nated_to(&self, node: &str, ip: &str) -> Vec<String> {
+        let listing = self
+            .cluster
+            .node(node)
+            .unwrap()
+            .ns
+            .exec(&["conntrack", "-L", "-d", ip])
+            .unwrap();
+        not_nated(&listing, ip)
+    }
+
     /// Whether anything in `node`'s rules still refers to the service port `svc`
     /// (`namespace/name:port`). In nftables mode a removed service's chains stay,
     /// empty and unreferenced, until they are deleted a little later (as kube-proxy
@@ -304,6 +319,22 @@ impl System {
             ProxyMode::Iptables | ProxyMode::Ipvs => rules.contains(svc),
         }
     }
+}
+
+/// The lines of a `conntrack -L` listing whose reply tuple comes from `ip`, the
+/// original destination: entries without DNAT.
+fn not_nated(listing: &str, ip: &str) -> Vec<String> {
+    let reply_src = format!("src={ip}");
+    listing
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .filter(|w| w.starts_with("src="))
+                .nth(1)
+                == Some(&reply_src)
+        })
+        .map(String::from)
+        .collect()
 }
 
 /// `namespace/name:port` -> the end of its nftables chain names
@@ -469,6 +500,16 @@ mod tests {
             normalize_nft(a),
             normalize_nft(&a.replace("198.18.2.2", "198.18.2.3"))
         );
+    }
+
+    #[test]
+    fn conntrack_entries_without_dnat_are_told_apart() {
+        let listing = "tcp      6 119 SYN_SENT src=198.18.1.10 dst=198.19.7.7 sport=49986 dport=80 [UNREPLIED] src=198.19.7.7 dst=198.18.1.10 sport=80 dport=49986 mark=0 use=1\n\
+                       tcp      6 105 TIME_WAIT src=198.18.1.10 dst=198.19.7.7 sport=49694 dport=80 src=198.18.2.2 dst=198.18.1.10 sport=80 dport=49694 [ASSURED] mark=0 use=1\n";
+        let stale = not_nated(listing, "198.19.7.7");
+        assert_eq!(stale.len(), 1, "{stale:?}");
+        assert!(stale[0].contains("sport=49986"));
+        assert!(not_nated(listing, "198.19.7.8").is_empty());
     }
 
     #[test]

@@ -31,6 +31,11 @@ async fn lab(prefix: &str) -> System {
 }
 
 /// The lab with the `web` service (three endpoints over both nodes) up.
+///
+/// Nothing is sent to the ClusterIP before both nodes hold its rules: a probe that
+/// leaves a node before them is not DNATed and leaves an un-NATed conntrack entry
+/// (120 s in `SYN_SENT`); a later connection from the same source port matches that
+/// entry, skips the rules and fails with "Network is unreachable".
 async fn with_web(s: System) -> System {
     s.api
         .apply_yaml(&webui_slice(
@@ -45,18 +50,23 @@ async fn with_web(s: System) -> System {
     s.api
         .apply_yaml("apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec: {clusterIP: 198.19.7.7, ports: [{name: http, port: 80}]}\n")
         .unwrap();
+    within("rules on both nodes", T, || {
+        ["node1", "node2"].iter().all(|n| {
+            s.serves(n, "default/web:http", "198.19.7.7", 80) && s.dnat_to(n, "198.18.2.2:80")
+        })
+    })
+    .await;
     for (node, pod) in CLIENTS {
         within(&format!("service up via {node}"), T, || {
             s.curl(pod, "http://198.19.7.7/").starts_with("web-")
         })
         .await;
+        let stale = s.not_nated_to(node, "198.19.7.7");
+        assert!(
+            stale.is_empty(),
+            "{node} holds connections to the ClusterIP that were not DNATed: {stale:?}"
+        );
     }
-    within("rules on both nodes", T, || {
-        ["node1", "node2"]
-            .iter()
-            .all(|n| s.dnat_to(n, "198.18.2.2:80"))
-    })
-    .await;
     s
 }
 

@@ -640,7 +640,12 @@ impl Subscription {
     }
 
     async fn send_frame(&self, frame: v1::UpdateFrame) -> Result<(), EndReason> {
-        match tokio::time::timeout(self.shared.config.send_timeout, self.tx.send(Box::new(frame))).await {
+        match tokio::time::timeout(
+            self.shared.config.send_timeout,
+            self.tx.send(Box::new(frame)),
+        )
+        .await
+        {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(EndReason::AgentClosed),
             Err(_) => Err(EndReason::SendTimeout),

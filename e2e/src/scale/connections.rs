@@ -10,11 +10,10 @@
 //! second). The cost of a subscribed, idle stream on top is the storm phase's
 //! figure: RSS after every stream was replaced by a resume that sent 34 bytes.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-
-use std::future::Future;
 
 use anyhow::{Context, Result};
 use meshlite_runtime::tls::{ClientTls, load_certs, load_key};
@@ -40,43 +39,41 @@ pub async fn measure(
 ) -> Result<ConnectionsReport> {
     let tls = Arc::new(client_config(files)?);
     let rss = || procstat::sample(cp_pid).map(|s| s.rss_mib()).unwrap_or(0.0);
-    let mut report = ConnectionsReport {
-        connections: n,
-        ..ConnectionsReport::default()
-    };
     tokio::time::sleep(SETTLE).await;
-    let base = rss();
-    report.base_rss_mib = base;
-
-    let per_conn = |open: f64, base: f64| (open - base) * 1024.0 / n.max(1) as f64;
-
-    let tcp = bounded_join(n, CONCURRENCY, |_| async move {
-        Ok(TcpStream::connect(addr).await?)
-    })
+    let base_rss_mib = rss();
+    let tcp_kib = layer(
+        n,
+        &rss,
+        |_| async move { Ok(TcpStream::connect(addr).await?) },
+    )
     .await?;
-    tokio::time::sleep(SETTLE).await;
-    report.tcp_kib = per_conn(rss(), base);
-    drop(tcp);
-    tokio::time::sleep(SETTLE).await;
+    let tls_kib = layer(n, &rss, |_| tls_connect(addr, tls.clone())).await?;
+    let h2_kib = layer(n, &rss, |_| h2_connect(addr, tls.clone())).await?;
+    Ok(ConnectionsReport {
+        connections: n,
+        base_rss_mib,
+        end_rss_mib: rss(),
+        tcp_kib,
+        tls_kib,
+        h2_kib,
+    })
+}
 
+/// Opens `n` connections with `connect`, returns the RSS they add per connection
+/// in KiB, closes them and waits for the RSS to settle.
+async fn layer<T, F, Fut>(n: usize, rss: &impl Fn() -> f64, connect: F) -> Result<f64>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = Result<T>> + Send + 'static,
+{
     let base = rss();
-    let streams = bounded_join(n, CONCURRENCY, |_| tls_connect(addr, tls.clone())).await?;
+    let open = bounded_join(n, CONCURRENCY, connect).await?;
     tokio::time::sleep(SETTLE).await;
-    report.tls_kib = per_conn(rss(), base);
-    drop(streams);
+    let kib = (rss() - base) * 1024.0 / n.max(1) as f64;
+    drop(open);
     tokio::time::sleep(SETTLE).await;
-
-    let base = rss();
-    let conns = bounded_join(n, CONCURRENCY, |_| h2_connect(addr, tls.clone())).await?;
-    tokio::time::sleep(SETTLE).await;
-    report.h2_kib = per_conn(rss(), base);
-    for (_, driver) in &conns {
-        driver.abort();
-    }
-    drop(conns);
-    tokio::time::sleep(SETTLE).await;
-    report.end_rss_mib = rss();
-    Ok(report)
+    Ok(kib)
 }
 
 fn client_config(files: &ClientTls) -> Result<rustls::ClientConfig> {
@@ -100,10 +97,17 @@ async fn tls_connect(
     Ok(TlsConnector::from(cfg).connect(name, tcp).await?)
 }
 
-type H2Conn = (
-    h2::client::SendRequest<bytes::Bytes>,
-    tokio::task::JoinHandle<()>,
-);
+/// An HTTP/2 connection and the task driving it, which closing it stops.
+struct H2Conn {
+    _send: h2::client::SendRequest<bytes::Bytes>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for H2Conn {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
 
 async fn h2_connect(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>) -> Result<H2Conn> {
     let tls = tls_connect(addr, cfg).await?;
@@ -115,7 +119,10 @@ async fn h2_connect(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>) -> Result<
     });
     // The server has answered the preface once the connection is ready for a request.
     let send = send.ready().await.context("HTTP/2 ready")?;
-    Ok((send, driver))
+    Ok(H2Conn {
+        _send: send,
+        driver,
+    })
 }
 
 /// Runs `f(i)` for `i` in `0..n`, at most `limit` at once; all results or the first

@@ -503,6 +503,10 @@ impl Run<'_> {
         let s1 = self.cp_sample();
         let d = |name: &str, label: &str| m1.with_label(name, label) - m0.with_label(name, label);
         let bytes = m1.sum(BYTES_SENT) - m0.sum(BYTES_SENT);
+        // Every stream is now one that sent a 34-byte resume: what an idle
+        // subscribed agent costs, once the old streams' memory is returned.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let settled = self.cp_sample().rss_mib();
         let report = StormReport {
             converge_s: last.saturating_sub(t0) as f64 / 1e6,
             resume_bytes: bytes,
@@ -514,19 +518,8 @@ impl Run<'_> {
             refused_streams: m1.sum(REFUSED) - m0.sum(REFUSED),
             cp_cpu_s: s1.cpu_s - s0.cpu_s,
             cp_rss_end_mib: s1.rss_mib(),
-            cp_rss_settled_mib: 0.0,
+            cp_rss_settled_mib: settled,
         };
-        // Every stream is now one that sent a 34-byte resume: what an idle
-        // subscribed agent costs, once the old streams' memory is returned.
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        let mut report = report;
-        report.cp_rss_settled_mib = self.cp_sample().rss_mib();
-        progress!(
-            self,
-            "reconnect storm: {:.0} MiB 5 s after it; per agent {:.1} KiB over the process before any agent connected",
-            report.cp_rss_settled_mib,
-            (report.cp_rss_settled_mib - self.report.cp_rss_synced_mib) * 1024.0 / n.max(1) as f64
-        );
         progress!(
             self,
             "reconnect storm: converged in {:.2} s; resume bytes {:.0} = {:.5} % of {n} full snapshots; updates full {} delta {} unchanged {} inventory {}; refused {}",
@@ -538,6 +531,11 @@ impl Run<'_> {
             report.unchanged_updates,
             report.inventory_updates,
             report.refused_streams
+        );
+        progress!(
+            self,
+            "reconnect storm: {settled:.0} MiB 5 s after it; per agent {:.1} KiB over the process before any agent connected",
+            (settled - self.report.cp_rss_synced_mib) * 1024.0 / n.max(1) as f64
         );
         self.report.storm = Some(report);
         Ok(())

@@ -216,8 +216,15 @@ pub async fn serve_identity(rt: &NsRuntime, name: &str, port: u16) -> Result<()>
     let name = name.to_string();
     rt.spawn(async move {
         loop {
-            let Ok((mut s, peer)) = listener.accept().await else {
-                return;
+            // A failed accept is the failure of one connection (Linux reports
+            // some network errors of a queued connection here): keep serving.
+            let (mut s, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("serve_identity: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
             };
             let name = name.clone();
             tokio::spawn(async move {

@@ -3,11 +3,13 @@
 //! and destination the explanation read from the live kernel
 //! (`meshlite-node-agent explain --json` run inside the node namespace) must
 //! match what requests do: the endpoints seen equal the predicted set, REJECT is
-//! refused, DROP times out, masquerading shows as the source the pod saw. Also:
+//! refused, DROP times out, masquerading shows as the source the pod saw (one
+//! lone failed request per run is retried and reported, see
+//! [`lone_failure_or_panic`]). Also:
 //! a rule edited by hand shows in the trace (drift). The same for the iptables
 //! mode and the nftables mode (`--mode nftables`, read with `nft list table`).
 //! Also: every golden nftables script read back from the kernel explains alike.
-//! Needs root, `ip`, `iptables`, `nft` and `conntrack`.
+//! Needs root, `ip`, `ss`, `iptables`, `nft` and `conntrack`.
 
 #![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]

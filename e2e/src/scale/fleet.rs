@@ -136,6 +136,12 @@ impl Slots {
         &mut self.chunks[c][i]
     }
 
+    /// The slot of key `k` if its chunk exists (a removal needs no growing).
+    fn get_mut(&mut self, k: u32) -> Option<&mut u64> {
+        let (c, i) = (k as usize / SLOT_CHUNK, k as usize % SLOT_CHUNK);
+        self.chunks.get_mut(c).map(|chunk| &mut chunk[i])
+    }
+
     fn clear(&mut self) {
         self.chunks.clear();
     }
@@ -611,8 +617,9 @@ fn apply_delta(shared: &Shared, held: &mut Held, p: Pending) -> v1::agent_messag
         let Some(key) = shared.keys.key(*k) else {
             continue;
         };
-        let slot = held.hashes.slot(*k);
-        if *slot != 0 {
+        if let Some(slot) = held.hashes.get_mut(*k)
+            && *slot != 0
+        {
             held.digest.remove(&key, *slot);
             *slot = 0;
         }
@@ -687,6 +694,8 @@ mod tests {
         *s.slot(4) = 40;
         *s.slot(4) = 0; // removed
         assert_eq!(s.iter().collect::<Vec<_>>(), vec![(3, 30), (2_500, 25)]);
+        assert!(s.get_mut(5_000).is_none(), "looking up does not grow");
+        assert_eq!(s.chunks.len(), 3);
         s.clear();
         assert_eq!(s.iter().count(), 0);
     }
